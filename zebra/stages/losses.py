@@ -1,0 +1,243 @@
+"""Losses shared by the stages: chunked forward-KL for KD (METHOD §6) and the sigmoid DPO loss (METHOD §7).
+
+The KD loss never holds full-vocabulary logits of all tokens: it takes the final hidden states of student
+and teacher and both LM-head weights, and walks over token chunks. Each chunk's logits, log-probs and the
+gradient of the loss w.r.t. the student's chunk logits live only while that chunk is processed; the
+gradient is pushed through the LM head at once (into `grad_hidden [N, H_s]` and, when the head trains, an
+fp32 `grad_weight [V, H_s]`), so the backward pass only scales stored gradients and no chunk is recomputed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+# elements of one chunk's [tokens, vocab] fp32 logits; ~256 MB, i.e. 512 tokens at a 128k vocabulary
+_DEFAULT_CHUNK_ELEMENTS = 1 << 26
+
+
+def auto_chunk_size(vocab_size: int, chunk_elements: int = _DEFAULT_CHUNK_ELEMENTS) -> int:
+    """Tokens per chunk so that one chunk's fp32 logits hold about `chunk_elements` values."""
+    n = max(1, chunk_elements // max(1, vocab_size))
+    return 1 << (n.bit_length() - 1)  # a power of two: friendlier matmul shapes
+
+
+class _ChunkedKD(torch.autograd.Function):
+    """Sum over tokens of kl_weight * T^2 * KL(p_t^T || p_s^T) + ce_weight * CE(student, label).
+
+    Returns (loss_sum, kl_sum, ce_sum); only loss_sum is differentiable (w.r.t. student hidden and weight).
+    """
+
+    @staticmethod
+    def forward(ctx, hs, ht, ws, wt, labels, temperature, kl_weight, ce_weight, chunk_size):
+        need_h = ctx.needs_input_grad[0]
+        need_w = ctx.needs_input_grad[2]
+        n = hs.shape[0]
+        grad_h = torch.zeros_like(hs) if need_h else None
+        grad_w = torch.zeros(ws.shape, dtype=torch.float32, device=ws.device) if need_w else None
+        kl_total = torch.zeros((), dtype=torch.float32, device=hs.device)
+        ce_total = torch.zeros((), dtype=torch.float32, device=hs.device)
+        inv_t = 1.0 / temperature
+        use_ce = ce_weight != 0.0 and labels is not None
+        for start in range(0, n, chunk_size):
+            end = min(n, start + chunk_size)
+            hs_c = hs[start:end]
+            # logits in the inputs' dtype (bf16 matmul under bf16 training), then fp32 for the softmaxes
+            zs = (hs_c @ ws.t()).float()
+            with torch.no_grad():
+                zt = (ht[start:end] @ wt.t()).float()
+            logp_t = torch.log_softmax(zt * inv_t, dim=-1)
+            del zt
+            p_t = logp_t.exp()
+            logp_s = torch.log_softmax(zs * inv_t, dim=-1)
+            # KL(p_t || p_s) per token; p_t * (logp_t - logp_s) with the 0 * log 0 = 0 convention of kl_div
+            kl_rows = torch.xlogy(p_t, p_t).sum(-1) - (p_t * logp_s).sum(-1)
+            del logp_t
+            kl_total += kl_rows.sum()
+            g = None
+            if need_h or need_w:
+                # d/dz_s of T^2 * KL(p_t^T || softmax(z_s / T)) = T * (p_s^T - p_t^T)
+                g = logp_s.exp_().sub_(p_t).mul_(kl_weight * temperature)  # reuses logp_s's memory
+            else:
+                del logp_s
+            del p_t
+            if use_ce:
+                lab = labels[start:end]
+                valid = lab != -100
+                if valid.any():
+                    logp1 = torch.log_softmax(zs, dim=-1) if temperature != 1.0 else None
+                    if logp1 is None:  # T = 1: the student's log-probs are p_s (in g) or recomputable
+                        logp1 = torch.log_softmax(zs, dim=-1)
+                    safe = lab.clamp_min(0)
+                    nll = -logp1.gather(-1, safe[:, None]).squeeze(-1)
+                    ce_total += (nll * valid).sum()
+                    if g is not None:
+                        gce = logp1.exp_()
+                        gce[torch.arange(end - start, device=gce.device), safe] -= 1.0
+                        g.add_(gce.mul_(valid[:, None].to(gce.dtype)), alpha=ce_weight)
+                    del logp1
+            del zs
+            if g is not None:
+                g_lp = g.to(ws.dtype)
+                del g
+                if need_h:
+                    grad_h[start:end] = g_lp @ ws
+                if need_w:
+                    grad_w.add_((g_lp.t() @ hs_c).float())
+                del g_lp
+        loss = kl_weight * temperature ** 2 * kl_total + (ce_weight * ce_total if use_ce else 0.0)
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.mark_non_differentiable(kl_total, ce_total)
+        return loss, kl_total, ce_total
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_kl, _grad_ce):
+        grad_h, grad_w = ctx.saved_tensors
+        gh = (grad_h * grad_loss.to(grad_h.dtype)) if grad_h is not None else None
+        gw = (grad_w * grad_loss).to(ctx.w_dtype) if grad_w is not None else None
+        return gh, None, gw, None, None, None, None, None, None
+
+
+class _ChunkedKDWrapper(_ChunkedKD):
+    @staticmethod
+    def forward(ctx, hs, ht, ws, wt, labels, temperature, kl_weight, ce_weight, chunk_size):
+        ctx.w_dtype = ws.dtype
+        return _ChunkedKD.forward(ctx, hs, ht, ws, wt, labels, temperature, kl_weight, ce_weight, chunk_size)
+
+
+def chunked_kd_loss(
+    student_hidden: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    kl_weight: float = 1.0,
+    ce_weight: float = 0.0,
+    reduction: str = "sequence",
+    num_sequences: int | None = None,
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Forward KL(p_teacher || p_student) over the vocabulary from final hidden states, in token chunks.
+
+    student_hidden [N, H_s] or [B, T, H_s] (after the student's final norm), teacher_hidden likewise with
+    H_t, student_weight [V, H_s] and teacher_weight [V, H_t] (the LM heads, no bias). `mask` (same leading
+    shape, bool) keeps the tokens whose next-token distribution counts; `labels` (same leading shape, -100 =
+    ignore) feed the optional CE term `ce_weight * CE(student logits at T=1, labels)`. The KL term is
+    `kl_weight * T^2 * KL` at temperature T (T^2 keeps gradient scale independent of T).
+
+    reduction: "sequence" = sum over tokens / number of sequences (METHOD §6; `num_sequences` defaults to B
+    for 3-D input, else 1), "token" = mean over counted tokens, "sum" = plain sum.
+    Returns (loss, {"kl": mean KL per counted token, "ce": mean CE per labelled token, "tokens": count}).
+    """
+    if student_hidden.dim() == 3 and num_sequences is None:
+        num_sequences = student_hidden.shape[0]
+    hs = student_hidden.reshape(-1, student_hidden.shape[-1])
+    ht = teacher_hidden.reshape(-1, teacher_hidden.shape[-1]).detach()
+    if hs.shape[0] != ht.shape[0]:
+        raise ValueError(f"student has {hs.shape[0]} tokens but teacher has {ht.shape[0]}")
+    if student_weight.shape[0] != teacher_weight.shape[0]:
+        raise ValueError(f"student vocabulary ({student_weight.shape[0]}) differs from teacher's "
+                         f"({teacher_weight.shape[0]}): KD needs the same tokenizer")
+    lab = labels.reshape(-1) if labels is not None else None
+    if mask is not None:
+        idx = mask.reshape(-1).nonzero().squeeze(-1)
+        hs, ht = hs.index_select(0, idx), ht.index_select(0, idx)
+        lab = lab.index_select(0, idx) if lab is not None else None
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    chunk = chunk_size or auto_chunk_size(student_weight.shape[0])
+    n_tok = hs.shape[0]
+    if n_tok == 0:
+        zero = (hs.sum() * 0.0) + (student_weight.sum() * 0.0)
+        return zero, {"kl": zero.detach(), "ce": zero.detach(), "tokens": torch.tensor(0)}
+    loss, kl_sum, ce_sum = _ChunkedKDWrapper.apply(
+        hs, ht, student_weight, teacher_weight.detach(), lab, float(temperature), float(kl_weight),
+        float(ce_weight), int(chunk))
+    if reduction == "sequence":
+        denom = float(num_sequences or 1)
+    elif reduction == "token":
+        denom = float(n_tok)
+    elif reduction == "sum":
+        denom = 1.0
+    else:
+        raise ValueError(f"reduction must be 'sequence', 'token' or 'sum', got {reduction!r}")
+    n_lab = (lab != -100).sum().clamp_min(1) if lab is not None else torch.tensor(1)
+    stats = {"kl": kl_sum / n_tok, "ce": ce_sum / n_lab.to(ce_sum), "tokens": torch.tensor(n_tok)}
+    return loss / denom, stats
+
+
+def naive_kd_loss(student_hidden, teacher_hidden, student_weight, teacher_weight, mask=None, labels=None,
+                  temperature=1.0, kl_weight=1.0, ce_weight=0.0, reduction="sequence", num_sequences=None):
+    """The same loss through full logits (reference for tests and the benchmark)."""
+    if student_hidden.dim() == 3 and num_sequences is None:
+        num_sequences = student_hidden.shape[0]
+    hs = student_hidden.reshape(-1, student_hidden.shape[-1])
+    ht = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
+    lab = labels.reshape(-1) if labels is not None else None
+    if mask is not None:
+        keep = mask.reshape(-1).bool()
+        hs, ht = hs[keep], ht[keep]
+        lab = lab[keep] if lab is not None else None
+    zs = (hs @ student_weight.t()).float()
+    zt = (ht @ teacher_weight.t()).float().detach()
+    kl = F.kl_div(torch.log_softmax(zs / temperature, -1), torch.log_softmax(zt / temperature, -1),
+                  reduction="sum", log_target=True)
+    loss = kl_weight * temperature ** 2 * kl
+    if ce_weight and lab is not None:
+        loss = loss + ce_weight * F.cross_entropy(zs, lab, ignore_index=-100, reduction="sum")
+    denom = {"sequence": float(num_sequences or 1), "token": float(hs.shape[0]), "sum": 1.0}[reduction]
+    return loss / denom
+
+
+# ----------------------------------------------------------------------------------------------- DPO
+
+def sequence_logps(hidden: torch.Tensor, weight: torch.Tensor, input_ids: torch.Tensor,
+                   loss_mask: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
+    """Sum of log p(input_ids[t+1] | <= t) over positions t with loss_mask[t + 1] (response tokens).
+
+    hidden [B, T, H] (after the final norm), weight [V, H]; returns [B] fp32. Logits are built per chunk of
+    rows under activation checkpointing, so full [B, T, V] logits are never stored for backward.
+    """
+    b, t, h = hidden.shape
+    tgt = input_ids[:, 1:]
+    m = loss_mask[:, 1:].bool()
+    hid = hidden[:, :-1]
+    chunk = chunk_size or max(1, auto_chunk_size(weight.shape[0]) // max(1, t - 1))
+
+    def rows_logp(hc, tc):
+        logits = (hc @ weight.t()).float()
+        return torch.log_softmax(logits, -1).gather(-1, tc[..., None]).squeeze(-1)
+
+    out = []
+    for s in range(0, b, chunk):
+        hc, tc = hid[s:s + chunk], tgt[s:s + chunk]
+        if torch.is_grad_enabled() and (hc.requires_grad or weight.requires_grad):
+            lp = torch.utils.checkpoint.checkpoint(rows_logp, hc, tc, use_reentrant=False)
+        else:
+            lp = rows_logp(hc, tc)
+        out.append(lp)
+    logp = torch.cat(out, 0)
+    return (logp * m).sum(-1)
+
+
+def dpo_sigmoid_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+                     ref_rejected: torch.Tensor, beta: float = 0.01, label_smoothing: float = 0.0):
+    """Sigmoid DPO (METHOD §7): -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))), mean over pairs.
+
+    `label_smoothing` > 0 gives the conservative variant (cDPO). Returns (loss, chosen_rewards,
+    rejected_rewards) with rewards = beta * (pi - ref), detached.
+    """
+    margin = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
+    logits = beta * margin
+    losses = -F.logsigmoid(logits) * (1 - label_smoothing) - F.logsigmoid(-logits) * label_smoothing
+    chosen_rewards = (beta * (policy_chosen - ref_chosen)).detach()
+    rejected_rewards = (beta * (policy_rejected - ref_rejected)).detach()
+    return losses.mean(), chosen_rewards, rejected_rewards
+
+
+__all__ = ["chunked_kd_loss", "naive_kd_loss", "auto_chunk_size", "sequence_logps", "dpo_sigmoid_loss",
+           "math"]
