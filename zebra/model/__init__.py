@@ -1,5 +1,7 @@
 """The Zebra hybrid model: plain PyTorch + transformers (no Lightning, Hydra or DeepSpeed)."""
 
+from .cache import HybridCache
 from .configuration_zebra import ZebraConfig
+from .modeling_zebra import ZebraForCausalLM, ZebraModel
 
-__all__ = ["ZebraConfig"]
+__all__ = ["HybridCache", "ZebraConfig", "ZebraForCausalLM", "ZebraModel"]

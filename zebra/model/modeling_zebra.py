@@ -21,6 +21,7 @@ from .configuration_zebra import ZebraConfig
 from .mamba2 import Mamba2Mixer
 from .mla import MultiHeadLatentAttention
 from .packing import doc_ids_from_position_ids, is_packed
+from .rope import MLARotaryEmbedding
 
 
 class ZebraRMSNorm(nn.Module):
@@ -92,6 +93,9 @@ class ZebraPreTrainedModel(PreTrainedModel):
                 init.zeros_(module.conv1d.bias)
         elif isinstance(module, ZebraRMSNorm):
             init.ones_(module.weight)
+        elif isinstance(module, MLARotaryEmbedding):
+            # Non-persistent buffer: from_pretrained leaves it uninitialised memory unless we refill it.
+            module.reset_inv_freq()
         elif isinstance(module, nn.Conv1d):
             return  # handled with its Mamba2Mixer above
         else:

@@ -9,8 +9,6 @@ fp32 `grad_weight [V, H_s]`), so the backward pass only scales stored gradients 
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
@@ -25,69 +23,61 @@ def auto_chunk_size(vocab_size: int, chunk_elements: int = _DEFAULT_CHUNK_ELEMEN
 
 
 class _ChunkedKD(torch.autograd.Function):
-    """Sum over tokens of kl_weight * T^2 * KL(p_t^T || p_s^T) + ce_weight * CE(student, label).
+    """Sum over tokens of kl_weight * T^2 * KL(p_t^T || p_s^T) + ce_weight * CE(student at T=1, label).
 
     Returns (loss_sum, kl_sum, ce_sum); only loss_sum is differentiable (w.r.t. student hidden and weight).
     """
 
     @staticmethod
     def forward(ctx, hs, ht, ws, wt, labels, temperature, kl_weight, ce_weight, chunk_size):
-        need_h = ctx.needs_input_grad[0]
-        need_w = ctx.needs_input_grad[2]
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+        ctx.w_dtype = ws.dtype
+        acc = torch.float64 if hs.dtype == torch.float64 else torch.float32  # softmax / accumulation dtype
         n = hs.shape[0]
         grad_h = torch.zeros_like(hs) if need_h else None
-        grad_w = torch.zeros(ws.shape, dtype=torch.float32, device=ws.device) if need_w else None
-        kl_total = torch.zeros((), dtype=torch.float32, device=hs.device)
-        ce_total = torch.zeros((), dtype=torch.float32, device=hs.device)
+        grad_w = torch.zeros(ws.shape, dtype=acc, device=ws.device) if need_w else None
+        kl_total = torch.zeros((), dtype=acc, device=hs.device)
+        ce_total = torch.zeros((), dtype=acc, device=hs.device)
         inv_t = 1.0 / temperature
         use_ce = ce_weight != 0.0 and labels is not None
         for start in range(0, n, chunk_size):
             end = min(n, start + chunk_size)
             hs_c = hs[start:end]
             # logits in the inputs' dtype (bf16 matmul under bf16 training), then fp32 for the softmaxes
-            zs = (hs_c @ ws.t()).float()
-            with torch.no_grad():
-                zt = (ht[start:end] @ wt.t()).float()
-            logp_t = torch.log_softmax(zt * inv_t, dim=-1)
+            zs = (hs_c @ ws.t()).to(acc)
+            zt = (ht[start:end] @ wt.t()).to(acc)
+            logp_t = torch.log_softmax(zt.mul_(inv_t), dim=-1)
             del zt
+            logp_s = torch.log_softmax(zs * inv_t if inv_t != 1.0 else zs, dim=-1)
             p_t = logp_t.exp()
-            logp_s = torch.log_softmax(zs * inv_t, dim=-1)
-            # KL(p_t || p_s) per token; p_t * (logp_t - logp_s) with the 0 * log 0 = 0 convention of kl_div
-            kl_rows = torch.xlogy(p_t, p_t).sum(-1) - (p_t * logp_s).sum(-1)
+            # KL(p_t || p_s) = sum p_t (log p_t - log p_s); p_t = 0 rows contribute 0 (as kl_div's log_target)
+            kl_total += (p_t * (logp_t - logp_s)).sum()
             del logp_t
-            kl_total += kl_rows.sum()
-            g = None
-            if need_h or need_w:
-                # d/dz_s of T^2 * KL(p_t^T || softmax(z_s / T)) = T * (p_s^T - p_t^T)
-                g = logp_s.exp_().sub_(p_t).mul_(kl_weight * temperature)  # reuses logp_s's memory
-            else:
-                del logp_s
-            del p_t
             if use_ce:
                 lab = labels[start:end]
-                valid = lab != -100
-                if valid.any():
-                    logp1 = torch.log_softmax(zs, dim=-1) if temperature != 1.0 else None
-                    if logp1 is None:  # T = 1: the student's log-probs are p_s (in g) or recomputable
-                        logp1 = torch.log_softmax(zs, dim=-1)
-                    safe = lab.clamp_min(0)
-                    nll = -logp1.gather(-1, safe[:, None]).squeeze(-1)
-                    ce_total += (nll * valid).sum()
-                    if g is not None:
-                        gce = logp1.exp_()
-                        gce[torch.arange(end - start, device=gce.device), safe] -= 1.0
-                        g.add_(gce.mul_(valid[:, None].to(gce.dtype)), alpha=ce_weight)
-                    del logp1
-            del zs
-            if g is not None:
+                valid = (lab != -100)
+                safe = lab.clamp_min(0)
+                logp1 = logp_s if inv_t == 1.0 else torch.log_softmax(zs, dim=-1)
+                ce_total += (-logp1.gather(-1, safe[:, None]).squeeze(-1) * valid).sum()
+            if need_h or need_w:
+                # d/dz_s of T^2 * KL(p_t^T || softmax(z_s / T)) = T * (p_s^T - p_t^T)
+                g = (logp_s.exp() - p_t).mul_(kl_weight * temperature)
+                if use_ce:  # d CE / d z_s = softmax(z_s) - onehot(label), only where labelled
+                    p1 = logp1.exp()
+                    p1[torch.arange(end - start, device=p1.device), safe] -= 1.0
+                    g.add_(p1.mul_(valid[:, None].to(p1.dtype)), alpha=ce_weight)
+                    del p1
+                del p_t, logp_s, zs
                 g_lp = g.to(ws.dtype)
                 del g
                 if need_h:
                     grad_h[start:end] = g_lp @ ws
                 if need_w:
-                    grad_w.add_((g_lp.t() @ hs_c).float())
+                    grad_w.add_((g_lp.t() @ hs_c).to(acc))
                 del g_lp
-        loss = kl_weight * temperature ** 2 * kl_total + (ce_weight * ce_total if use_ce else 0.0)
+        loss = kl_weight * temperature ** 2 * kl_total
+        if use_ce:
+            loss = loss + ce_weight * ce_total
         ctx.save_for_backward(grad_h, grad_w)
         ctx.mark_non_differentiable(kl_total, ce_total)
         return loss, kl_total, ce_total
@@ -95,16 +85,9 @@ class _ChunkedKD(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_kl, _grad_ce):
         grad_h, grad_w = ctx.saved_tensors
-        gh = (grad_h * grad_loss.to(grad_h.dtype)) if grad_h is not None else None
+        gh = grad_h * grad_loss.to(grad_h.dtype) if grad_h is not None else None
         gw = (grad_w * grad_loss).to(ctx.w_dtype) if grad_w is not None else None
         return gh, None, gw, None, None, None, None, None, None
-
-
-class _ChunkedKDWrapper(_ChunkedKD):
-    @staticmethod
-    def forward(ctx, hs, ht, ws, wt, labels, temperature, kl_weight, ce_weight, chunk_size):
-        ctx.w_dtype = ws.dtype
-        return _ChunkedKD.forward(ctx, hs, ht, ws, wt, labels, temperature, kl_weight, ce_weight, chunk_size)
 
 
 def chunked_kd_loss(
@@ -154,7 +137,7 @@ def chunked_kd_loss(
     if n_tok == 0:
         zero = (hs.sum() * 0.0) + (student_weight.sum() * 0.0)
         return zero, {"kl": zero.detach(), "ce": zero.detach(), "tokens": torch.tensor(0)}
-    loss, kl_sum, ce_sum = _ChunkedKDWrapper.apply(
+    loss, kl_sum, ce_sum = _ChunkedKD.apply(
         hs, ht, student_weight, teacher_weight.detach(), lab, float(temperature), float(kl_weight),
         float(ce_weight), int(chunk))
     if reduction == "sequence":
@@ -182,8 +165,9 @@ def naive_kd_loss(student_hidden, teacher_hidden, student_weight, teacher_weight
         keep = mask.reshape(-1).bool()
         hs, ht = hs[keep], ht[keep]
         lab = lab[keep] if lab is not None else None
-    zs = (hs @ student_weight.t()).float()
-    zt = (ht @ teacher_weight.t()).float().detach()
+    acc = torch.float64 if hs.dtype == torch.float64 else torch.float32
+    zs = (hs @ student_weight.t()).to(acc)
+    zt = (ht @ teacher_weight.t()).to(acc).detach()
     kl = F.kl_div(torch.log_softmax(zs / temperature, -1), torch.log_softmax(zt / temperature, -1),
                   reduction="sum", log_target=True)
     loss = kl_weight * temperature ** 2 * kl
@@ -209,7 +193,7 @@ def sequence_logps(hidden: torch.Tensor, weight: torch.Tensor, input_ids: torch.
     chunk = chunk_size or max(1, auto_chunk_size(weight.shape[0]) // max(1, t - 1))
 
     def rows_logp(hc, tc):
-        logits = (hc @ weight.t()).float()
+        logits = (hc @ weight.t()).to(torch.float64 if hc.dtype == torch.float64 else torch.float32)
         return torch.log_softmax(logits, -1).gather(-1, tc[..., None]).squeeze(-1)
 
     out = []
@@ -239,5 +223,4 @@ def dpo_sigmoid_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
     return losses.mean(), chosen_rewards, rejected_rewards
 
 
-__all__ = ["chunked_kd_loss", "naive_kd_loss", "auto_chunk_size", "sequence_logps", "dpo_sigmoid_loss",
-           "math"]
+__all__ = ["chunked_kd_loss", "naive_kd_loss", "auto_chunk_size", "sequence_logps", "dpo_sigmoid_loss"]

@@ -1,0 +1,1 @@
+"""Benchmarks: print and save numbers (speed and memory are never asserted by timed tests)."""

@@ -1,0 +1,179 @@
+"""How good are the students before any training? Next-token KL to the teacher and perplexity on held-out text.
+
+`untrained_student_report` builds, from one teacher, the all-MLA students of both RoPE variants, the all-Mamba2
+student and an N-MLA hybrid assembled from (untrained) students, and measures each on the same text:
+- perplexity exp(mean NLL of the next token), for the teacher too;
+- mean per-token forward KL(teacher || model) over the same positions.
+This is how METHOD §2.2's "which RoPE variant initialises better" question is answered at step 0.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from zebra.compose.smart import _at_least_fp32, kl_sum, layer_sensitivities, select_layers
+from zebra.compose.students import assemble_hybrid, build_student
+from zebra.compose.teacher import Teacher, load_teacher
+
+# METHOD §2.2's dims for the embedded base (full rank would be r_q 576, r_kv 384)
+DEFAULT_MLA_KWARGS = {
+    "smollm2_135m": {"q_lora_rank": 384, "kv_lora_rank": 64, "qk_rope_head_dim": 32, "qk_nope_head_dim": 32,
+                     "v_head_dim": 64},
+}
+SHIPPED_DIR = Path(__file__).resolve().parents[1] / "data" / "shipped"
+
+FALLBACK_TEXT = (
+    "The river rose slowly through the night, and by morning the low fields along its banks had become a "
+    "shallow, silver lake. Farmers stood at the edge of the water and talked about the last great flood, "
+    "forty years earlier, when the old stone bridge had been swept away and the village had been cut off for "
+    "nearly two weeks. This time the new bridge held. Engineers had built it higher, on thick concrete piers, "
+    "after studying records of every flood since the town was founded. Still, the school was closed, the "
+    "market was moved to the church square, and the baker rowed a small boat from house to house with bread "
+    "wrapped in cloth. Children watched from upstairs windows as ducks swam where the road used to be. By the "
+    "third day the water began to fall, leaving behind a layer of fine brown mud that would, the older farmers "
+    "said, make the next harvest one of the best in years. Scientists who study rivers agree that floods are "
+    "not only destructive: they carry nutrients from the hills and spread them across the plain, which is why "
+    "people have farmed beside rivers for thousands of years despite the risk."
+)
+
+
+def held_out_text(text: str | Path | None = None) -> tuple[str, str]:
+    """(text, where it came from): the given string or file; else a held-out file shipped under
+    zebra/data/shipped/ (a name containing 'held'); else a fixed paragraph written for this report."""
+    if text is not None:
+        path = Path(text) if not isinstance(text, str) or ("\n" not in text and len(text) < 4096) else None
+        if path is not None and path.is_file():
+            return _read_text_file(path), str(path)
+        return str(text), "given text"
+    if SHIPPED_DIR.is_dir():
+        for path in sorted(SHIPPED_DIR.rglob("*")):
+            if path.is_file() and "held" in path.name.lower():
+                return _read_text_file(path), str(path)
+    return FALLBACK_TEXT, "built-in paragraph (zebra.compose.report.FALLBACK_TEXT)"
+
+
+def _read_text_file(path: Path) -> str:
+    """Plain text, or JSON lines whose records have a 'text' field (or chat 'messages' contents)."""
+    raw = path.read_text()
+    if path.suffix not in (".jsonl", ".json"):
+        return raw
+    parts = []
+    for line in raw.splitlines():
+        if not line.strip():
+            continue
+        rec = json.loads(line)
+        if "text" in rec:
+            parts.append(rec["text"])
+        elif "messages" in rec:
+            parts.extend(m["content"] for m in rec["messages"])
+    return "\n\n".join(parts)
+
+
+def token_rows(tokenizer, text: str, seq_len: int, max_tokens: int | None) -> list[torch.Tensor]:
+    """The text's token ids cut into rows of at most seq_len tokens (each row is scored on its own)."""
+    ids = tokenizer(text, add_special_tokens=True, return_tensors="pt").input_ids[0]
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    return [r[None] for r in ids.split(seq_len) if r.numel() > 1]
+
+
+@torch.no_grad()
+def _log_probs(model, row: torch.Tensor) -> torch.Tensor:
+    """log p(next token) [T-1, V] (at least fp32) for one row."""
+    device = model.model.embed_tokens.weight.device
+    hidden = model.model(input_ids=row.to(device), use_cache=False).last_hidden_state[0, :-1]
+    return F.log_softmax(_at_least_fp32(model.lm_head(hidden)), dim=-1).cpu()
+
+
+@torch.no_grad()
+def score_model(model, teacher_model, rows: list[torch.Tensor]) -> dict:
+    """Perplexity and mean per-token KL(teacher || model) over the rows (KL omitted for the teacher itself)."""
+    nll, kl, tokens, start = 0.0, 0.0, 0, time.perf_counter()
+    for row in rows:
+        logp = _log_probs(model, row)
+        targets = row[0, 1:]
+        nll -= float(logp.gather(-1, targets[:, None]).sum())
+        if model is not teacher_model:
+            kl += kl_sum(_log_probs(teacher_model, row), logp)
+        tokens += targets.numel()
+    out = {"perplexity": math.exp(nll / tokens), "nll": nll / tokens, "tokens": tokens,
+           "seconds": round(time.perf_counter() - start, 2)}
+    if model is not teacher_model:
+        out["kl_to_teacher"] = kl / tokens
+    return out
+
+
+def untrained_student_report(teacher: Teacher | str = "smollm2_135m", text: str | Path | None = None,
+                             zebra_config_kwargs: dict | None = None, n_mla: int = 6,
+                             mla_indices: list[int] | str = "uniform", hybrid_rope: str | None = None,
+                             seq_len: int = 512, max_tokens: int | None = 4096,
+                             calibration_text: str | Path | None = None, out_path: str | Path | None = None,
+                             log=print) -> dict:
+    """Score teacher, all-MLA ("pairs" and "reference" RoPE), all-Mamba2 and an `n_mla`-MLA hybrid, untrained.
+
+    teacher: a loaded Teacher or a source for `load_teacher` (default: the embedded SmolLM2-135M).
+    zebra_config_kwargs: MLA/Mamba dims; default: METHOD's dims for the embedded teacher, else full rank.
+    mla_indices: the hybrid's MLA layers: a list, "uniform" (SMART's rule on flat scores: evenly spaced from
+      layer 0), or "smart" (SMART sensitivities of the untrained students on `calibration_text`, which must
+      then be given and should differ from the evaluation text).
+    hybrid_rope: the RoPE variant of the hybrid's MLA layers; default the variant with the lower KL.
+    Returns (and writes as JSON to `out_path` if given) a dict of per-model metrics.
+    """
+    if isinstance(teacher, str):
+        source = teacher
+        teacher = load_teacher(source)
+        log(f"teacher {source}: loaded in {teacher.load_seconds:.1f}s ({'converted' if teacher.converted else 'cached'})")
+    base, tok = teacher.model, teacher.tokenizer
+    if zebra_config_kwargs is None:
+        zebra_config_kwargs = DEFAULT_MLA_KWARGS.get(teacher.source, {})
+    text, text_source = held_out_text(text)
+    rows = token_rows(tok, text, seq_len, max_tokens)
+    if not rows:
+        raise ValueError("the held-out text is too short to score")
+    log(f"held-out text: {text_source}, {sum(r.numel() for r in rows)} tokens in {len(rows)} rows")
+
+    report = {"teacher": teacher.source, "text_source": text_source, "mla_kwargs": dict(zebra_config_kwargs),
+              "models": {}}
+    report["models"]["teacher"] = score_model(base, base, rows)
+    log(f"teacher: {report['models']['teacher']}")
+
+    students = {}
+    for variant in ("pairs", "reference"):
+        kwargs = {**zebra_config_kwargs, "mla_rope": variant}
+        students[variant], init = build_student(base, kwargs, "mla")
+        report["models"][f"mla_{variant}"] = {**score_model(students[variant], base, rows), "init_mean": init["mean"]}
+        log(f"all-MLA {variant}: {report['models'][f'mla_{variant}']}")
+    mamba, _ = build_student(base, zebra_config_kwargs, "mamba")
+    report["models"]["mamba"] = score_model(mamba, base, rows)
+    log(f"all-Mamba2: {report['models']['mamba']}")
+
+    if hybrid_rope is None:
+        hybrid_rope = min(("pairs", "reference"), key=lambda v: report["models"][f"mla_{v}"]["kl_to_teacher"])
+    mla = students[hybrid_rope]
+    num_layers = base.config.num_hidden_layers
+    if mla_indices == "uniform":
+        indices = select_layers([0.0] * num_layers, n_mla)
+    elif mla_indices == "smart":
+        if calibration_text is None:
+            raise ValueError("mla_indices='smart' needs calibration_text (text other than the evaluation text)")
+        cal = held_out_text(calibration_text)[0]
+        batches = [{"input_ids": r} for r in token_rows(tok, cal, seq_len, max_tokens)]
+        scores = layer_sensitivities(base, mamba, mla, batches)
+        indices = select_layers(scores, n_mla)
+        report["smart_scores"] = scores
+    else:
+        indices = sorted(int(i) for i in mla_indices)
+    hybrid = assemble_hybrid(mla, mamba, indices)
+    report["models"]["hybrid"] = {**score_model(hybrid, base, rows), "mla_indices": indices, "mla_rope": hybrid_rope,
+                                  "placement": mla_indices if isinstance(mla_indices, str) else "given"}
+    log(f"hybrid ({len(indices)} MLA, {hybrid_rope}): {report['models']['hybrid']}")
+    if out_path is not None:
+        Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(out_path).write_text(json.dumps(report, indent=1))
+    return report

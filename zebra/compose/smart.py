@@ -1,0 +1,257 @@
+"""SMART layer selection (METHOD.md §5): per-layer sensitivity, the choice of MLA positions, and its outputs.
+
+Sensitivity of layer i: s_i = KL(base || all-Mamba2) - KL(base || all-Mamba2 with layer i replaced by the
+ILD'd MLA layer i), forward KL over next-token distributions averaged per counted token.
+
+Selection of N MLA layers out of L: fix the two terminal layers (argmax of s in the first and last windows of
+ceil(L/N) layers), then among placements whose gaps are all floor or ceil of (last-first)/(N-1) take the one
+with the largest total sensitivity (dynamic programming).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from zebra.model.packing import block_causal_mask, doc_ids_from_position_ids, is_packed
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# selection
+# ----------------------------------------------------------------------------------------------------------------
+def _argmax(values, start: int = 0, stop: int | None = None) -> int:
+    """Index of the largest value in values[start:stop]; ties go to the lower index."""
+    stop = len(values) if stop is None else stop
+    best = start
+    for i in range(start + 1, stop):
+        if values[i] > values[best]:
+            best = i
+    return best
+
+
+def terminal_layers(scores, n: int) -> tuple[int, int]:
+    """(first, last): the argmax of the scores over [0, ceil(L/N)) and over [L-ceil(L/N), L).
+
+    Decision (METHOD is silent): when L is not a multiple of N the two windows can be so close that the argmaxes
+    leave fewer than N-1 layers between them (e.g. L=5, N=4, first=1, last=3) and no placement of N distinct
+    layers with gaps >= 1 exists; then `last` is the argmax over the part of its window at least N-1 past
+    `first` (that part is never empty for N <= L). The released configurations never reach this case.
+    """
+    num_layers = len(scores)
+    window = math.ceil(num_layers / n)
+    first = _argmax(scores, 0, window)
+    last = _argmax(scores, num_layers - window, num_layers)
+    if last - first < n - 1:
+        last = _argmax(scores, max(num_layers - window, first + n - 1), num_layers)
+    return first, last
+
+
+def allowed_gaps(first: int, last: int, n: int) -> tuple[int, ...]:
+    """The gap sizes floor(g), ceil(g) with g = (last-first)/(n-1) (one size when g is an integer)."""
+    span = last - first
+    lo, hi = span // (n - 1), -(-span // (n - 1))
+    return (lo,) if lo == hi else (lo, hi)
+
+
+def select_layers(scores, n: int) -> list[int]:
+    """The N MLA layer indices SMART chooses for per-layer sensitivities `scores` (METHOD §5).
+
+    N = 1: the argmax over all layers; N = L: every layer; N > L or N < 1: ValueError. Ties between equally
+    good placements go to the lexicographically smallest index list, so the result is deterministic.
+    """
+    scores = [float(s) for s in scores]
+    num_layers = len(scores)
+    if num_layers == 0:
+        raise ValueError("select_layers needs at least one layer score")
+    if not all(math.isfinite(s) for s in scores):
+        raise ValueError(f"layer scores must be finite, got {scores}")
+    if isinstance(n, bool) or int(n) != n or n < 1:
+        raise ValueError(f"the number of MLA layers must be a positive integer, got {n!r}")
+    n = int(n)
+    if n > num_layers:
+        raise ValueError(f"cannot choose {n} MLA layers from a {num_layers}-layer model")
+    if n == num_layers:
+        return list(range(num_layers))
+    if n == 1:
+        return [_argmax(scores)]
+
+    first, last = terminal_layers(scores, n)
+    gaps = allowed_gaps(first, last, n)
+    # best[p] = (total score, path) of the best placement of the first j+1 layers ending at position p.
+    best = {first: (scores[first], [first])}
+    for _ in range(n - 1):
+        nxt: dict[int, tuple[float, list[int]]] = {}
+        for pos, (total, path) in best.items():
+            for gap in gaps:
+                p = pos + gap
+                if p > last:
+                    continue
+                cand = (total + scores[p], path + [p])
+                old = nxt.get(p)
+                if old is None or cand[0] > old[0] or (cand[0] == old[0] and cand[1] < old[1]):
+                    nxt[p] = cand
+        best = nxt
+    if last not in best:  # cannot happen: the gap sizes always tile last-first in n-1 steps
+        raise RuntimeError(f"no placement from {first} to {last} with gaps {gaps}")
+    return best[last][1]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# sensitivities
+# ----------------------------------------------------------------------------------------------------------------
+@contextmanager
+def swapped_layer(target, donor, index: int):
+    """Temporarily put `donor`'s decoder layer `index` into `target` (no copy: the module is shared)."""
+    layers = target.model.layers
+    original, original_type = layers[index], target.config.layer_types[index]
+    layers[index] = donor.model.layers[index]
+    target.config.layer_types[index] = donor.config.layer_types[index]
+    try:
+        yield target
+    finally:
+        layers[index] = original
+        target.config.layer_types[index] = original_type
+
+
+def counted_positions(batch: dict) -> torch.Tensor:
+    """Bool [B, T]: the positions whose next-token distribution counts (loss_mask; else every real token but
+    the last of its row)."""
+    if batch.get("loss_mask") is not None:
+        return batch["loss_mask"].bool()
+    ids = batch["input_ids"]
+    real = batch["attention_mask"].bool() if batch.get("attention_mask") is not None else torch.ones_like(ids, dtype=torch.bool)
+    keep = real.clone()
+    keep[:, :-1] &= real[:, 1:]  # the next token must be real too
+    keep[:, -1] = False
+    return keep
+
+
+def base_attention_mask(batch: dict, dtype: torch.dtype) -> torch.Tensor | None:
+    """A 4D additive mask for a transformers Llama giving it the hybrid's view of the row: block-causal over
+    packed documents, padding keys hidden. transformers (5.17 masking_utils) passes a 4D mask through as is;
+    an additive float mask works for both the eager and the SDPA attention. None = plain causal."""
+    position_ids = batch.get("position_ids")
+    pad = batch.get("attention_mask")
+    packed = position_ids is not None and position_ids.shape[1] > 1 and is_packed(position_ids)
+    padded = pad is not None and not bool(pad.bool().all())
+    if not packed and not padded:
+        return None
+    ids = batch["input_ids"]
+    doc_ids = doc_ids_from_position_ids(position_ids) if packed else torch.zeros_like(ids)
+    allowed = block_causal_mask(doc_ids, pad if padded else None)
+    return torch.zeros(allowed.shape, dtype=dtype, device=ids.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def _forward_kwargs(batch: dict, model, is_base: bool) -> dict:
+    ids = batch["input_ids"]
+    kwargs = {"input_ids": ids, "use_cache": False}
+    if batch.get("position_ids") is not None:
+        kwargs["position_ids"] = batch["position_ids"]
+    if is_base:
+        kwargs["attention_mask"] = base_attention_mask(batch, model.model.embed_tokens.weight.dtype)
+    elif batch.get("attention_mask") is not None:
+        kwargs["attention_mask"] = batch["attention_mask"]
+    return kwargs
+
+
+@torch.no_grad()
+def selected_log_probs(model, batch: dict, positions: torch.Tensor, is_base: bool = False,
+                       chunk: int = 2048) -> torch.Tensor:
+    """log-softmax next-token distributions [N, V] (at least fp32) at the counted positions only: the LM head runs on
+    the selected hidden states, so full [B, T, V] logits are never materialised."""
+    device = model.model.embed_tokens.weight.device
+    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    hidden = model.model(**_forward_kwargs(batch, model, is_base)).last_hidden_state
+    hidden = hidden[positions.to(device)]
+    return torch.cat([F.log_softmax(_at_least_fp32(model.lm_head(h)), dim=-1) for h in hidden.split(chunk)])
+
+
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """bf16/fp16 logits -> fp32 for the softmax; fp32 and fp64 stay as they are."""
+    return x.float() if x.dtype.itemsize < 4 else x
+
+
+def kl_sum(logp_base: torch.Tensor, logp_student: torch.Tensor) -> float:
+    """sum over tokens of KL(p_base || p_student) (forward KL)."""
+    return float((logp_base.exp() * (logp_base - logp_student)).sum())
+
+
+@torch.no_grad()
+def layer_sensitivities(base_model, mamba_student, mla_student, batches, log=None) -> list[float]:
+    """s_i = KL(base || all-Mamba2) - KL(base || all-Mamba2 with layer i from the MLA student), per token.
+
+    `batches`: token-mixture batches (input_ids, position_ids, loss_mask, attention_mask; see INTERFACES.md).
+    The base gets the same block-causal/padding view as the students. Layers are swapped into the Mamba2
+    student in place, one at a time (L + 2 forwards per batch, no model copies). All three models run in eval
+    mode; their previous modes are restored.
+    """
+    num_layers = mamba_student.config.num_hidden_layers
+    if mla_student.config.num_hidden_layers != num_layers or base_model.config.num_hidden_layers != num_layers:
+        raise ValueError("base, all-Mamba2 and all-MLA models must have the same number of layers")
+    modes = [m.training for m in (base_model, mamba_student, mla_student)]
+    for m in (base_model, mamba_student, mla_student):
+        m.eval()
+    full, swapped, tokens = 0.0, [0.0] * num_layers, 0
+    try:
+        for b, batch in enumerate(batches):
+            positions = counted_positions(batch)
+            if not positions.any():
+                continue
+            tokens += int(positions.sum())
+            logp_base = selected_log_probs(base_model, batch, positions, is_base=True)
+            full += kl_sum(logp_base, selected_log_probs(mamba_student, batch, positions))
+            for i in range(num_layers):
+                with swapped_layer(mamba_student, mla_student, i):
+                    swapped[i] += kl_sum(logp_base, selected_log_probs(mamba_student, batch, positions))
+            if log is not None:
+                log(f"smart: batch {b} done ({tokens} tokens so far)")
+    finally:
+        for m, mode in zip((base_model, mamba_student, mla_student), modes):
+            m.train(mode)
+    if tokens == 0:
+        raise ValueError("layer_sensitivities: the calibration batches hold no counted tokens")
+    return [(full - s) / tokens for s in swapped]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# outputs
+# ----------------------------------------------------------------------------------------------------------------
+def write_smart_outputs(out_dir, scores, selections: dict, extra: dict | None = None) -> dict:
+    """Write `sensitivity.json` (scores, selections {n: indices}) and `sensitivity.png` (a bar chart per
+    selection, chosen layers highlighted) into `out_dir`; returns the paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    scores = [float(s) for s in scores]
+    selections = {int(n): [int(i) for i in idx] for n, idx in selections.items()}
+    payload = {"num_layers": len(scores), "scores": scores,
+               "selections": {str(n): idx for n, idx in sorted(selections.items())}, **(extra or {})}
+    json_path = out / "sensitivity.json"
+    json_path.write_text(json.dumps(payload, indent=1))
+
+    rows = sorted(selections.items()) or [(0, [])]
+    fig, axes = plt.subplots(len(rows), 1, figsize=(max(6, 0.3 * len(scores) + 2), 2.6 * len(rows)),
+                             squeeze=False, sharex=True)
+    for ax, (n, idx) in zip(axes[:, 0], rows):
+        chosen = set(idx)
+        colours = ["tab:red" if i in chosen else "tab:gray" for i in range(len(scores))]
+        ax.bar(range(len(scores)), scores, color=colours)
+        ax.axhline(0, color="black", linewidth=0.5)
+        ax.set_ylabel("s_i (nats/token)")
+        ax.set_title(f"SMART: {n} MLA layers {idx}" if n else "SMART layer sensitivity")
+    axes[-1, 0].set_xlabel("layer")
+    axes[-1, 0].set_xticks(range(len(scores)))
+    fig.tight_layout()
+    png_path = out / "sensitivity.png"
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+    return {"json": str(json_path), "png": str(png_path)}

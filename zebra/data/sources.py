@@ -1,0 +1,232 @@
+"""Data sources: where raw examples come from and how their fields map to conversations.
+
+A source is a dict, as written in `conf/data/*.yaml`:
+
+    {"path": "data/chat.jsonl"}                         # local json / jsonl / parquet, or a save_to_disk dir
+    {"path": "shipped:sft"}                              # a file shipped in zebra/data/shipped/
+    {"name": "org/dataset", "config": None, "split": "train", "revision": None}   # a hub dataset
+  plus one field mapping (default: messages_field="messages"):
+    messages_field: list of {"role", "content"} (ShareGPT {"from", "value"} is accepted too)
+    prompt_field + response_field (+ system_field): a single-turn exchange
+    text_field: plain text, no chat template
+  plus `weight` (token share in the mixture, default 1).
+
+Everything that can be wrong with a source is reported when it is loaded, naming the source.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import datasets
+
+SHIPPED_DIR = Path(__file__).parent / "shipped"
+SHIPPED_PREFIX = "shipped:"
+LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+# ShareGPT speaker names -> OpenAI roles
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+_SPEC_KEYS = {
+    "path", "name", "config", "split", "revision", "weight",
+    "messages_field", "prompt_field", "response_field", "system_field", "text_field",
+    "chosen_field", "rejected_field",
+}  # fmt: skip
+
+
+def shipped_path(name: str) -> Path:
+    """A file shipped with zebra: 'sft', 'preferences', 'heldout' (or a full file name)."""
+    candidates = [SHIPPED_DIR / name] + [SHIPPED_DIR / f"{name}{ext}" for ext in (".jsonl", ".txt")]
+    for c in candidates:
+        if c.is_file():
+            return c
+    raise FileNotFoundError(f"no shipped data file {name!r} in {SHIPPED_DIR}")
+
+
+def _offline() -> bool:
+    return any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+
+
+@dataclass
+class Source:
+    """One validated source spec; `kind` is 'chat', 'text' or 'preference'."""
+
+    spec: dict
+    kind: str
+    weight: float = 1.0
+    path: Path | None = None
+    fields: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_spec(cls, spec: dict | str, kind: str = "chat") -> "Source":
+        if isinstance(spec, str):  # a bare string: a local path if it looks like one, else a hub name
+            local = spec.startswith(SHIPPED_PREFIX) or Path(spec).suffix in LOCAL_BUILDERS or Path(spec).exists()
+            spec = {"path": spec} if local else {"name": spec}
+        spec = dict(spec)
+        unknown = set(spec) - _SPEC_KEYS
+        if unknown:
+            raise ValueError(f"data source {spec} has unknown keys {sorted(unknown)}; known: {sorted(_SPEC_KEYS)}")
+        if ("path" in spec) == ("name" in spec):
+            raise ValueError(f"data source {spec} needs exactly one of 'path' (local file) or 'name' (hub dataset)")
+        weight = float(spec.get("weight", 1.0))
+        if not weight > 0:
+            raise ValueError(f"data source {spec} has weight {weight}; weights must be > 0")
+        path = None
+        if "path" in spec:
+            p = str(spec["path"])
+            path = shipped_path(p[len(SHIPPED_PREFIX):]) if p.startswith(SHIPPED_PREFIX) else Path(p).expanduser()
+            if not path.exists():
+                raise FileNotFoundError(f"data file not found: {path}")
+            if path.is_file() and path.suffix not in LOCAL_BUILDERS:
+                raise ValueError(f"data file {path} has an unsupported extension; use one of {sorted(LOCAL_BUILDERS)}")
+        return cls(spec, kind, weight, path, _field_mapping(spec, kind))
+
+    @property
+    def description(self) -> str:
+        return str(self.path) if self.path is not None else f"hub dataset {self.spec['name']!r}"
+
+    @property
+    def split(self) -> str:
+        return self.spec.get("split", "train")
+
+    def identity(self) -> str:
+        """Hash of what the raw data is (spec without weight + the local file's content): names caches and seeds splits."""
+        h = hashlib.sha256(json.dumps({k: v for k, v in self.spec.items() if k != "weight"}, sort_keys=True).encode())
+        h.update(json.dumps([self.kind, self.fields], sort_keys=True).encode())
+        if self.path is not None:
+            h.update(_file_fingerprint(self.path).encode())
+        return h.hexdigest()[:16]
+
+    def load(self, cache_dir: str | os.PathLike | None = None) -> datasets.Dataset:
+        """The raw examples as a `datasets.Dataset`, with its fields checked."""
+        if self.path is not None:
+            ds = self._load_local(cache_dir)
+        else:
+            ds = self._load_hub()
+        if len(ds) == 0:
+            raise ValueError(f"data source {self.description} (split {self.split!r}) is empty")
+        missing = [f for f in self.fields.values() if f not in ds.column_names]
+        if missing:
+            raise ValueError(
+                f"data source {self.description} has no field(s) {missing}; its fields are {ds.column_names}"
+            )
+        return ds
+
+    def _load_local(self, cache_dir) -> datasets.Dataset:
+        if self.path.is_dir():
+            ds = datasets.load_from_disk(str(self.path))
+            if isinstance(ds, datasets.DatasetDict):
+                ds = ds[self.split]
+            return ds
+        builder = LOCAL_BUILDERS[self.path.suffix]
+        try:
+            return datasets.load_dataset(
+                builder, data_files=str(self.path), split=self.spec.get("split", "train"), cache_dir=cache_dir
+            )
+        except Exception as e:  # malformed json, bad split expression...
+            raise ValueError(f"could not read data file {self.path}: {type(e).__name__}: {e}") from e
+
+    def _load_hub(self) -> datasets.Dataset:
+        name = self.spec["name"]
+        try:
+            return datasets.load_dataset(
+                name, self.spec.get("config"), split=self.split, revision=self.spec.get("revision")
+            )
+        except (ConnectionError, OSError) as e:
+            why = (
+                "HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set and it is not in the local cache"
+                if _offline()
+                else "no network or no access to the Hugging Face hub, and it is not in the local cache"
+            )
+            raise ConnectionError(f"the dataset {name!r} could not be reached: {why} ({e})") from e
+
+    def examples_to_conversations(self, batch: dict) -> list:
+        """A batch of raw examples (column dict) -> list of conversations (or texts for text sources)."""
+        f = self.fields
+        n = len(next(iter(batch.values())))
+        if self.kind == "text":
+            return [str(t) for t in batch[f["text"]]]
+        if "messages" in f:
+            return [normalise_messages(m, self.description) for m in batch[f["messages"]]]
+        out = []
+        for i in range(n):
+            msgs = [{"role": "system", "content": batch[f["system"]][i]}] if "system" in f and batch[f["system"]][i] else []
+            msgs += [
+                {"role": "user", "content": str(batch[f["prompt"]][i])},
+                {"role": "assistant", "content": str(batch[f["response"]][i])},
+            ]
+            out.append(msgs)
+        return out
+
+
+def _field_mapping(spec: dict, kind: str) -> dict:
+    """Which dataset column plays which part, checked for a consistent combination."""
+    if kind == "preference":
+        return {
+            "prompt": spec.get("prompt_field", "prompt"),
+            "chosen": spec.get("chosen_field", "chosen"),
+            "rejected": spec.get("rejected_field", "rejected"),
+        }
+    given = [k for k in ("messages_field", "prompt_field", "response_field", "text_field") if k in spec]
+    if "text_field" in spec:
+        if len(given) > 1:
+            raise ValueError(f"data source {spec}: text_field cannot be combined with {given}")
+        return {"text": spec["text_field"]}
+    if "prompt_field" in spec or "response_field" in spec:
+        if "messages_field" in spec or not ("prompt_field" in spec and "response_field" in spec):
+            raise ValueError(f"data source {spec}: give both prompt_field and response_field (and no messages_field)")
+        out = {"prompt": spec["prompt_field"], "response": spec["response_field"]}
+        if "system_field" in spec:
+            out["system"] = spec["system_field"]
+        return out
+    return {"messages": spec.get("messages_field", "messages")}
+
+
+def normalise_messages(messages, where: str = "data") -> list[dict]:
+    """OpenAI-style [{"role", "content"}]; ShareGPT [{"from", "value"}] is mapped to it."""
+    if not isinstance(messages, list) or not messages:
+        raise ValueError(f"{where}: a conversation must be a non-empty list of messages, got {messages!r:.200}")
+    out = []
+    for m in messages:
+        if isinstance(m, dict) and "role" in m and "content" in m:
+            role, content = m["role"], m["content"]
+        elif isinstance(m, dict) and "from" in m and "value" in m:
+            role, content = SHAREGPT_ROLES.get(m["from"], m["from"]), m["value"]
+        else:
+            raise ValueError(f"{where}: a message needs 'role' and 'content', got {m!r:.200}")
+        if role not in ("system", "user", "assistant"):
+            raise ValueError(f"{where}: unknown role {role!r} (expected system, user or assistant)")
+        out.append({"role": role, "content": "" if content is None else str(content)})
+    return out
+
+
+def as_spec_list(specs, default) -> list:
+    """None -> default; one spec (dict, str) -> [spec]; Hydra DictConfig / ListConfig -> plain containers."""
+    if specs is None:
+        specs = default
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+
+        if isinstance(specs, (DictConfig, ListConfig)):
+            specs = OmegaConf.to_container(specs, resolve=True)
+    except ImportError:
+        pass
+    if isinstance(specs, (dict, str)):
+        specs = [specs]
+    return [s if isinstance(s, str) else dict(s) for s in specs]
+
+
+def _file_fingerprint(path: Path) -> str:
+    """Content hash for files up to 256 MB; size + mtime for bigger ones (hashing them each start is slow)."""
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    h = hashlib.sha256()
+    for p in files:
+        st = p.stat()
+        if st.st_size <= 256 * 2**20:
+            h.update(hashlib.sha256(p.read_bytes()).digest())
+        else:
+            h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()

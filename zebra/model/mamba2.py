@@ -1,0 +1,194 @@
+"""Attention-shaped Mamba2 mixer (METHOD.md §2.3, as in MambaInLlama).
+
+Shaped so that an attention layer maps onto it (C <- W_q, B <- W_k, x <- W_v, out_proj <- W_o): x and B are
+projected at the KV width d_xb = g * head_dim, pass the depthwise conv at that width, and are then repeated
+to the h heads exactly as GQA repeats K/V; C has one group per head. The scan, conv and kernel choice live
+in `ssd.py`; this file is the layer around them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cache import MambaLayerCache
+from .configuration_zebra import ZebraConfig
+from .ssd import chunk_scan, conv1d, conv_update, select_backend, state_update
+
+# Kept in (at least) fp32 whatever the module is cast to, and excluded from weight decay.
+FP32_PARAMS = ("A_log", "D", "dt_bias")
+
+
+class GatedRMSNorm(nn.Module):
+    """mamba_ssm's RMSNormGated with norm_before_gate=False: RMSNorm_group(y * SiLU(z)) * weight, the RMS
+    taken over groups of `group_size` channels (one head each)."""
+
+    def __init__(self, hidden_size: int, group_size: int, eps: float = 1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.group_size = group_size
+        self.eps = eps
+
+    def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        cd = torch.promote_types(y.dtype, torch.float32)
+        g = y.to(cd) * F.silu(z.to(cd))
+        shape = g.shape
+        g = g.view(*shape[:-1], -1, self.group_size)
+        g = g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (g.view(shape) * self.weight.to(cd)).to(y.dtype)
+
+
+class Mamba2Mixer(nn.Module):
+    def __init__(self, config: ZebraConfig, layer_idx: int | None = None):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.hidden_size = config.hidden_size
+        self.d_inner = config.mamba_d_inner
+        self.d_xb = config.mamba_d_xb
+        self.nheads = config.mamba_nheads
+        self.headdim = config.mamba_headdim
+        self.d_state = config.mamba_d_state
+        self.d_conv = config.mamba_d_conv
+        self.chunk_size = config.mamba_chunk_size
+        self.n_xb_groups = self.d_xb // self.headdim  # g: the KV heads x and B come in
+        self.conv_dim = config.mamba_conv_dim  # [x, B, C] = 2 * d_xb + nheads * d_state
+
+        # Test-only switches (METHOD §3's mapping identity): the post-conv SiLU, and the gate + norm.
+        self.use_conv_activation = True
+        self.use_gated_norm = True
+
+        self.in_proj = nn.Linear(self.hidden_size, 2 * self.d_inner + 2 * self.d_xb + self.nheads, bias=False)
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, kernel_size=self.d_conv, groups=self.conv_dim,
+                                bias=True, padding=self.d_conv - 1)
+        # Explicit fp32: from_pretrained(dtype=bf16) builds under a bf16 default dtype.
+        self.dt_bias = nn.Parameter(torch.empty(self.nheads, dtype=torch.float32))
+        self.A_log = nn.Parameter(torch.empty(self.nheads, dtype=torch.float32))
+        self.D = nn.Parameter(torch.empty(self.nheads, dtype=torch.float32))
+        for name in FP32_PARAMS:
+            getattr(self, name)._no_weight_decay = True
+        self.norm = GatedRMSNorm(self.d_inner, group_size=self.headdim, eps=1e-5)
+        self.out_proj = nn.Linear(self.d_inner, self.hidden_size, bias=False)
+        self.reset_ssm_parameters()
+
+    @torch.no_grad()
+    def reset_ssm_parameters(self) -> None:
+        """Mamba2's init of dt_bias, A_log, D and the norm weight (parameters a checkpoint load has already
+        set, flagged `_is_hf_initialized` by transformers, are left alone)."""
+        c, n = self.config, self.nheads
+
+        def fill(param, value):
+            if not getattr(param, "_is_hf_initialized", False):
+                param.copy_(value)
+
+        # dt log-uniform in [dt_min, dt_max], floored; dt_bias = softplus^-1(dt) = dt + log(1 - exp(-dt)).
+        dt = torch.exp(torch.rand(n) * (math.log(c.mamba_dt_max) - math.log(c.mamba_dt_min))
+                       + math.log(c.mamba_dt_min)).clamp(min=c.mamba_dt_init_floor)
+        fill(self.dt_bias, dt + torch.log(-torch.expm1(-dt)))
+        fill(self.A_log, torch.log(torch.empty(n).uniform_(c.mamba_A_init_min, c.mamba_A_init_max)))
+        fill(self.D, torch.ones(n))
+        fill(self.norm.weight, torch.ones(self.d_inner))
+
+    def _apply(self, fn, recurse=True):
+        """Keep A_log, D and dt_bias in at least fp32 when the module is cast (`.to(bf16)`, `.half()`):
+        exp(A_log) and softplus(dt + dt_bias) lose too much in 8 mantissa bits. Device moves still apply."""
+        held = {name: self._parameters[name] for name in FP32_PARAMS}
+        for name in held:
+            self._parameters[name] = None  # hidden from the default pass
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            for name, param in held.items():
+                self._parameters[name] = param
+        for param in held.values():
+            for t in (param, param.grad):
+                if t is None:
+                    continue
+                moved = fn(t.data)
+                if moved.is_floating_point() and moved.dtype.itemsize < 4:
+                    moved = t.data.to(device=moved.device, dtype=torch.float32)
+                t.data = moved  # in place: optimizer references and attributes survive
+        return self
+
+    # ------------------------------------------------------------------------------------------------
+    def forward(self, hidden_states: torch.Tensor, position_ids: torch.Tensor | None = None,
+                doc_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                cache: MambaLayerCache | None = None, **kwargs) -> torch.Tensor:
+        """hidden_states [B, T, H] -> [B, T, H] (contract in .notes/INTERFACES.md; position_ids unused).
+
+        attention_mask [B, past + T] (0 = pad): pads get their pre-conv xBC, x and dt zeroed, so they never
+        reach a conv window or the state. doc_ids [B, T]: state and conv taps reset at document
+        boundaries. cache: updated in place; a one-token call with history takes the decode step.
+        """
+        b, t, _ = hidden_states.shape
+        backend = select_backend(hidden_states.device)
+        has_past = cache is not None and cache.length > 0
+        if doc_ids is not None and has_past:
+            raise ValueError("doc_ids (packed rows) are only supported without a cache history")
+
+        z, xBC, dt = self.in_proj(hidden_states).split([self.d_inner, self.conv_dim, self.nheads], dim=-1)
+        keep = None
+        if attention_mask is not None:
+            keep = attention_mask[:, -t:].to(xBC.dtype)[..., None]  # [B, T, 1]
+            xBC = xBC * keep
+
+        weight = self.conv1d.weight.squeeze(1)  # [conv_dim, d_conv]
+        decode = has_past and t == 1
+        if decode:
+            xBC = conv_update(xBC[:, 0], cache.conv_state, weight, self.conv1d.bias,
+                              activation=self.use_conv_activation, backend=backend)[:, None]
+        else:
+            pre_conv = xBC
+            xBC = conv1d(xBC, weight, self.conv1d.bias, seq_idx=doc_ids,
+                         conv_state=cache.conv_state if has_past else None,
+                         activation=self.use_conv_activation, backend=backend)
+            if cache is not None:  # after the conv, which reads the old window
+                self._store_conv_state(cache, pre_conv, doc_ids)
+        x, B, C = xBC.split([self.d_xb, self.d_xb, self.nheads * self.d_state], dim=-1)
+
+        # Step sizes and decay in (at least) fp32, from the fp32 parameters.
+        cd = torch.promote_types(dt.dtype, self.dt_bias.dtype)
+        dt = F.softplus(dt.to(cd) + self.dt_bias.to(cd))
+        A = -torch.exp(self.A_log.to(cd))
+        if keep is not None:
+            dt = dt * keep.to(cd)
+            x = x * keep
+
+        # GQA-style: x and B come in g groups; head j reads group j // (nheads / g).
+        rep = self.nheads // self.n_xb_groups
+        x = x.reshape(b, t, self.n_xb_groups, self.headdim).repeat_interleave(rep, dim=2)
+        B = B.reshape(b, t, self.n_xb_groups, self.d_state).repeat_interleave(rep, dim=2)
+        C = C.reshape(b, t, self.nheads, self.d_state)
+
+        if decode:
+            y = state_update(cache.ssm_state, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], self.D,
+                             backend=backend)[:, None]
+        else:
+            initial = cache.ssm_state if has_past else None
+            y, final_state = chunk_scan(x, dt, A, B, C, self.D, self.chunk_size, initial_state=initial,
+                                        seq_idx=doc_ids, backend=backend)
+            if cache is not None:
+                cache.ssm_state.copy_(final_state)
+        if cache is not None:
+            cache.length += t
+
+        y = y.reshape(b, t, self.d_inner)
+        if self.use_gated_norm:
+            y = self.norm(y, z)
+        return self.out_proj(y.to(self.out_proj.weight.dtype))
+
+    def _store_conv_state(self, cache: MambaLayerCache, xBC: torch.Tensor, doc_ids: torch.Tensor | None) -> None:
+        """The last d_conv pre-conv inputs (older cached ones first when the chunk is short), for decode.
+        Inputs from an earlier document than the last token's are zeroed, so decode cannot reach them."""
+        W = self.d_conv
+        window = xBC.transpose(1, 2)  # [B, conv_dim, T]
+        if cache.length > 0:
+            window = torch.cat([cache.conv_state.to(window.dtype), window], dim=-1)
+        window = F.pad(window, (max(W - window.shape[-1], 0), 0))[..., -W:]
+        if doc_ids is not None:
+            tail = F.pad(doc_ids, (max(W - doc_ids.shape[-1], 0), 0), value=-1)[:, -W:]
+            window = window * (tail == doc_ids[:, -1:])[:, None, :]
+        cache.conv_state.copy_(window)

@@ -1,0 +1,751 @@
+"""What every stage shares: teacher loading and its packed forward, tokenizer checks, optimisation (METHOD §4b),
+the Lightning base module, trainer/logger/callback construction, and atomic exports with model card and report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import lightning.pytorch as pl
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from zebra.model.packing import block_causal_mask, doc_ids_from_position_ids, is_packed
+
+log = logging.getLogger("zebra.stages")
+
+
+# ------------------------------------------------------------------------------------------------ errors
+class StageError(RuntimeError):
+    """A stage cannot run with what it was given; the message names the problem."""
+
+
+class TokenizerMismatchError(StageError):
+    """Teacher and student tokenizers differ (KD over the vocabulary needs the same token ids)."""
+
+
+class NonFiniteLossError(StageError):
+    """The training loss became NaN or infinite."""
+
+
+class MissingArtifactError(StageError):
+    """A previous stage's export is missing."""
+
+
+# ------------------------------------------------------------------------------------------------ misc
+def set_threads(num_threads: int | None) -> None:
+    """Intra-op threads: the configured number, else every core this process may run on."""
+    if not num_threads:
+        num_threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(max(1, int(num_threads)))
+
+
+def to_container(cfg) -> Any:
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, (DictConfig,)) or OmegaConf.is_config(cfg) \
+        else cfg
+
+
+def config_hash(*parts) -> str:
+    """Stable short hash of resolved config pieces (dicts, lists, scalars)."""
+    blob = json.dumps([to_container(p) for p in parts], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def torch_dtype(name: str | torch.dtype | None) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    table = {None: torch.float32, "fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+             "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16, "fp64": torch.float64,
+             "float64": torch.float64}
+    if name not in table:
+        raise ValueError(f"unknown dtype {name!r}; expected one of {sorted(k for k in table if k)}")
+    return table[name]
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    for p in module.parameters():
+        p.requires_grad_(False)
+    module.eval()
+    return module
+
+
+def count_params(model: nn.Module, trainable_only: bool = False) -> int:
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) in seen or (trainable_only and not p.requires_grad):
+            continue
+        seen.add(id(p))
+        total += p.numel()
+    return total
+
+
+def kv_fraction(config) -> float:
+    """KV cache per token of the hybrid relative to its base (METHOD §2.4): MLA layers hold r_kv + d_rope
+    values, Mamba2 layers none that grow with length, the base 2 * g * head_dim per layer."""
+    mla = sum(1 for t in config.layer_types if t == "mla")
+    return mla * config.mla_cache_dim / (config.num_hidden_layers * config.base_kv_cache_dim)
+
+
+# ------------------------------------------------------------------------------------------------ stage identity
+def _model_identity(cfg: DictConfig) -> dict:
+    m = cfg.model
+    return {"name": m.name, "teacher": m.teacher, "tokenizer": m.tokenizer, "base": m.base, "mla": m.mla}
+
+
+def stage_hash(name: str, cfg: DictConfig) -> str:
+    """Hash of everything a stage's result depends on, chained through the stages it reads from, so that
+    `stage=pipeline` re-runs a stage when its own config or any upstream stage's changed."""
+    sft = cfg.data.get("sft")
+    if name == "ilkd":
+        return config_hash("ilkd", _model_identity(cfg), sft, cfg.ilkd, cfg.seed)
+    if name == "smart":
+        return config_hash("smart", stage_hash("ilkd", cfg), sft, cfg.smart, cfg.seed)
+    if name == "kd":
+        upstream = [stage_hash("ilkd", cfg)]
+        if cfg.mix.get("selection") == "smart":
+            upstream.append(stage_hash("smart", cfg))
+        return config_hash("kd", upstream, cfg.mix, cfg.model.kd_teacher, sft, cfg.kd, cfg.seed)
+    if name == "dpo":
+        return config_hash("dpo", stage_hash("kd", cfg), cfg.data.get("preference"), cfg.dpo, cfg.seed)
+    raise ValueError(f"no stage hash for {name!r}")
+
+
+# ------------------------------------------------------------------------------------------------ teacher
+EMBEDDED_QUANTISATION = {"smollm2_135m": "4-bit GGUF (Q4_1 weights, Q8_0 embeddings), dequantised to float"}
+
+
+@dataclasses.dataclass
+class LoadedTeacher:
+    model: nn.Module  # LlamaForCausalLM, frozen, eval
+    source: str
+    quantisation: str  # "none", or how the weights were quantised
+    path: str | None = None
+    tokenizer: Any = None  # the tokenizer shipped with the weights (None for `random:`)
+
+
+def llama_config_from_base(base: dict):
+    """A LlamaConfig from a `model.base` block of the config (architecture numbers only)."""
+    from transformers import LlamaConfig
+
+    base = dict(to_container(base))
+    return LlamaConfig(**base)
+
+
+def load_teacher_model(spec: str, base: dict | None = None, dtype=torch.float32) -> LoadedTeacher:
+    """The frozen base/teacher Llama named by `spec`.
+
+    `random:<seed>` builds a random LlamaForCausalLM from `base` (the `model.base` block) with that seed: tests
+    and smoke runs need nothing from the hub. Anything else goes to `zebra.compose.teacher.load_teacher` (embedded
+    name, GGUF file, local directory, hub id).
+    """
+    from transformers import LlamaForCausalLM
+
+    spec = str(spec)
+    if spec.startswith("random:"):
+        if base is None:
+            raise StageError(f"teacher {spec!r} needs the model.base block to build a random Llama")
+        seed = int(spec.split(":", 1)[1] or 0)
+        config = llama_config_from_base(base)
+        config._attn_implementation = "sdpa"
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = LlamaForCausalLM(config)
+        model.to(dtype)
+        return LoadedTeacher(freeze(model), spec, f"none (random init, seed {seed})")
+    from zebra.compose.teacher import load_teacher
+
+    t = load_teacher(spec, dtype=dtype)
+    quant = EMBEDDED_QUANTISATION.get(spec) or ("GGUF (quantised), dequantised to float"
+                                                if str(spec).endswith(".gguf") else "none")
+    return LoadedTeacher(freeze(t.model), spec, quant, t.path, t.tokenizer)
+
+
+def load_model_tokenizer(spec: str):
+    """The tokenizer named by `model.tokenizer` / a teacher spec: an embedded name, a directory or a hub id."""
+    from zebra.data.tokenizers import load_default_tokenizer, load_tokenizer
+
+    spec = str(spec)
+    if spec in ("smollm2_135m", "default"):
+        return load_default_tokenizer()
+    if spec.startswith("random:"):
+        raise StageError(f"{spec!r} names a random model, not a tokenizer; set model.tokenizer")
+    return load_tokenizer(spec)
+
+
+def tokenizer_differences(a, b) -> list[str]:
+    """What differs between two tokenizers in ways that change token ids or special tokens."""
+    diffs = []
+    va, vb = a.get_vocab(), b.get_vocab()
+    if len(va) != len(vb):
+        diffs.append(f"vocabulary size {len(va)} vs {len(vb)}")
+    elif va != vb:
+        n = sum(1 for k, v in va.items() if vb.get(k) != v)
+        diffs.append(f"{n} vocabulary entries map to different ids")
+    for attr in ("bos_token", "eos_token", "pad_token", "unk_token"):
+        x, y = getattr(a, attr, None), getattr(b, attr, None)
+        if x != y:
+            diffs.append(f"{attr} {x!r} vs {y!r}")
+    sa = sorted(map(str, getattr(a, "all_special_tokens", []) or []))
+    sb = sorted(map(str, getattr(b, "all_special_tokens", []) or []))
+    if sa != sb:
+        diffs.append(f"special tokens {sa[:8]} vs {sb[:8]}")
+    return diffs
+
+
+def check_tokenizers_match(student_tok, teacher_tok, student_name: str, teacher_name: str,
+                           student_vocab: int | None = None, teacher_vocab: int | None = None) -> None:
+    diffs = tokenizer_differences(student_tok, teacher_tok)
+    if student_vocab is not None and teacher_vocab is not None and student_vocab != teacher_vocab:
+        diffs.append(f"LM-head rows {student_vocab} vs {teacher_vocab}")
+    if diffs:
+        raise TokenizerMismatchError(
+            f"teacher {teacher_name!r} and student {student_name!r} tokenizers differ ({'; '.join(diffs)}): KD "
+            "compares distributions over the same token ids, so the teacher must share the student's tokenizer")
+
+
+# ------------------------------------------------------------------------------------------------ teacher forward
+def packed_attention_mask(config, position_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                          dtype: torch.dtype) -> torch.Tensor | None:
+    """The teacher's 4-D mask for a (possibly packed, possibly right-padded) batch.
+
+    transformers' `create_causal_mask` returns a 4-D mask as given, so the teacher sees exactly the students'
+    block-causal structure: queries attend keys of their own document only, never padding. SDPA takes a boolean
+    mask (True = attend); eager attention adds the mask, so it gets 0 / -inf-like floats. None when the batch
+    is one unpadded document per row (plain causal attention, the fastest path).
+    """
+    padded = attention_mask is not None and not bool(attention_mask.all())
+    if not padded and not is_packed(position_ids):
+        return None
+    mask = block_causal_mask(doc_ids_from_position_ids(position_ids), attention_mask if padded else None)
+    impl = getattr(config, "_attn_implementation", "sdpa") or "sdpa"
+    if impl == "eager":
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+    if impl not in ("sdpa",):
+        raise StageError(f"teacher attention implementation {impl!r} cannot take a packed (document-causal) mask; "
+                         "use sdpa or eager")
+    return mask
+
+
+@dataclasses.dataclass
+class TeacherOutputs:
+    last_hidden_state: torch.Tensor  # after the final norm [B, T, H]
+    hidden_states: tuple | None = None  # HF convention: L + 1 entries, [0] embeddings, [l] enters layer l, [-1] normed
+    mixer_outputs: list | None = None  # per layer: self_attn output (after o_proj, before the residual add)
+    last_unnormed: torch.Tensor | None = None  # last decoder layer's output before the final norm
+
+
+@torch.no_grad()
+def teacher_forward(teacher: nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                    attention_mask: torch.Tensor | None = None, *, hidden_states: bool = False,
+                    mixer_outputs: bool = False, last_unnormed: bool = False) -> TeacherOutputs:
+    """One frozen forward of a Llama teacher (LlamaForCausalLM) over a packed batch, with the students' masking:
+    per-document position ids and the block-causal mask (DESIGN §2). Returns final hidden states (no logits:
+    the KD loss builds them chunk by chunk) and, on request, every layer's input, every attention output
+    (forward hooks on `self_attn`, never `output_attentions`) and the last layer's un-normed output."""
+    inner = teacher.model
+    embeds = inner.embed_tokens(input_ids)
+    mask = packed_attention_mask(teacher.config, position_ids, attention_mask, embeds.dtype)
+    handles, mixers, last = [], [None] * len(inner.layers) if mixer_outputs else None, {}
+    try:
+        if mixer_outputs:
+            for i, layer in enumerate(inner.layers):
+                def grab(_m, _a, out, i=i):
+                    mixers[i] = out[0] if isinstance(out, tuple) else out
+                handles.append(layer.self_attn.register_forward_hook(grab))
+        if last_unnormed:
+            def grab_last(_m, _a, out):
+                last["h"] = out[0] if isinstance(out, tuple) else out
+            handles.append(inner.layers[-1].register_forward_hook(grab_last))
+        out = inner(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, use_cache=False,
+                    output_hidden_states=hidden_states)
+    finally:
+        for h in handles:
+            h.remove()
+    return TeacherOutputs(out.last_hidden_state, tuple(out.hidden_states) if hidden_states else None, mixers,
+                          last.get("h"))
+
+
+def lm_head_weight(model: nn.Module) -> torch.Tensor:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else model.lm_head
+    if getattr(head, "bias", None) is not None:
+        raise StageError("the chunked KD loss assumes an LM head without bias")
+    return head.weight
+
+
+def student_hidden(student: nn.Module, batch: dict) -> torch.Tensor:
+    """Final (normed) hidden states of a ZebraForCausalLM on a packed batch; no logits."""
+    return student.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                         attention_mask=batch.get("attention_mask"), use_cache=False).last_hidden_state
+
+
+# ------------------------------------------------------------------------------------------------ optimisation
+NO_DECAY_NAMES = ("A_log", "D", "dt_bias", "norm", "bias")
+
+
+def no_weight_decay(name: str, param: torch.Tensor) -> bool:
+    """Parameters excluded from weight decay: flagged `_no_weight_decay`, SSM A_log/D/dt_bias, norms, biases."""
+    if getattr(param, "_no_weight_decay", False):
+        return True
+    leaf = name.rsplit(".", 1)[-1]
+    if leaf in ("A_log", "D", "dt_bias", "bias"):
+        return True
+    return "norm" in name.lower() or param.ndim < 2
+
+
+def param_groups(named_params, weight_decay: float) -> list[dict]:
+    named = [(n, p) for n, p in named_params if p.requires_grad]
+    if not weight_decay:
+        return [{"params": [p for _, p in named], "weight_decay": 0.0}]
+    decay = [p for n, p in named if not no_weight_decay(n, p)]
+    skip = [p for n, p in named if no_weight_decay(n, p)]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": skip, "weight_decay": 0.0}]
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int | None = None,
+                  warmup_ratio: float = 0.0, min_lr_ratio: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up from 0 to the base LR, then cosine decay to `min_lr_ratio` x base at `total_steps`
+    (METHOD §4b: to 0). `warmup_steps` wins over `warmup_ratio` (a fraction of the total)."""
+    total = max(1, int(total_steps))
+    warm = int(warmup_steps) if warmup_steps is not None else int(math.ceil(warmup_ratio * total))
+    warm = min(warm, total)
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / (warm + 1)  # > 0 at step 0, so the first update is not wasted
+        progress = (step - warm) / max(1, total - warm)
+        progress = min(1.0, progress)
+        return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def keep_ssm_params_fp32(model: nn.Module) -> None:
+    """A_log, D and dt_bias stay fp32 whatever dtype the rest of the model is cast to (METHOD §4b)."""
+    for name, p in model.named_parameters():
+        if name.rsplit(".", 1)[-1] in ("A_log", "D", "dt_bias") and p.dtype != torch.float32:
+            p.data = p.data.float()
+
+
+# ------------------------------------------------------------------------------------------------ Lightning module
+class StageModule(pl.LightningModule):
+    """Base of the training stages: optimiser/scheduler from `_partial_` configs, a finite-loss guard, token
+    counting and the FLOPs/token estimate the throughput callback reads.
+
+    Frozen models (teachers, DPO reference) are kept out of the module's registered children (see `frozen`), so
+    they are never saved in checkpoints nor handed to DDP/ZeRO as parameters.
+    """
+
+    def __init__(self, optimizer: Callable | None = None, scheduler: Callable | None = None):
+        super().__init__()
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self._frozen: dict[str, nn.Module] = {}
+        self.tokens_seen = 0  # real (non-pad) tokens, summed over ranks' batches on this rank
+        self.last_step_tokens = 0
+        self.loss_history: list[float] = []
+
+    # frozen models live in a plain dict: not registered, not in state_dict, moved to the device by hand
+    def add_frozen(self, name: str, module: nn.Module) -> None:
+        self._frozen[name] = freeze(module)
+
+    def frozen(self, name: str) -> nn.Module:
+        return self._frozen[name]
+
+    def on_fit_start(self) -> None:
+        for m in self._frozen.values():
+            m.to(self.device)
+
+    def on_validation_start(self) -> None:
+        for m in self._frozen.values():
+            m.to(self.device)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for m in getattr(self, "_frozen", {}).values():
+            m.eval()
+        return self
+
+    def check_finite(self, loss: torch.Tensor, what: str = "loss") -> None:
+        if not torch.isfinite(loss.detach()).all():
+            raise NonFiniteLossError(
+                f"non-finite training {what} ({loss.detach().float().item()}) at step {self.global_step} of stage "
+                f"{type(self).__name__}; stopping without export (lower the learning rate, check the data, or use "
+                "fp32/bf16 instead of fp16)")
+
+    def count_tokens(self, batch: dict, key: str = "attention_mask", ids_key: str = "input_ids") -> int:
+        m = batch.get(key)
+        n = int(m.sum()) if m is not None else batch[ids_key].numel()
+        self.last_step_tokens = n
+        self.tokens_seen += n
+        return n
+
+    def trainable_named_parameters(self):
+        return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+
+    def configure_optimizers(self):
+        if self.optimizer_factory is None:
+            return None
+        wd = float(getattr(self.optimizer_factory, "keywords", {}).get("weight_decay", 0.0) or 0.0)
+        groups = param_groups(self.trainable_named_parameters(), wd)
+        if not any(g["params"] for g in groups):
+            raise StageError(f"{type(self).__name__}: nothing to train (every parameter is frozen)")
+        opt = self.optimizer_factory(groups)
+        if self.scheduler_factory is None:
+            return opt
+        total = self.trainer.estimated_stepping_batches if self.trainer.max_steps in (-1, None) else \
+            self.trainer.max_steps
+        sched = self.scheduler_factory(opt, total_steps=int(total))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
+
+    def flops_per_token(self) -> float:
+        """Training FLOPs per token (fwd + bwd), for MFU. Subclasses refine it."""
+        return 6.0 * count_params(self, trainable_only=True)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["zebra"] = {"tokens_seen": self.tokens_seen, "loss_history": list(self.loss_history)}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        extra = checkpoint.get("zebra", {})
+        self.tokens_seen = int(extra.get("tokens_seen", 0))
+        self.loss_history = list(extra.get("loss_history", []))
+
+
+def attention_flops_per_token(num_layers: int, num_heads: int, qk_dim: int, v_dim: int, seq_len: int) -> float:
+    """Forward FLOPs per token of causal softmax attention's score and value products (mean context T/2)."""
+    return 2.0 * num_layers * num_heads * (qk_dim + v_dim) * seq_len / 2.0
+
+
+def model_forward_flops_per_token(model: nn.Module, seq_len: int) -> float:
+    """2 x non-embedding parameters + the attention products (teacher: every layer; hybrid: its MLA layers)."""
+    cfg = model.config
+    emb = model.get_input_embeddings().weight.numel()
+    n = count_params(model) - emb
+    if getattr(cfg, "tie_word_embeddings", False):
+        n += emb  # the LM head matmul still happens
+    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    if getattr(cfg, "model_type", "") == "zebra":
+        n_attn = sum(1 for t in cfg.layer_types if t == "mla")
+        att = attention_flops_per_token(n_attn, cfg.num_attention_heads, cfg.qk_nope_head_dim + cfg.qk_rope_head_dim,
+                                        cfg.v_head_dim, seq_len)
+    else:
+        att = attention_flops_per_token(cfg.num_hidden_layers, cfg.num_attention_heads, hd, hd, seq_len)
+    return 2.0 * n + att
+
+
+# ------------------------------------------------------------------------------------------------ callbacks
+def default_peak_flops(device: torch.device | str | None = None) -> float:
+    """Dense bf16 peak of known GPUs; CPUs get a nominal 50 GFLOP/s per core (MFU there is only indicative)."""
+    if device is not None and torch.device(device).type == "cuda" and torch.cuda.is_available():
+        name = torch.cuda.get_device_name(torch.device(device)).lower()
+        for key, peak in (("h200", 989e12), ("h100", 989e12), ("a100", 312e12), ("l40", 181e12),
+                          ("a10", 125e12), ("4090", 165e12), ("v100", 125e12)):
+            if key in name:
+                return peak
+        return 100e12
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return 50e9 * min(cores, torch.get_num_threads())
+
+
+class ThroughputMonitor(pl.Callback):
+    """Logs tokens/s and MFU every step (FLOPs per token from the module's `flops_per_token()`)."""
+
+    def __init__(self, peak_flops: float | None = None, log_every_n_steps: int = 1):
+        self.peak_flops = peak_flops
+        self.every = max(1, int(log_every_n_steps))
+        self._t0 = None
+        self._fpt = None
+
+    def on_train_start(self, trainer, module):
+        self._fpt = float(module.flops_per_token()) if hasattr(module, "flops_per_token") else None
+        if self.peak_flops is None:
+            self.peak_flops = default_peak_flops(module.device)
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if self._t0 is None:
+            return
+        dt = time.perf_counter() - self._t0
+        tokens = getattr(module, "last_step_tokens", 0) * trainer.world_size
+        if tokens and dt > 0 and trainer.global_step % self.every == 0:
+            tps = tokens / dt
+            metrics = {"perf/tokens_per_s": tps}
+            if self._fpt:
+                metrics["perf/mfu"] = tps * self._fpt / (self.peak_flops * trainer.world_size)
+            module.log_dict(metrics, on_step=True, on_epoch=False, prog_bar=True, logger=True, batch_size=1)
+
+
+class CheckpointDiskSpace(pl.Callback):
+    """Warns at the start of training when the planned checkpoints would not fit the free disk."""
+
+    def __init__(self, dirpath: str, keep: int = 1, weights_only: bool = False):
+        self.dirpath, self.keep, self.weights_only = dirpath, max(1, keep), weights_only
+
+    def estimate_bytes(self, module: nn.Module) -> int:
+        size = sum(t.numel() * t.element_size() for t in module.state_dict().values() if torch.is_tensor(t))
+        if not self.weights_only:  # AdamW: two fp32 moments per trainable parameter
+            size += sum(2 * 4 * p.numel() for p in module.parameters() if p.requires_grad)
+        return int(size)
+
+    def on_train_start(self, trainer, module):
+        if trainer.global_rank != 0:
+            return
+        need = self.estimate_bytes(module) * (self.keep + 1)  # + last.ckpt
+        path = Path(self.dirpath)
+        probe = path
+        while not probe.exists() and probe.parent != probe:
+            probe = probe.parent
+        free = shutil.disk_usage(probe).free
+        if need > free:
+            msg = (f"checkpoints under {path} will need ~{need / 2**30:.1f} GiB ({self.keep} kept + last) but only "
+                   f"{free / 2**30:.1f} GiB are free; lower checkpoint.keep or use weights-only checkpoints")
+            warnings.warn(msg)
+            log.warning(msg)
+
+
+class StopAtStep(pl.Callback):
+    """Simulates a crash at a given global step (raises before that step runs), for resume tests and drills."""
+
+    def __init__(self, step: int):
+        self.step = int(step)
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if trainer.global_step >= self.step:
+            raise KilledForTest(f"simulated kill at step {trainer.global_step}")
+
+
+class KilledForTest(RuntimeError):
+    pass
+
+
+# ------------------------------------------------------------------------------------------------ trainer
+def build_loggers(cfg: DictConfig, stage: str, stage_dir: Path) -> list:
+    loggers = []
+    for key, lcfg in (cfg.get("logger") or {}).items():
+        if lcfg is None or "_target_" not in lcfg:
+            continue
+        target = lcfg._target_
+        kwargs = {}
+        if target.endswith("WandbLogger"):
+            kwargs["name"] = lcfg.get("name") or f"{cfg.model.name}-{stage}"
+            kwargs["group"] = lcfg.get("group") or f"{cfg.model.name}"
+            kwargs["save_dir"] = lcfg.get("save_dir") or str(stage_dir)
+        elif target.endswith("CSVLogger"):
+            kwargs["save_dir"] = lcfg.get("save_dir") or str(stage_dir)
+            kwargs["name"] = lcfg.get("name") or "csv"
+        elif target.endswith("TensorBoardLogger"):
+            kwargs["save_dir"] = lcfg.get("save_dir") or str(stage_dir)
+        loggers.append(instantiate(lcfg, **kwargs))
+    return loggers
+
+
+def build_strategy(scfg):
+    if scfg is None:
+        return "auto"
+    if "_target_" in scfg:
+        return instantiate(scfg)
+    return scfg.get("name", "auto")
+
+
+def build_trainer(cfg: DictConfig, stage: str, stage_dir: Path, max_steps: int, stage_cfg: DictConfig,
+                  extra_callbacks: list | None = None, **overrides) -> pl.Trainer:
+    """The Lightning Trainer of one stage: `cfg.trainer` (instantiated), the stage's step budget, checkpoints under
+    `<stage_dir>/checkpoints` (retention + last), throughput/MFU and disk-space callbacks, the loggers."""
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+
+    ckpt_cfg = cfg.get("checkpoint") or {}
+    ckpt_dir = stage_dir / "checkpoints"
+    every = int(stage_cfg.get("checkpoint_every_n_steps") or ckpt_cfg.get("every_n_steps") or 0)
+    keep = int(ckpt_cfg.get("keep", 2))
+    weights_only = bool(ckpt_cfg.get("weights_only", False))
+    callbacks = []
+    if every > 0:
+        callbacks.append(ModelCheckpoint(dirpath=str(ckpt_dir), filename="step{step:06d}", auto_insert_metric_name=False,
+                                         every_n_train_steps=every, save_last=True, save_top_k=keep,
+                                         monitor="train/global_step", mode="max", save_weights_only=weights_only))
+        callbacks.append(CheckpointDiskSpace(str(ckpt_dir), keep=keep, weights_only=weights_only))
+    perf = cfg.get("perf") or {}
+    callbacks.append(ThroughputMonitor(peak_flops=perf.get("peak_flops"),
+                                       log_every_n_steps=int(cfg.trainer.get("log_every_n_steps", 1) or 1)))
+    for cb in (cfg.get("callbacks") or {}).values():
+        if cb is not None and "_target_" in cb:
+            callbacks.append(instantiate(cb))
+    callbacks.extend(extra_callbacks or [])
+    loggers = build_loggers(cfg, stage, stage_dir)
+    if loggers:
+        callbacks.append(LearningRateMonitor(logging_interval="step"))
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    return instantiate(cfg.trainer, max_steps=int(max_steps), callbacks=callbacks, logger=loggers or False,
+                       strategy=build_strategy(cfg.get("strategy")), default_root_dir=str(stage_dir),
+                       enable_checkpointing=every > 0, **overrides)
+
+
+def resolve_ckpt_path(cfg: DictConfig, stage_dir: Path) -> str | None:
+    """`ckpt_path=last` resumes from `<stage_dir>/checkpoints/last.ckpt` when it exists (a fresh start otherwise,
+    so a requeued job that never reached a checkpoint just starts); any other value is a path."""
+    ckpt = cfg.get("ckpt_path")
+    if ckpt in (None, "", "none", "null"):
+        return None
+    if ckpt == "last":
+        last = stage_dir / "checkpoints" / "last.ckpt"
+        if last.is_file():
+            return str(last)
+        log.info("ckpt_path=last but %s does not exist: starting fresh", last)
+        return None
+    if not Path(ckpt).is_file():
+        raise StageError(f"ckpt_path {ckpt!r} does not exist")
+    return str(ckpt)
+
+
+def fit(trainer: pl.Trainer, module: pl.LightningModule, datamodule, ckpt_path: str | None) -> None:
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    if trainer.interrupted:
+        raise StageError("training was interrupted; no export written (resume with ckpt_path=last)")
+
+
+# ------------------------------------------------------------------------------------------------ run helpers
+def teacher_dtype(cfg: DictConfig) -> torch.dtype:
+    name = cfg.get("teacher_dtype", "auto")
+    if name in (None, "auto"):
+        acc = str(cfg.trainer.get("accelerator", "cpu"))
+        return torch.bfloat16 if acc in ("gpu", "cuda") or (acc == "auto" and torch.cuda.is_available()) \
+            else torch.float32
+    return common.torch_dtype(name)
+
+
+def build_token_data(cfg: DictConfig, tokenizer, split: str, seq_len: int, batch_size: int,
+                     max_tokens: int | None = None, assistant_only: bool = False):
+    """The token-mixture DataModule of `cfg.data.sft` for one stage's split and shapes."""
+    if cfg.data.get("sft") is None:
+        raise StageError(f"data config {cfg.data.get('name')!r} has no `sft` (token mixture) section")
+    return instantiate(cfg.data.sft, tokenizer=tokenizer, split=split, seq_len=int(seq_len),
+                       batch_size=int(batch_size), max_tokens=max_tokens, assistant_only=bool(assistant_only))
+
+
+def plan_steps(stage_cfg: DictConfig, world_size: int, unit_tokens: int) -> int:
+    """Optimiser steps from `max_steps`, else from the token budget (ceil; at least one)."""
+    if stage_cfg.get("max_steps"):
+        return int(stage_cfg.max_steps)
+    per_step = unit_tokens * int(stage_cfg.get("accumulate_grad_batches", 1) or 1) * world_size
+    return max(1, math.ceil(int(stage_cfg.tokens) / per_step))
+
+
+
+# ------------------------------------------------------------------------------------------------ exports
+def _replace_dir(tmp: Path, dst: Path) -> None:
+    """Move a finished temporary directory to `dst`, replacing what was there, never leaving a partial `dst`."""
+    old = None
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}-{int(time.time() * 1e6)}")
+        os.rename(dst, old)
+    os.rename(tmp, dst)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def atomic_dir(dst: Path | str, write: Callable[[Path], None]) -> Path:
+    """Run `write(tmp)` into a temporary sibling of `dst`, then rename it into place."""
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{dst.name}-", dir=dst.parent))
+    try:
+        write(tmp)
+        _replace_dir(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dst
+
+
+def write_json_atomic(path: Path | str, obj: Any) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2, default=str)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def read_json(path: Path | str) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def model_card(*, title: str, stage: str, model, base: str, teacher: str, teacher_quantisation: str, data: str,
+               tokens: int, extra: dict | None = None) -> str:
+    cfg = model.config
+    layers = list(getattr(cfg, "layer_types", []))
+    mla = [i for i, t in enumerate(layers) if t == "mla"]
+    lines = [
+        "---", "library_name: transformers", "tags: [zebra, hybrid, mla, mamba2, distillation]", "---", "",
+        f"# {title}", "",
+        f"Produced by the `{stage}` stage of zebra (MLA + Mamba2 hybrid distilled from a Llama base; "
+        "Zebra-Llama, arXiv 2505.17272).", "",
+        "| | |", "|---|---|",
+        f"| layers | {len(layers)} ({len(mla)} MLA, {len(layers) - len(mla)} Mamba2) |",
+        f"| MLA layers | {mla} |",
+        f"| layer types | {' '.join('A' if t == 'mla' else 'M' for t in layers)} |",
+        f"| KV cache vs base | {100 * kv_fraction(cfg):.3f}% |",
+        f"| parameters | {count_params(model):,} |",
+        f"| base | {base} |",
+        f"| teacher | {teacher} |",
+        f"| teacher weights quantised | {teacher_quantisation} |",
+        f"| data | {data} |",
+        f"| tokens trained in this stage | {tokens:,} |",
+    ]
+    for k, v in (extra or {}).items():
+        lines.append(f"| {k} | {v} |")
+    if teacher_quantisation not in ("none",) and not teacher_quantisation.startswith("none"):
+        lines += ["", f"Every number for this model was measured against a quantised teacher ({teacher_quantisation})."]
+    lines += ["", "Load with `import zebra; AutoModelForCausalLM.from_pretrained(path)`.", ""]
+    return "\n".join(lines)
+
+
+def export_model(model, tokenizer, dst: Path | str, card: str) -> Path:
+    """Hugging Face export (safetensors + config + tokenizer + README.md), written atomically."""
+    def write(tmp: Path):
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        (tmp / "README.md").write_text(card)
+    return atomic_dir(dst, write)
+
+
+def dataset_description(data_cfg: DictConfig | dict | None, key: str) -> str:
+    if data_cfg is None:
+        return "?"
+    node = data_cfg.get(key) if hasattr(data_cfg, "get") else None
+    if node is None:
+        return str(data_cfg.get("name", "?"))
+    srcs = node.get("sources") or []
+    names = []
+    for s in srcs:
+        names.append(str(s.get("path") or s.get("name") or s))
+    return f"{data_cfg.get('name', '?')}: " + ", ".join(names) if names else str(data_cfg.get("name", "?"))
+
+
+def stage_summary(trainer: pl.Trainer | None, module: StageModule | None, wall: float) -> dict:
+    hist = list(getattr(module, "loss_history", []) or [])
+    return {
+        "steps": int(trainer.global_step) if trainer is not None else 0,
+        "tokens_seen": int(getattr(module, "tokens_seen", 0)),
+        "wall_seconds": round(wall, 2),
+        "loss_first": hist[0] if hist else None,
+        "loss_last": hist[-1] if hist else None,
+        "loss_history": hist,
+    }

@@ -1,0 +1,203 @@
+"""Stage `ilkd`: intermediate layer distillation of the all-MLA and all-Mamba2 students (METHOD §4).
+
+One frozen teacher forward per step (the same-size base, with the students' block-causal mask and per-document
+positions) gives every layer's input and output and, through forward hooks on `self_attn`, every attention
+output. Each student layer l is run teacher-forced on the teacher's input of layer l; its loss is the mean over
+real tokens of the un-squared L2 distance to the teacher's output of layer l, plus (`mixer_loss`) the same term
+on the mixer output (after o_proj / out_proj, before the residual add), summed over layers and students.
+Embeddings and LM head are frozen; the final norm trains only under `last_layer_target: normed`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from zebra.model.packing import doc_ids_from_position_ids, is_packed
+from zebra.stages import common
+from zebra.stages.common import StageError, StageModule
+
+log = logging.getLogger("zebra.stages.ilkd")
+
+KINDS = ("mla", "mamba")
+
+
+def masked_l2(a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Mean over weighted tokens of ||a - b||_2 over the hidden dim (un-squared), in fp32."""
+    dist = (a.float() - b.float()).norm(dim=-1)
+    return (dist * weight).sum() / weight.sum().clamp_min(1.0)
+
+
+class ILDModule(StageModule):
+    def __init__(self, students: dict[str, nn.Module], teacher: nn.Module, mixer_loss: bool = True,
+                 mixer_loss_weight: float = 1.0, last_layer_target: str = "normed",
+                 gradient_checkpointing: bool = False, seq_len: int = 0, optimizer=None, scheduler=None):
+        super().__init__(optimizer, scheduler)
+        if last_layer_target not in ("normed", "unnormed"):
+            raise ValueError(f"ild last_layer_target must be 'normed' or 'unnormed', got {last_layer_target!r}")
+        if not students:
+            raise ValueError("ilkd needs at least one student")
+        self.students = nn.ModuleDict(students)
+        self.add_frozen("teacher", teacher)
+        self.mixer_loss, self.mixer_loss_weight = bool(mixer_loss), float(mixer_loss_weight)
+        self.last_layer_target = last_layer_target
+        self.gradient_checkpointing = gradient_checkpointing
+        self.seq_len = seq_len
+        for s in self.students.values():
+            self.freeze_for_ild(s, last_layer_target)
+
+    @staticmethod
+    def freeze_for_ild(student: nn.Module, last_layer_target: str) -> None:
+        """Embeddings and LM head never train in ILD; the final norm only under the normed last-layer target."""
+        student.model.embed_tokens.weight.requires_grad_(False)
+        student.lm_head.weight.requires_grad_(False)
+        student.model.norm.weight.requires_grad_(last_layer_target == "normed")
+        for layer in student.model.layers:
+            for p in layer.parameters():
+                p.requires_grad_(True)
+
+    def flops_per_token(self) -> float:
+        teacher = self.frozen("teacher")
+        n = 0.0
+        for s in self.students.values():  # layers only (no embeddings / LM head): fwd + bwd
+            n += 6.0 * sum(p.numel() for p in s.model.layers.parameters())
+            cfg = s.config
+            n_attn = sum(1 for t in cfg.layer_types if t == "mla")
+            n += 3 * common.attention_flops_per_token(n_attn, cfg.num_attention_heads,
+                                                      cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.v_head_dim,
+                                                      self.seq_len)
+        return n + common.model_forward_flops_per_token(teacher, self.seq_len)
+
+    def ild_losses(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Per student: the summed layer (+ mixer) losses; plus per-layer values for logging."""
+        ids, pos = batch["input_ids"], batch["position_ids"]
+        attn = batch.get("attention_mask")
+        weight = attn.float() if attn is not None else torch.ones_like(ids, dtype=torch.float32)
+        pad_mask = attn if attn is not None and not bool(attn.all()) else None
+        doc_ids = doc_ids_from_position_ids(pos) if pos.shape[1] > 1 and is_packed(pos) else None
+        t = common.teacher_forward(self.frozen("teacher"), ids, pos, attn, hidden_states=True,
+                                   mixer_outputs=self.mixer_loss,
+                                   last_unnormed=self.last_layer_target == "unnormed")
+        hs = t.hidden_states
+        num_layers = len(hs) - 1
+        out = {}
+        for kind, student in self.students.items():
+            layers = student.model.layers
+            if len(layers) != num_layers:
+                raise StageError(f"{kind} student has {len(layers)} layers, the teacher {num_layers}")
+            captured: dict[int, torch.Tensor] = {}
+            handles = []
+            if self.mixer_loss:
+                for i, layer in enumerate(layers):
+                    def grab(_m, _a, o, i=i):
+                        captured[i] = o
+                    handles.append(layer.mixer.register_forward_hook(grab))
+            total = torch.zeros((), device=ids.device)
+            try:
+                for i, layer in enumerate(layers):
+                    x = hs[i].to(next(layer.parameters()).dtype) if not torch.is_autocast_enabled() else hs[i]
+                    if self.gradient_checkpointing and self.training:
+                        y = torch.utils.checkpoint.checkpoint(layer, x, pos, doc_ids, pad_mask, use_reentrant=False)
+                    else:
+                        y = layer(x, position_ids=pos, doc_ids=doc_ids, attention_mask=pad_mask)
+                    if i == num_layers - 1:
+                        if self.last_layer_target == "normed":
+                            y, target = student.model.norm(y), hs[-1]
+                        else:
+                            target = t.last_unnormed
+                    else:
+                        target = hs[i + 1]
+                    layer_loss = masked_l2(y, target, weight)
+                    if self.mixer_loss:
+                        layer_loss = layer_loss + self.mixer_loss_weight * masked_l2(captured.pop(i),
+                                                                                     t.mixer_outputs[i], weight)
+                    total = total + layer_loss
+            finally:
+                for h in handles:
+                    h.remove()
+            out[kind] = total
+        return out
+
+    def training_step(self, batch, batch_idx):
+        self.count_tokens(batch)
+        losses = self.ild_losses(batch)
+        loss = sum(losses.values())
+        self.check_finite(loss)
+        self.loss_history.append(float(loss.detach()))
+        logs = {f"train/{k}_loss": v.detach() for k, v in losses.items()}
+        logs["train/loss"] = loss.detach()
+        logs["train/global_step"] = float(self.global_step)
+        self.log_dict(logs, on_step=True, on_epoch=False, prog_bar=False, batch_size=batch["input_ids"].shape[0])
+        self.log("loss", loss.detach(), prog_bar=True, logger=False, on_step=True, on_epoch=False, batch_size=1)
+        return loss
+
+
+# ------------------------------------------------------------------------------------------------ runner
+def run(cfg: DictConfig) -> dict:
+    sc = cfg.ilkd
+    start = time.perf_counter()
+    out_dir = Path(cfg.paths.ilkd_dir)
+    kinds = KINDS if sc.students == "both" else (sc.students,)
+    if any(k not in KINDS for k in kinds):
+        raise StageError(f"ilkd.students must be both, mla or mamba, got {sc.students!r}")
+
+    tokenizer = common.load_model_tokenizer(cfg.model.tokenizer)
+    teacher = common.load_teacher_model(cfg.model.teacher, cfg.model.base, dtype=common.teacher_dtype(cfg))
+    if len(tokenizer) > teacher.model.config.vocab_size:
+        raise common.TokenizerMismatchError(
+            f"tokenizer {cfg.model.tokenizer!r} has {len(tokenizer)} tokens but the base {cfg.model.teacher!r} has a "
+            f"{teacher.model.config.vocab_size}-row vocabulary")
+
+    from zebra.compose.students import build_student
+
+    mla_kwargs = OmegaConf.to_container(cfg.model.mla, resolve=True)
+    students, init_reports = {}, {}
+    for kind in kinds:
+        student, rep = build_student(teacher.model, mla_kwargs, kind=kind)
+        student.train()
+        students[kind] = student
+        init_reports[kind] = rep.get("mean") or {}
+
+    module = ILDModule(students, teacher.model, mixer_loss=sc.mixer_loss, mixer_loss_weight=sc.mixer_loss_weight,
+                       last_layer_target=sc.last_layer_target, gradient_checkpointing=sc.gradient_checkpointing,
+                       seq_len=int(sc.seq_len), optimizer=instantiate(sc.optimizer),
+                       scheduler=instantiate(sc.scheduler))
+    trainer = common.build_trainer(cfg, "ilkd", out_dir, max_steps=1, stage_cfg=sc,
+                                   accumulate_grad_batches=sc.get("accumulate_grad_batches", 1))
+    steps = common.plan_steps(sc, trainer.world_size, int(sc.seq_len) * int(sc.batch_size))
+    trainer.fit_loop.epoch_loop.max_steps = steps
+    datamodule = common.build_token_data(cfg, tokenizer, sc.split, sc.seq_len, sc.batch_size,
+                                  max_tokens=steps * int(sc.get("accumulate_grad_batches", 1) or 1)
+                                  * trainer.world_size * int(sc.batch_size) * int(sc.seq_len))
+    common.fit(trainer, module, datamodule, common.resolve_ckpt_path(cfg, out_dir))
+    wall = time.perf_counter() - start
+
+    summary = common.stage_summary(trainer, module, wall)
+    report = {"stage": "ilkd", "config_hash": common.stage_hash("ilkd", cfg), "model": cfg.model.name,
+              "teacher": cfg.model.teacher, "teacher_quantisation": teacher.quantisation,
+              "last_layer_target": sc.last_layer_target, "mixer_loss": bool(sc.mixer_loss),
+              "students": {}, **summary}
+    if trainer.global_rank == 0:
+        data_desc = common.dataset_description(cfg.data, "sft") + f" (split {sc.split})"
+        for kind, student in students.items():
+            student.eval()
+            card = common.model_card(
+                title=f"zebra {cfg.model.name} all-{kind.upper()} student after ILD", stage="ilkd", model=student,
+                base=str(cfg.model.teacher), teacher=str(cfg.model.teacher),
+                teacher_quantisation=teacher.quantisation, data=data_desc, tokens=module.tokens_seen,
+                extra={"last-layer target": sc.last_layer_target, "mixer loss": bool(sc.mixer_loss)})
+            common.export_model(student, tokenizer, out_dir / kind / "model", card)
+            report["students"][kind] = {"params": common.count_params(student),
+                                        "kv_fraction": common.kv_fraction(student.config),
+                                        "init_errors": init_reports[kind],
+                                        "export": str(out_dir / kind / "model")}
+        common.write_json_atomic(out_dir / "report.json", report)
+        log.info("ilkd done: %s", out_dir)
+    return report

@@ -1,0 +1,47 @@
+"""`cfg.stage.name` -> runner. Each runner takes the whole composed config and returns its report (a dict)."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+
+from omegaconf import DictConfig
+
+RUNNERS = {
+    "ilkd": "zebra.stages.ilkd:run",
+    "smart": "zebra.stages.smart:run",
+    "kd": "zebra.stages.kd:run",
+    "dpo": "zebra.stages.dpo:run",
+    "pipeline": "zebra.stages.pipeline:run",
+    "describe": "zebra.describe:describe",
+}
+
+log = logging.getLogger("zebra")
+
+
+def runner(name: str):
+    if name not in RUNNERS:
+        raise ValueError(f"unknown stage {name!r}; choose one of {sorted(RUNNERS)}")
+    module, fn = RUNNERS[name].split(":")
+    return getattr(importlib.import_module(module), fn)
+
+
+def run(cfg: DictConfig) -> dict:
+    # Quiet, offline-safe defaults before torch/lightning/wandb import.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("WANDB_SILENT", "true")
+    name = cfg.stage.name
+    fn = runner(name)
+    if name == "describe":
+        out = fn(cfg)
+        print(json.dumps(out, default=str))
+        return out
+    import lightning.pytorch as pl
+
+    from zebra.stages.common import set_threads
+
+    set_threads(cfg.get("num_threads"))
+    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    return fn(cfg)
