@@ -1,0 +1,66 @@
+"""Exports load with plain transformers, in a fresh process that never imported zebra."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from zebra.export import atomic_dir, save_hf_model
+from zebra.model import ZebraConfig, ZebraForCausalLM
+
+
+def tiny_hybrid():
+    torch.manual_seed(0)
+    cfg = ZebraConfig(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, q_lora_rank=32, kv_lora_rank=24,
+                      qk_rope_head_dim=8, layer_types=["mla", "mamba", "mla"], mamba_chunk_size=16)
+    return ZebraForCausalLM(cfg).eval()
+
+
+def test_export_loads_in_fresh_process_with_trust_remote_code(tmp_path):
+    model = tiny_hybrid()
+    out = save_hf_model(model, tmp_path / "model", model_card="# tiny\n")
+    ids = torch.randint(0, 101, (2, 11))
+    torch.save({"ids": ids, "logits": model(ids).logits}, tmp_path / "ref.pt")
+    code = f"""
+import sys, torch
+from transformers import AutoModelForCausalLM
+m = AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True).eval()
+assert not any(k == "zebra" or k.startswith("zebra.") for k in sys.modules), "zebra was imported"
+ref = torch.load({str(tmp_path / 'ref.pt')!r})
+with torch.no_grad():
+    got = m(ref["ids"]).logits
+assert torch.equal(got, ref["logits"]), (got - ref["logits"]).abs().max()
+gen = m.generate(ref["ids"][:, :4], max_new_tokens=3, do_sample=False, pad_token_id=0)
+assert gen.shape == (2, 7)
+print("OK", type(m).__module__)
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                         env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "OK transformers_modules" in res.stdout
+
+
+def test_export_loads_without_remote_code_once_zebra_imported(tmp_path):
+    import zebra  # noqa: F401
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_hybrid()
+    save_hf_model(model, tmp_path / "m")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    assert type(loaded) is ZebraForCausalLM
+    ids = torch.randint(0, 101, (1, 7))
+    assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+def test_atomic_dir_keeps_old_export_on_failure(tmp_path):
+    target = tmp_path / "model"
+    target.mkdir()
+    (target / "keep.txt").write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_dir(target) as tmp:
+            (tmp / "half.bin").write_text("partial")
+            raise RuntimeError("crash mid-export")
+    assert (target / "keep.txt").read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]
