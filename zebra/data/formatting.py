@@ -26,7 +26,8 @@ ROLES = ("system", "user", "assistant")
 REFERENCE_TEMPLATE = (
     "{{ bos_token }}"
     "{% for message in messages %}"
-    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + (message['content'] | trim) + '<|eot_id|>' }}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' }}"
+    "{{ (message['content'] | trim) + '<|eot_id|>' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
 )
@@ -192,6 +193,45 @@ def format_conversation(
 ) -> Formatted:
     """Token ids and assistant mask of one conversation."""
     return format_conversations(tokenizer, [messages], chat_template, add_generation_prompt)[0]
+
+
+def format_completions(
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[list[dict]],
+    replies: list[list[dict]],
+    chat_template: str = "tokenizer",
+) -> list[tuple[Formatted, Formatted]]:
+    """(prompt, reply) pairs tokenised separately, as TRL does for preference data.
+
+    The prompt is rendered with the generation prompt, exactly as at inference; the reply is the rest of
+    the rendered conversation. Tokenising the two texts apart keeps the prompt's tokens identical to the
+    inference-time prompt even where BPE would merge across the boundary (SmolLM2 encodes a final
+    "\n\n" as one token but "\n\nHello" as "\n", "\n", "Hello").
+    """
+    check_chat_template(chat_template, tokenizer)
+    heads = format_conversations(tokenizer, prompts, chat_template, add_generation_prompt=True)
+    special = _special_ids(tokenizer)
+    texts, spans = [], []
+    for p, r in zip(prompts, replies):
+        head = render(tokenizer, p, chat_template, add_generation_prompt=True)
+        full = render(tokenizer, p + r, chat_template)
+        if not full.startswith(head):
+            raise ValueError(
+                "the chat template renders a prompt differently with and without its reply, so the reply "
+                "cannot be separated from it; use another chat_template or tokenizer"
+            )
+        n = len(head)
+        texts.append(full[n:])
+        spans.append([(a - n, b - n) for a, b in _assistant_spans(full, p + r) if a >= n])
+    if tokenizer.is_fast:
+        enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+        tails = [
+            Formatted(ids, _mask_from_offsets(offs, sp, ids, special))
+            for ids, offs, sp in zip(enc["input_ids"], enc["offset_mapping"], spans)
+        ]
+    else:
+        tails = [_tokenize_segments(tokenizer, t, sp, special) for t, sp in zip(texts, spans)]
+    return list(zip(heads, tails))
 
 
 def format_texts(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[Formatted]:

@@ -47,7 +47,7 @@ def mix_documents(
     totals = [int(lengths[i][d].sum()) for i, d in enumerate(docs)]
     grand = sum(totals)
     w = np.asarray(weights, dtype=np.float64)
-    targets = w / w.sum() * grand
+    targets = np.rint(w / w.sum() * grand)  # whole tokens: float error must not add a stray document
     srcs, ids = [], []
     for i, (d, total) in enumerate(zip(docs, totals)):
         if total == 0:

@@ -4,7 +4,8 @@ Accepted record shapes (field names configurable):
 - prompt: a string (one user turn) or a list of messages;
 - chosen / rejected: a string (the assistant reply) or a list of messages; when the list repeats the
   prompt's messages first (UltraFeedback-binarised style), those are dropped; a missing prompt field
-  means the prompt is the common prefix of the two lists (Anthropic HH style).
+  means the prompt is the common prefix of the two lists (Anthropic HH style);
+- system (optional, `system_field`): a system prompt put before the prompt (Orca DPO pairs style).
 
 Each side is tokenised as prompt (with the generation prompt) + reply; the reply runs through the
 closing end-of-turn token. Tokenised pieces are cached untruncated, so changing the limits is free.
@@ -31,7 +32,7 @@ from datasets import Features, List, Value
 from torch.utils.data import DataLoader
 
 from .cache import DocStore, build_cached, is_cached, stable_hash
-from .formatting import check_chat_template, format_conversations
+from .formatting import check_chat_template, format_completions
 from .sampling import GlobalOrderSampler, ResumableDataLoader
 from .sft import world_info
 from .sources import Source, as_spec_list, normalise_messages
@@ -46,8 +47,10 @@ DEFAULT_SOURCE = {"path": "shipped:preferences"}
 
 def split_record(prompt, chosen, rejected, where: str = "preference data"):
     """(prompt messages, chosen reply messages, rejected reply messages) of one record."""
-    c = [{"role": "assistant", "content": chosen}] if isinstance(chosen, str) else normalise_messages(chosen, where)
-    r = [{"role": "assistant", "content": rejected}] if isinstance(rejected, str) else normalise_messages(rejected, where)
+    def reply(v):
+        return [{"role": "assistant", "content": v}] if isinstance(v, str) else normalise_messages(v, where)
+
+    c, r = reply(chosen), reply(rejected)
     if prompt is None:  # the prompt is what the two conversations share
         k = 0
         while k < min(len(c), len(r)) - 1 and c[k] == r[k]:
@@ -61,7 +64,7 @@ def split_record(prompt, chosen, rejected, where: str = "preference data"):
             r = r[len(p) :]
     if not p or not c or not r or c[0]["role"] != "assistant" or r[0]["role"] != "assistant":
         raise ValueError(f"{where}: a record needs a prompt and assistant replies (got prompt {p!r:.120})")
-    # leading whitespace could merge with the generation prompt's last token and break prompt/reply separation
+    # whitespace around a reply is formatting noise, and the reference template strips it anyway
     strip = lambda msgs: [{**m, "content": m["content"].strip()} for m in msgs]  # noqa: E731
     return p, strip(c), strip(r)
 
@@ -70,23 +73,23 @@ def _tokenize_pairs(batch: dict, source: Source, tokenizer, chat_template: str) 
     f = source.fields
     n = len(batch[f["chosen"]])
     prompts = batch[f["prompt"]] if f["prompt"] in batch else [None] * n
-    recs = [split_record(p, c, r, source.description) for p, c, r in zip(prompts, batch[f["chosen"]], batch[f["rejected"]])]
-    heads = format_conversations(tokenizer, [p for p, _, _ in recs], chat_template, add_generation_prompt=True)
+    triples = zip(prompts, batch[f["chosen"]], batch[f["rejected"]])
+    recs = [split_record(p, c, r, source.description) for p, c, r in triples]
+    if "system" in f:  # a non-empty system column becomes the prompt's first message
+        recs = [
+            ([{"role": "system", "content": str(s)}] + p if s and p[0]["role"] != "system" else p, c, r)
+            for s, (p, c, r) in zip(batch[f["system"]], recs)
+        ]
     out = {c: [] for c in PAIR_COLUMNS}
     for side, idx in (("chosen", 1), ("rejected", 2)):
-        full = format_conversations(tokenizer, [rec[0] + rec[idx] for rec in recs], chat_template)
-        for head, fm in zip(heads, full):
-            k = len(head.input_ids)
-            if fm.input_ids[:k] != head.input_ids:
-                raise ValueError(
-                    "the chat template renders a prompt differently with and without its reply, so the reply "
-                    "tokens cannot be separated; use chat_template='reference' or another tokenizer"
-                )
-            mask = fm.assistant_mask[k:]
+        pairs = format_completions(tokenizer, [rec[0] for rec in recs], [rec[idx] for rec in recs], chat_template)
+        for head, tail in pairs:
+            mask = tail.assistant_mask
             last = max((i for i, m in enumerate(mask) if m), default=len(mask) - 1)
-            out[f"{side}_ids"].append(fm.input_ids[k : k + last + 1])  # drop template text after end-of-turn
+            out[f"{side}_ids"].append(tail.input_ids[: last + 1])  # drop template text after the end-of-turn
             out[f"{side}_mask"].append(mask[: last + 1])
-    out["prompt_ids"] = [h.input_ids for h in heads]
+            if side == "chosen":
+                out["prompt_ids"].append(head.input_ids)
     return out
 
 
@@ -113,7 +116,10 @@ class PreferenceRecords(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         j = int(self.indices[i])
         col = lambda name: self.store.column(name, j).tolist()  # noqa: E731
-        p, c, r = truncate_pair(col("prompt_ids"), col("chosen_ids"), col("rejected_ids"), self.max_length, self.max_prompt_length, self.bos_id)
+        p, c, r = truncate_pair(
+            col("prompt_ids"), col("chosen_ids"), col("rejected_ids"),
+            self.max_length, self.max_prompt_length, self.bos_id,
+        )  # fmt: skip
         cm, rm = col("chosen_mask")[: len(c)], col("rejected_mask")[: len(r)]
         return {"prompt": p, "chosen": c, "chosen_mask": cm, "rejected": r, "rejected_mask": rm}
 
@@ -173,11 +179,17 @@ class PreferenceDataModule(pl.LightningDataModule):
         if not self.sources:
             raise ValueError("no preference data source given")
         self._tokenizer_arg, self._tokenizer = tokenizer, None
+        self._tok_fp: str | None = None
         self.chat_template, self.max_length, self.max_prompt_length = chat_template, max_length, max_prompt_length
         self.batch_size, self.heldout_fraction, self.seed = batch_size, heldout_fraction, seed
         self.num_workers, self.num_proc = num_workers, num_proc
         self.cache_dir = Path(cache_dir) if cache_dir is not None else zebra_cache_dir("data")
         self._records: dict[str, PreferenceRecords] | None = None
+
+    def _tokenizer_fp(self) -> str:
+        if self._tok_fp is None:  # hashing a vocabulary takes ~50 ms; once per DataModule is enough
+            self._tok_fp = tokenizer_fingerprint(self.tokenizer)
+        return self._tok_fp
 
     @property
     def tokenizer(self):
@@ -187,8 +199,9 @@ class PreferenceDataModule(pl.LightningDataModule):
         return self._tokenizer
 
     def _cache_paths(self) -> list[Path]:
-        tok = tokenizer_fingerprint(self.tokenizer)
-        return [self.cache_dir / "preference" / stable_hash([s.identity(), tok, self.chat_template]) for s in self.sources]
+        tok = self._tokenizer_fp()
+        keys = [stable_hash([s.identity(), tok, self.chat_template]) for s in self.sources]
+        return [self.cache_dir / "preference" / k for k in keys]
 
     def prepare_data(self) -> None:
         for source, path in zip(self.sources, self._cache_paths()):
@@ -205,14 +218,19 @@ class PreferenceDataModule(pl.LightningDataModule):
         )  # fmt: skip
 
     def setup(self, stage: str | None = None) -> None:
-        if self._records is not None:
-            return
+        if self._records is None:
+            self._load()
+        if stage == "fit":  # fail before training starts when there is not one batch of data
+            self.num_batches(world_info(self.trainer)[1])
+
+    def _load(self) -> None:
         paths = self._cache_paths()
         if not all(is_cached(p) for p in paths):
             self.prepare_data()
         if len(paths) > 1:  # several sources: one cached concatenation keyed by their keys
             joined = self.cache_dir / "preference" / stable_hash([p.name for p in paths])
-            build_cached(joined, lambda _: datasets.concatenate_datasets([datasets.load_from_disk(str(p)) for p in paths]))
+            parts = [datasets.load_from_disk(str(p)) for p in paths]
+            build_cached(joined, lambda _: datasets.concatenate_datasets(parts))
             paths = [joined]
         store = DocStore(paths[0], PAIR_COLUMNS)
         n = len(store)
@@ -221,9 +239,9 @@ class PreferenceDataModule(pl.LightningDataModule):
         bos = self.tokenizer.bos_token_id
         make = lambda idx: PreferenceRecords(store, idx, self.max_length, self.max_prompt_length, bos)  # noqa: E731
         self._records = {"train": make(np.sort(order[: n - n_held])), "heldout": make(np.sort(order[n - n_held :]))}
-        self._data_id = stable_hash([paths[0].name, self.seed, self.heldout_fraction, self.max_length, self.max_prompt_length])
-        if stage == "fit":
-            self.num_batches(world_info(self.trainer)[1])
+        self._data_id = stable_hash(
+            [paths[0].name, self.seed, self.heldout_fraction, self.max_length, self.max_prompt_length]
+        )
 
     def records(self, split: str = "train") -> PreferenceRecords:
         self.setup()
@@ -246,7 +264,8 @@ class PreferenceDataModule(pl.LightningDataModule):
         if rank is None or world_size is None:
             rank, world_size = world_info(self.trainer)
         recs = self.records()
-        sampler = GlobalOrderSampler(len(recs), self.batch_size, self.num_batches(world_size), rank, world_size, seed=self.seed)
+        n = self.num_batches(world_size)
+        sampler = GlobalOrderSampler(len(recs), self.batch_size, n, rank, world_size, seed=self.seed)
         return ResumableDataLoader(
             recs, sampler, data_id=self._data_id, num_workers=self.num_workers,
             collate_fn=functools.partial(collate_pairs, pad_id=self._pad_id()),

@@ -27,7 +27,9 @@ class GlobalOrderSampler(DistributedSampler):
         self, num_rows: int, batch_size: int, num_batches: int, rank: int = 0, world_size: int = 1,
         seed: int = 0, shuffle: bool = True,
     ):  # fmt: skip
-        super().__init__(range(num_rows), num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=True)
+        super().__init__(
+            range(num_rows), num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=True
+        )
         self.num_rows, self.batch_size, self.num_batches = num_rows, batch_size, num_batches
         self.global_batch = batch_size * world_size
         self._resume: tuple[int, int] | None = None  # (epoch, first batch) set by a restored state

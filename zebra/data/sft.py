@@ -22,7 +22,6 @@ from pathlib import Path
 
 import datasets
 import lightning.pytorch as pl
-import numpy as np
 import torch
 from datasets import Features, List, Value
 from torch.utils.data import DataLoader
@@ -112,15 +111,19 @@ class TokenMixtureDataModule(pl.LightningDataModule):
         if seq_len < 2 or batch_size < 1:
             raise ValueError(f"seq_len must be >= 2 and batch_size >= 1 (got {seq_len}, {batch_size})")
         if not 0 <= ild_fraction <= 1 or not 0 <= heldout_fraction < 1:
-            raise ValueError(f"need 0 <= ild_fraction <= 1 and 0 <= heldout_fraction < 1")
+            raise ValueError(
+                f"need 0 <= ild_fraction <= 1 and 0 <= heldout_fraction < 1 (got {ild_fraction}, {heldout_fraction})"
+            )
         self.sources = [Source.from_spec(s) for s in as_spec_list(sources, DEFAULT_SOURCES)]  # checks paths early
         if not self.sources:
             raise ValueError("no data sources given")
         self._tokenizer_arg = tokenizer
         self._tokenizer = None
+        self._tok_fp: str | None = None
         self.chat_template = chat_template
         self.seq_len, self.batch_size, self.split = int(seq_len), int(batch_size), split
-        self.ild_fraction, self.heldout_fraction, self.heldout_max_docs = ild_fraction, heldout_fraction, heldout_max_docs
+        self.ild_fraction, self.heldout_fraction = ild_fraction, heldout_fraction
+        self.heldout_max_docs = heldout_max_docs
         self.seed, self.max_tokens, self.assistant_only = int(seed), max_tokens, assistant_only
         self.num_workers, self.pin_memory, self.num_proc = num_workers, pin_memory, num_proc
         self.cache_dir = Path(cache_dir) if cache_dir is not None else zebra_cache_dir("data")
@@ -128,6 +131,11 @@ class TokenMixtureDataModule(pl.LightningDataModule):
         self._rows: dict[str, PackedRows] = {}
 
     # ---------------------------------------------------------------- tokenising (cached)
+    def _tokenizer_fp(self) -> str:
+        if self._tok_fp is None:  # hashing a vocabulary takes ~50 ms; once per DataModule is enough
+            self._tok_fp = tokenizer_fingerprint(self.tokenizer)
+        return self._tok_fp
+
     @property
     def tokenizer(self):
         if self._tokenizer is None:
@@ -137,11 +145,10 @@ class TokenMixtureDataModule(pl.LightningDataModule):
         return self._tokenizer
 
     def _cache_paths(self) -> list[Path]:
-        tok = tokenizer_fingerprint(self.tokenizer)
-        return [
-            self.cache_dir / "tokenized" / stable_hash([s.identity(), tok, self.chat_template if s.kind == "chat" else None])
-            for s in self.sources
-        ]
+        tok = self._tokenizer_fp()
+        keys = [stable_hash([s.identity(), tok, self.chat_template if s.kind == "chat" else None])
+                for s in self.sources]  # fmt: skip
+        return [self.cache_dir / "tokenized" / k for k in keys]
 
     def prepare_data(self) -> None:
         """Tokenise every source not yet cached (Lightning runs this on one process per node)."""
@@ -150,7 +157,9 @@ class TokenMixtureDataModule(pl.LightningDataModule):
 
     def _tokenize_source(self, source: Source, scratch: Path) -> datasets.Dataset:
         raw = source.load(cache_dir=self.cache_dir / "raw")
-        num_proc = self.num_proc if self.num_proc is not None else (min(8, os.cpu_count() or 1) if len(raw) > 20_000 else None)
+        num_proc = self.num_proc
+        if num_proc is None and len(raw) > 20_000:  # worker start-up costs more than small sources take
+            num_proc = min(8, os.cpu_count() or 1)
         log.info("tokenising %s (%d examples)", source.description, len(raw))
         return raw.map(
             _tokenize_batch,
@@ -167,8 +176,12 @@ class TokenMixtureDataModule(pl.LightningDataModule):
 
     # ---------------------------------------------------------------- splits and rows
     def setup(self, stage: str | None = None) -> None:
-        if self._stores is not None:
-            return
+        if self._stores is None:
+            self._load()
+        if stage == "fit":  # fail before training starts when the served split cannot fill a batch
+            self.num_batches(world_info(self.trainer)[1])
+
+    def _load(self) -> None:
         paths = self._cache_paths()
         if not all(is_cached(p) for p in paths):
             self.prepare_data()  # used without a Trainer, or a rank whose node-local cache is missing
@@ -176,21 +189,22 @@ class TokenMixtureDataModule(pl.LightningDataModule):
         for source, store in zip(self.sources, self._stores):
             if len(store) == 0 or int(store.lengths.sum()) == 0:
                 raise ValueError(f"data source {source.description} has no tokens after formatting")
+        # each source is split on its own, seeded by its identity: adding a source never moves another's split
         self._splits = [
             split_documents(
-                len(store), self.seed, int(source.identity()[:8], 16), self.ild_fraction, self.heldout_fraction, self.heldout_max_docs
-            )
+                len(store), self.seed, int(source.identity()[:8], 16),
+                self.ild_fraction, self.heldout_fraction, self.heldout_max_docs,
+            )  # fmt: skip
             for source, store in zip(self.sources, self._stores)
         ]
-        if stage == "fit":  # fail before training starts when the served split cannot fill a batch
-            self.num_batches(world_info(self.trainer)[1])
 
     def rows(self, split: str | None = None) -> PackedRows:
         """The packed rows of a split (the served one by default)."""
         split = split or self.split
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
-        self.setup()
+        if self._stores is None:
+            self._load()
         if split not in self._rows:
             docs = [s[split] for s in self._splits]
             lengths = [st.lengths for st in self._stores]
@@ -226,7 +240,7 @@ class TokenMixtureDataModule(pl.LightningDataModule):
         split = split or self.split
         return stable_hash(
             [[s.identity(), s.weight] for s in self.sources]
-            + [tokenizer_fingerprint(self.tokenizer), self.chat_template, self.seq_len, self.seed]
+            + [self._tokenizer_fp(), self.chat_template, self.seq_len, self.seed]
             + [self.ild_fraction, self.heldout_fraction, self.heldout_max_docs, split, self.assistant_only]
         )
 

@@ -47,7 +47,8 @@ def shipped_path(name: str) -> Path:
 
 
 def _offline() -> bool:
-    return any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    flags = (os.environ.get(v, "").lower() for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    return any(f in ("1", "true", "yes", "on") for f in flags)
 
 
 @dataclass
@@ -59,6 +60,7 @@ class Source:
     weight: float = 1.0
     path: Path | None = None
     fields: dict = field(default_factory=dict)
+    _identity: str | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def from_spec(cls, spec: dict | str, kind: str = "chat") -> "Source":
@@ -82,7 +84,10 @@ class Source:
                 raise FileNotFoundError(f"data file not found: {path}")
             if path.is_file() and path.suffix not in LOCAL_BUILDERS:
                 raise ValueError(f"data file {path} has an unsupported extension; use one of {sorted(LOCAL_BUILDERS)}")
-        return cls(spec, kind, weight, path, _field_mapping(spec, kind))
+        fields = _field_mapping(spec, kind)
+        if kind == "chat" and "text" in fields:
+            kind = "text"
+        return cls(spec, kind, weight, path, fields)
 
     @property
     def description(self) -> str:
@@ -93,12 +98,21 @@ class Source:
         return self.spec.get("split", "train")
 
     def identity(self) -> str:
-        """Hash of what the raw data is (spec without weight + the local file's content): names caches and seeds splits."""
-        h = hashlib.sha256(json.dumps({k: v for k, v in self.spec.items() if k != "weight"}, sort_keys=True).encode())
+        """Hash of what the raw data is: names its caches and seeds its split.
+
+        The spec without weight (which only affects mixing) and, for local files, their content rather than
+        their path, so the same file reached by another path keeps its cache and split. Computed once per
+        Source (hashing a big local file is not free).
+        """
+        if self._identity is not None:
+            return self._identity
+        spec = {k: v for k, v in self.spec.items() if k not in ("weight", "path")}
+        h = hashlib.sha256(json.dumps(spec, sort_keys=True).encode())
         h.update(json.dumps([self.kind, self.fields], sort_keys=True).encode())
         if self.path is not None:
             h.update(_file_fingerprint(self.path).encode())
-        return h.hexdigest()[:16]
+        self._identity = h.hexdigest()[:16]
+        return self._identity
 
     def load(self, cache_dir: str | os.PathLike | None = None) -> datasets.Dataset:
         """The raw examples as a `datasets.Dataset`, with its fields checked."""
@@ -108,7 +122,8 @@ class Source:
             ds = self._load_hub()
         if len(ds) == 0:
             raise ValueError(f"data source {self.description} (split {self.split!r}) is empty")
-        missing = [f for f in self.fields.values() if f not in ds.column_names]
+        optional = {self.fields["prompt"]} if self.kind == "preference" and "prompt_field" not in self.spec else set()
+        missing = [f for f in self.fields.values() if f not in ds.column_names and f not in optional]
         if missing:
             raise ValueError(
                 f"data source {self.description} has no field(s) {missing}; its fields are {ds.column_names}"
@@ -122,6 +137,17 @@ class Source:
                 ds = ds[self.split]
             return ds
         builder = LOCAL_BUILDERS[self.path.suffix]
+        # datasets reports empty files obscurely (a bare StopIteration for json), so look first
+        if builder == "json":
+            with open(self.path, "rb") as f:
+                head = f.read(1 << 16)
+            empty = not head.strip() and self.path.stat().st_size <= len(head)
+        else:
+            import pyarrow.parquet as pq
+
+            empty = pq.read_metadata(self.path).num_rows == 0
+        if empty:
+            raise ValueError(f"data source {self.path} is empty")
         try:
             return datasets.load_dataset(
                 builder, data_files=str(self.path), split=self.spec.get("split", "train"), cache_dir=cache_dir
@@ -153,7 +179,8 @@ class Source:
             return [normalise_messages(m, self.description) for m in batch[f["messages"]]]
         out = []
         for i in range(n):
-            msgs = [{"role": "system", "content": batch[f["system"]][i]}] if "system" in f and batch[f["system"]][i] else []
+            system = batch[f["system"]][i] if "system" in f else None
+            msgs = [{"role": "system", "content": str(system)}] if system else []
             msgs += [
                 {"role": "user", "content": str(batch[f["prompt"]][i])},
                 {"role": "assistant", "content": str(batch[f["response"]][i])},
@@ -165,11 +192,14 @@ class Source:
 def _field_mapping(spec: dict, kind: str) -> dict:
     """Which dataset column plays which part, checked for a consistent combination."""
     if kind == "preference":
-        return {
+        out = {
             "prompt": spec.get("prompt_field", "prompt"),
             "chosen": spec.get("chosen_field", "chosen"),
             "rejected": spec.get("rejected_field", "rejected"),
         }
+        if "system_field" in spec:  # e.g. Orca DPO pairs: a system prompt column
+            out["system"] = spec["system_field"]
+        return out
     given = [k for k in ("messages_field", "prompt_field", "response_field", "text_field") if k in spec]
     if "text_field" in spec:
         if len(given) > 1:

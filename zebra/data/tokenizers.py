@@ -82,10 +82,11 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     """
     h = hashlib.sha256()
     h.update(type(tokenizer).__name__.encode())
-    h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
     h.update(json.dumps([tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token]).encode())
     h.update(json.dumps(getattr(tokenizer, "chat_template", None) or "").encode())
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:  # normaliser / pre-tokeniser / merges of fast tokenizers
-        h.update(hashlib.sha256(backend.to_str().encode()).digest())
+    if backend is not None:  # fast tokenizers: vocabulary, merges, added tokens, normaliser, pre-tokeniser
+        h.update(backend.to_str().encode())
+    else:
+        h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
     return h.hexdigest()[:16]
