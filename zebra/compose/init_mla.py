@@ -117,8 +117,10 @@ def init_mamba_from_attention(mamba, q_proj_w: torch.Tensor, k_proj_w: torch.Ten
     hidden, d_inner = w_out.shape  # z has d_inner rows
     d_xb, d_c = k_proj_w.shape[0], q_proj_w.shape[0]  # x and B at g*hd, C at h*hd
     nheads = w_in.shape[0] - d_inner - 2 * d_xb - d_c  # whatever is left is dt
-    if (v_proj_w.shape[0] != d_xb or d_c != d_inner or nheads <= 0 or w_in.shape[1] != hidden
-            or any(w.shape[1] != hidden for w in (q_proj_w, k_proj_w, v_proj_w)) or tuple(o_proj_w.shape) != (hidden, d_inner)):
+    fits = (v_proj_w.shape[0] == d_xb and d_c == d_inner and nheads > 0 and w_in.shape[1] == hidden
+            and all(w.shape[1] == hidden for w in (q_proj_w, k_proj_w, v_proj_w))
+            and tuple(o_proj_w.shape) == (hidden, d_inner))
+    if not fits:
         raise ValueError(
             f"attention weights q {tuple(q_proj_w.shape)}, k {tuple(k_proj_w.shape)}, v {tuple(v_proj_w.shape)}, "
             f"o {tuple(o_proj_w.shape)} do not fit a Mamba2 mixer with in_proj {tuple(w_in.shape)} and out_proj "

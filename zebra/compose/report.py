@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from zebra.compose.smart import _at_least_fp32, kl_sum, layer_sensitivities, select_layers
+from zebra.compose.smart import at_least_fp32, kl_sum, layer_sensitivities, select_layers
 from zebra.compose.students import assemble_hybrid, build_student
 from zebra.compose.teacher import Teacher, load_teacher
 
@@ -44,13 +44,13 @@ FALLBACK_TEXT = (
 
 
 def held_out_text(text: str | Path | None = None) -> tuple[str, str]:
-    """(text, where it came from): the given string or file; else a held-out file shipped under
-    zebra/data/shipped/ (a name containing 'held'); else a fixed paragraph written for this report."""
+    """(text, where it came from): a str is the text itself, a Path a file to read (plain text or JSON lines);
+    None: a held-out file shipped under zebra/data/shipped/ (a name containing 'held'), else a fixed paragraph
+    written for this report."""
+    if isinstance(text, Path):
+        return _read_text_file(text), str(text)
     if text is not None:
-        path = Path(text) if not isinstance(text, str) or ("\n" not in text and len(text) < 4096) else None
-        if path is not None and path.is_file():
-            return _read_text_file(path), str(path)
-        return str(text), "given text"
+        return text, "given text"
     if SHIPPED_DIR.is_dir():
         for path in sorted(SHIPPED_DIR.rglob("*")):
             if path.is_file() and "held" in path.name.lower():
@@ -88,7 +88,7 @@ def _log_probs(model, row: torch.Tensor) -> torch.Tensor:
     """log p(next token) [T-1, V] (at least fp32) for one row."""
     device = model.model.embed_tokens.weight.device
     hidden = model.model(input_ids=row.to(device), use_cache=False).last_hidden_state[0, :-1]
-    return F.log_softmax(_at_least_fp32(model.lm_head(hidden)), dim=-1).cpu()
+    return F.log_softmax(at_least_fp32(model.lm_head(hidden)), dim=-1).cpu()
 
 
 @torch.no_grad()
@@ -114,7 +114,7 @@ def untrained_student_report(teacher: Teacher | str = "smollm2_135m", text: str 
                              mla_indices: list[int] | str = "uniform", hybrid_rope: str | None = None,
                              seq_len: int = 512, max_tokens: int | None = 4096,
                              calibration_text: str | Path | None = None, out_path: str | Path | None = None,
-                             log=print) -> dict:
+                             seed: int = 0, log=print) -> dict:
     """Score teacher, all-MLA ("pairs" and "reference" RoPE), all-Mamba2 and an `n_mla`-MLA hybrid, untrained.
 
     teacher: a loaded Teacher or a source for `load_teacher` (default: the embedded SmolLM2-135M).
@@ -123,12 +123,15 @@ def untrained_student_report(teacher: Teacher | str = "smollm2_135m", text: str 
       layer 0), or "smart" (SMART sensitivities of the untrained students on `calibration_text`, which must
       then be given and should differ from the evaluation text).
     hybrid_rope: the RoPE variant of the hybrid's MLA layers; default the variant with the lower KL.
+    seed: seeds the parts of the Mamba2 init that stay random (z/dt rows, conv, dt_bias, A_log), so that
+      repeated reports agree. With the embedded teacher, every number is for its 4-bit (Q4_1) weights.
     Returns (and writes as JSON to `out_path` if given) a dict of per-model metrics.
     """
     if isinstance(teacher, str):
         source = teacher
         teacher = load_teacher(source)
-        log(f"teacher {source}: loaded in {teacher.load_seconds:.1f}s ({'converted' if teacher.converted else 'cached'})")
+        how = "converted from GGUF" if teacher.converted else "cached"
+        log(f"teacher {source}: loaded in {teacher.load_seconds:.1f}s ({how})")
     base, tok = teacher.model, teacher.tokenizer
     if zebra_config_kwargs is None:
         zebra_config_kwargs = DEFAULT_MLA_KWARGS.get(teacher.source, {})
@@ -139,7 +142,7 @@ def untrained_student_report(teacher: Teacher | str = "smollm2_135m", text: str 
     log(f"held-out text: {text_source}, {sum(r.numel() for r in rows)} tokens in {len(rows)} rows")
 
     report = {"teacher": teacher.source, "text_source": text_source, "mla_kwargs": dict(zebra_config_kwargs),
-              "models": {}}
+              "seed": seed, "models": {}}
     report["models"]["teacher"] = score_model(base, base, rows)
     log(f"teacher: {report['models']['teacher']}")
 
@@ -149,6 +152,7 @@ def untrained_student_report(teacher: Teacher | str = "smollm2_135m", text: str 
         students[variant], init = build_student(base, kwargs, "mla")
         report["models"][f"mla_{variant}"] = {**score_model(students[variant], base, rows), "init_mean": init["mean"]}
         log(f"all-MLA {variant}: {report['models'][f'mla_{variant}']}")
+    torch.manual_seed(seed)
     mamba, _ = build_student(base, zebra_config_kwargs, "mamba")
     report["models"]["mamba"] = score_model(mamba, base, rows)
     log(f"all-Mamba2: {report['models']['mamba']}")

@@ -124,7 +124,8 @@ def counted_positions(batch: dict) -> torch.Tensor:
     if batch.get("loss_mask") is not None:
         return batch["loss_mask"].bool()
     ids = batch["input_ids"]
-    real = batch["attention_mask"].bool() if batch.get("attention_mask") is not None else torch.ones_like(ids, dtype=torch.bool)
+    pad = batch.get("attention_mask")
+    real = pad.bool() if pad is not None else torch.ones_like(ids, dtype=torch.bool)
     keep = real.clone()
     keep[:, :-1] &= real[:, 1:]  # the next token must be real too
     keep[:, -1] = False
@@ -168,16 +169,17 @@ def selected_log_probs(model, batch: dict, positions: torch.Tensor, is_base: boo
     batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
     hidden = model.model(**_forward_kwargs(batch, model, is_base)).last_hidden_state
     hidden = hidden[positions.to(device)]
-    return torch.cat([F.log_softmax(_at_least_fp32(model.lm_head(h)), dim=-1) for h in hidden.split(chunk)])
+    return torch.cat([F.log_softmax(at_least_fp32(model.lm_head(h)), dim=-1) for h in hidden.split(chunk)])
 
 
-def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     """bf16/fp16 logits -> fp32 for the softmax; fp32 and fp64 stay as they are."""
     return x.float() if x.dtype.itemsize < 4 else x
 
 
 def kl_sum(logp_base: torch.Tensor, logp_student: torch.Tensor) -> float:
     """sum over tokens of KL(p_base || p_student) (forward KL)."""
+    logp_base = logp_base.to(logp_student.device)  # the base may sit on another device than the students
     return float((logp_base.exp() * (logp_base - logp_student)).sum())
 
 
@@ -187,8 +189,8 @@ def layer_sensitivities(base_model, mamba_student, mla_student, batches, log=Non
 
     `batches`: token-mixture batches (input_ids, position_ids, loss_mask, attention_mask; see INTERFACES.md).
     The base gets the same block-causal/padding view as the students. Layers are swapped into the Mamba2
-    student in place, one at a time (L + 2 forwards per batch, no model copies). All three models run in eval
-    mode; their previous modes are restored.
+    student in place, one at a time (L + 2 forwards per batch, no model copies), so the two students must sit
+    on the same device. All three models run in eval mode; their previous modes are restored.
     """
     num_layers = mamba_student.config.num_hidden_layers
     if mla_student.config.num_hidden_layers != num_layers or base_model.config.num_hidden_layers != num_layers:

@@ -236,8 +236,11 @@ def convert_gguf(gguf_path: Path, cache_dir: Path) -> None:
         tokenizer.save_pretrained(tmp)
         (tmp / _MARKER).write_text(json.dumps({"source": _gguf_fingerprint(gguf_path),
                                                "note": "dequantised from GGUF by zebra.compose.teacher"}, indent=1))
-        if cache_dir.exists():  # a stale cache (source changed): replace it
-            shutil.rmtree(cache_dir)
+        if cache_dir.exists():
+            if _cache_is_valid(cache_dir, _gguf_fingerprint(gguf_path)):  # another process just finished it
+                shutil.rmtree(tmp, ignore_errors=True)
+                return
+            shutil.rmtree(cache_dir)  # a stale cache (the source or the conversion changed): replace it
         try:
             os.rename(tmp, cache_dir)
         except OSError:
@@ -290,7 +293,9 @@ def _hub_config(hub_id: str):
     try:
         return AutoConfig.from_pretrained(hub_id)
     except (OSError, ValueError) as err:
-        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false", "False")
+        from huggingface_hub.constants import is_offline_mode
+
+        offline = is_offline_mode()
         hint = " (HF_HUB_OFFLINE is set and it is not in the local Hugging Face cache)" if offline else \
             " (no network access, or no such repository)"
         raise TeacherLoadError(f"teacher hub id {hub_id!r} cannot be reached{hint}: {err}") from err
@@ -309,12 +314,12 @@ def load_teacher(source: str = DEFAULT_TEACHER, dtype: torch.dtype = torch.float
         where, converted = cached_gguf_dir(where)
     else:
         load_teacher_config(source)  # raises on an unsupported architecture / unreachable id before weights
-    model = LlamaForCausalLM.from_pretrained(where, dtype=dtype)
-    tokenizer = AutoTokenizer.from_pretrained(where)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = AutoTokenizer.from_pretrained(where)  # before the weights: it is cheap and can fail
     if not getattr(tokenizer, "chat_template", None):
         raise TeacherLoadError(f"teacher {source!r} has no chat template in its tokenizer")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = LlamaForCausalLM.from_pretrained(where, dtype=dtype)
     model.to(device).eval()
     return Teacher(model=model, tokenizer=tokenizer, source=source, path=str(where), converted=converted,
                    load_seconds=time.perf_counter() - start)
