@@ -121,8 +121,12 @@ def small_mixer():
 
 
 def test_mixer_packed_forward_and_gradients(monkeypatch):
+    """The whole layer in bf16, kernels vs our torch path, both against float64. Parameter gradients are sums
+    over every token (dD = sum dy * x cancels heavily), so the kernels' error is judged against the error
+    the torch path itself makes in bf16 rather than against a fixed bound."""
     m = small_mixer()
     ref = copy.deepcopy(m).double()
+    m_torch = copy.deepcopy(m)
     b, L = 2, 400
     h = torch.randn(b, L, 512, device="cuda")
     doc_ids = doc_ids_for(b, L, [50, 64, 250])
@@ -132,15 +136,16 @@ def test_mixer_packed_forward_and_gradients(monkeypatch):
         inp = h.to(dtype).requires_grad_()
         out = module(inp, doc_ids=doc_ids)
         (out.double() * w.double()).sum().backward()
-        return out, inp.grad, {n: p.grad for n, p in module.named_parameters()}
+        return {"out": out, "input": inp.grad, **{n: p.grad for n, p in module.named_parameters()}}
 
-    out_k, gin_k, gp_k = run(m, torch.bfloat16)
+    got_k = run(m, torch.bfloat16)
     monkeypatch.setenv("ZEBRA_MAMBA_KERNELS", "torch")
-    out_r, gin_r, gp_r = run(ref, torch.float64)
-    assert rel(out_k, out_r) < FWD_TOL
-    assert rel(gin_k, gin_r) < GRAD_TOL
-    for name in gp_r:
-        assert rel(gp_k[name], gp_r[name]) < GRAD_TOL, name
+    got_t = run(m_torch, torch.bfloat16)
+    want = run(ref, torch.float64)
+    for name in want:
+        err_k, err_t = rel(got_k[name], want[name]), rel(got_t[name], want[name])
+        print(f"{name:16s} kernels {err_k:.2e}  torch-bf16 {err_t:.2e}")
+        assert err_k < (FWD_TOL if name == "out" else GRAD_TOL) or err_k < 1.5 * err_t, name
 
 
 def test_mixer_prefill_then_decode(monkeypatch):

@@ -185,6 +185,7 @@ def test_backend_is_torch_without_kernels(monkeypatch):
     assert select_backend("cpu") == "torch"
     if ssd._mamba_ssm_kernels() is None:  # true on the CPU machines: CUDA alone is not enough
         assert select_backend(torch.device("cuda")) == "torch"
+    assert select_backend(torch.device("cuda"), torch.float64) == "torch"  # float64 is the reference precision
     monkeypatch.setenv("ZEBRA_MAMBA_KERNELS", "torch")
     assert select_backend(torch.device("cuda")) == "torch"
     monkeypatch.setenv("ZEBRA_MAMBA_KERNELS", "mamba_ssm")

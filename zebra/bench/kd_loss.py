@@ -67,7 +67,7 @@ def rel_err(a, b):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda")
-    p.add_argument("--smoke", action="store_true", help="tiny sizes (vocab 1000, seq 64, batch 2, fp32)")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes (vocab 1000, seq 64, batch 2, fp32, chunk 32)")
     p.add_argument("--vocab", type=int, default=128256)
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--batch", type=int, default=4)
@@ -77,13 +77,18 @@ def main(argv=None):
     p.add_argument("--chunk-size", type=int, default=None, help="tokens per chunk (default: auto)")
     p.add_argument("--no-weight-grad", action="store_true", help="student LM head frozen")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats (after one warm-up)")
+    p.add_argument("--full-precision-reduction", action="store_true",
+                   help="disallow cuBLAS reduced-precision (bf16) split-K reductions for both losses")
     p.add_argument("--out", default=None,
                    help="JSON path (default experiments/kd_loss_bench.json; smoke runs write only when given)")
     a = p.parse_args(argv)
     if a.smoke:
         a.vocab, a.seq, a.batch, a.student_hidden, a.teacher_hidden, a.dtype = 1000, 64, 2, 32, 48, "fp32"
         a.repeats = 1
+        a.chunk_size = a.chunk_size or 32  # several chunks even at this size
     device = torch.device(a.device)
+    if a.full_precision_reduction and device.type == "cuda":
+        torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
     dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
     torch.manual_seed(0)
     g = torch.Generator(device=device).manual_seed(0)
@@ -103,6 +108,9 @@ def main(argv=None):
         results[name] = runs[-1]
         results[name]["seconds"] = min(r["seconds"] for r in runs)
     n, c = results["naive"], results["chunked"]
+    # an fp32 reference (inputs upcast, full fp32 logits) to judge both against: bf16 gradients carry rounding
+    # of their own (and cuBLAS may reduce in reduced precision), so naive-vs-chunked alone mixes two errors
+    ref = measure(naive_loss, tuple(x.float() for x in inputs), device, wg)
     report = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
@@ -113,6 +121,15 @@ def main(argv=None):
         "loss_rel_diff": abs(c["loss"] - n["loss"]) / max(abs(n["loss"]), 1e-30),
         "grad_h_rel_err": rel_err(c["grad_h"], n["grad_h"]),
         "grad_w_rel_err": rel_err(c["grad_w"], n["grad_w"]) if wg else None,
+        "vs_fp32_reference": {
+            "loss": ref["loss"],
+            "naive_grad_h_rel_err": rel_err(n["grad_h"], ref["grad_h"]),
+            "chunked_grad_h_rel_err": rel_err(c["grad_h"], ref["grad_h"]),
+            "naive_grad_w_rel_err": rel_err(n["grad_w"], ref["grad_w"]) if wg else None,
+            "chunked_grad_w_rel_err": rel_err(c["grad_w"], ref["grad_w"]) if wg else None,
+        },
+        "cuda_bf16_reduced_precision_reduction":
+            torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction if device.type == "cuda" else None,
     }
     if n["peak_bytes"]:
         report["peak_ratio"] = c["peak_bytes"] / n["peak_bytes"]

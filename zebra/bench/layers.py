@@ -30,9 +30,9 @@ from zebra.model.mamba2 import Mamba2Mixer
 from zebra.model.packing import block_causal_mask
 from zebra.model.ssd import select_backend
 
-ZEBRA_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_attention_heads=32,
-                num_key_value_heads=8, head_dim=64, q_lora_rank=1344, kv_lora_rank=128, qk_rope_head_dim=32,
-                qk_nope_head_dim=32, v_head_dim=64, mamba_chunk_size=256,
+ZEBRA_1B = dict(vocab_size=128256, max_position_embeddings=131072, hidden_size=2048, intermediate_size=8192,
+                num_attention_heads=32, num_key_value_heads=8, head_dim=64, q_lora_rank=1344, kv_lora_rank=128,
+                qk_rope_head_dim=32, qk_nope_head_dim=32, v_head_dim=64, mamba_chunk_size=256,
                 rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
                                  "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                  "original_max_position_embeddings": 8192})
@@ -46,7 +46,8 @@ class GQAAttention(nn.Module):
 
     def __init__(self, config: ZebraConfig):
         super().__init__()
-        H, self.h, self.g, self.hd = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        H, self.hd = config.hidden_size, config.head_dim
+        self.h, self.g = config.num_attention_heads, config.num_key_value_heads
         self.q_proj = nn.Linear(H, self.h * self.hd, bias=False)
         self.k_proj = nn.Linear(H, self.g * self.hd, bias=False)
         self.v_proj = nn.Linear(H, self.g * self.hd, bias=False)
@@ -135,8 +136,8 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--docs", type=int, default=4, help="documents per row in the packed cases")
-    ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=20)
+    ap.add_argument("--iters", type=int, default=50)
     args = ap.parse_args(argv)
 
     device = torch.device(args.device)
@@ -175,7 +176,7 @@ def main(argv=None):
         m = Mamba2Mixer(cfg, 1).to(device=device, dtype=dtype)
         kw = {"doc_ids": doc_ids} if packed else {}
         res = time_fwd_bwd(lambda x: m(x, **kw), hidden(), warmup, iters)
-        res["backend"] = select_backend(device)
+        res["backend"] = select_backend(device, dtype)
         return res
 
     def theirs():

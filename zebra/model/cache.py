@@ -44,12 +44,14 @@ class MLALayerCache:
 
 
 class MambaLayerCache:
-    """The last `d_conv` pre-conv [x, B, C] inputs (oldest first) and the SSM state (kept in fp32)."""
+    """The last `d_conv` pre-conv [x, B, C] inputs (oldest first) and the SSM state (at least fp32)."""
 
     def __init__(self, batch_size: int, conv_dim: int, d_conv: int, nheads: int, headdim: int, d_state: int,
                  dtype, device):
         self.conv_state = torch.zeros(batch_size, conv_dim, d_conv, dtype=dtype, device=device)
-        self.ssm_state = torch.zeros(batch_size, nheads, headdim, d_state, dtype=torch.float32, device=device)
+        # The state accumulates over the whole sequence: never below fp32 (float64 models keep float64).
+        state_dtype = torch.promote_types(dtype, torch.float32)
+        self.ssm_state = torch.zeros(batch_size, nheads, headdim, d_state, dtype=state_dtype, device=device)
         self.length = 0  # tokens absorbed so far (pads included)
 
     def tensors(self) -> list[torch.Tensor]:

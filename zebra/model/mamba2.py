@@ -16,7 +16,7 @@ from torch import nn
 
 from .cache import MambaLayerCache
 from .configuration_zebra import ZebraConfig
-from .ssd import chunk_scan, conv1d, conv_update, select_backend, state_update
+from .ssd import chunk_scan, conv1d, conv_update, gated_rmsnorm, select_backend, state_update
 
 # Kept in (at least) fp32 whatever the module is cast to, and excluded from weight decay.
 FP32_PARAMS = ("A_log", "D", "dt_bias")
@@ -33,12 +33,8 @@ class GatedRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        cd = torch.promote_types(y.dtype, torch.float32)
-        g = y.to(cd) * F.silu(z.to(cd))
-        shape = g.shape
-        g = g.view(*shape[:-1], -1, self.group_size)
-        g = g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (g.view(shape) * self.weight.to(cd)).to(y.dtype)
+        backend = select_backend(y.device, y.dtype)
+        return gated_rmsnorm(y, z, self.weight, self.eps, self.group_size, backend=backend)
 
 
 class Mamba2Mixer(nn.Module):
@@ -124,7 +120,7 @@ class Mamba2Mixer(nn.Module):
         boundaries. cache: updated in place; a one-token call with history takes the decode step.
         """
         b, t, _ = hidden_states.shape
-        backend = select_backend(hidden_states.device)
+        backend = select_backend(hidden_states.device, hidden_states.dtype)
         has_past = cache is not None and cache.length > 0
         if doc_ids is not None and has_past:
             raise ValueError("doc_ids (packed rows) are only supported without a cache history")

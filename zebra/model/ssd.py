@@ -193,24 +193,34 @@ def causal_conv1d_torch(xBC, weight, bias=None, seq_idx=None, conv_state=None, a
     """
     b, L, d = xBC.shape
     W = weight.shape[-1]
-    cd = _compute_dtype(xBC.dtype, weight.dtype)
-    xs = xBC.to(cd)
+    w = weight.to(xBC.dtype)
+    bias = None if bias is None else bias.to(xBC.dtype)
     if conv_state is not None and W > 1:
-        past = conv_state[..., conv_state.shape[-1] - (W - 1):].transpose(1, 2).to(cd)
+        past = conv_state[..., conv_state.shape[-1] - (W - 1):].transpose(1, 2).to(xBC.dtype)
     else:
-        past = xs.new_zeros(b, W - 1, d)
-    padded = torch.cat([past, xs], dim=1)  # [b, W - 1 + L, d]
-    w = weight.to(cd)
-    out = xs.new_zeros(()) if bias is None else bias.to(cd)
-    if seq_idx is not None:
-        # The conv state belongs to the first token's document, like an initial SSM state.
-        seq_padded = torch.cat([seq_idx[:, :1].expand(b, W - 1), seq_idx], dim=1)
-    # A loop over the W taps (not over tokens): W fused multiply-adds over [B, L, D].
-    for k in range(W):
-        tap = padded[:, W - 1 - k: W - 1 - k + L] * w[:, W - 1 - k]
-        if seq_idx is not None and k > 0:
-            tap = tap * (seq_padded[:, W - 1 - k: W - 1 - k + L] == seq_idx)[..., None]
-        out = out + tap
+        past = None
+    if seq_idx is None:
+        # Nothing to mask: one library depthwise conv (it accumulates low-precision inputs in fp32).
+        if past is None:
+            out = F.conv1d(xBC.transpose(1, 2), w[:, None], bias, padding=W - 1, groups=d)[..., :L]
+        else:
+            out = F.conv1d(torch.cat([past, xBC], dim=1).transpose(1, 2), w[:, None], bias, groups=d)
+        out = out.transpose(1, 2)
+        return F.silu(out) if activation else out
+
+    # With documents, tap by tap (a loop over the W taps, not over tokens), accumulating in fp32.
+    if past is None:
+        past = xBC.new_zeros(b, W - 1, d)
+    padded = torch.cat([past, xBC], dim=1)  # [b, W - 1 + L, d]
+    w32 = weight.to(_compute_dtype(weight.dtype, xBC.dtype))
+    out = padded[:, W - 1:] * w32[:, W - 1]
+    if bias is not None:
+        out = out + bias
+    # The conv state belongs to the first token's document, like an initial SSM state.
+    seq_padded = torch.cat([seq_idx[:, :1].expand(b, W - 1), seq_idx], dim=1)
+    for k in range(1, W):
+        same_doc = (seq_padded[:, W - 1 - k: W - 1 - k + L] == seq_idx)[..., None]
+        out = out + padded[:, W - 1 - k: W - 1 - k + L] * w32[:, W - 1 - k] * same_doc
     if activation:
         out = F.silu(out)
     return out.to(xBC.dtype)
@@ -244,7 +254,12 @@ def _mamba_ssm_kernels():
         if not isinstance(e, ImportError) or "mamba_ssm" not in str(e):
             logger.warning("mamba_ssm is present but failed to import (%s); using the PyTorch SSD scan", e)
         return None
-    return SimpleNamespace(chunk_scan=mamba_chunk_scan_combined, state_update=selective_state_update)
+    try:  # fused gate * norm (forward and backward in one pass each); older releases lack it
+        from mamba_ssm.ops.triton.layernorm_gated import rmsnorm_fn
+    except Exception:
+        rmsnorm_fn = None
+    return SimpleNamespace(chunk_scan=mamba_chunk_scan_combined, state_update=selective_state_update,
+                           gated_rmsnorm=rmsnorm_fn)
 
 
 @functools.lru_cache(maxsize=None)
@@ -256,11 +271,15 @@ def _causal_conv1d_kernels():
     return SimpleNamespace(conv=causal_conv1d_fn, update=causal_conv1d_update)
 
 
-def select_backend(device) -> str:
-    """"mamba_ssm" on CUDA when mamba_ssm imports, else "torch". ZEBRA_MAMBA_KERNELS=torch forces the
-    PyTorch path (=mamba_ssm insists on the kernels and fails loudly without them)."""
+def select_backend(device, dtype: torch.dtype | None = None) -> str:
+    """The kernels for `device`: "mamba_ssm" on CUDA when mamba_ssm imports, else "torch". float64 always
+    takes the torch path (the kernels are for fp32/bf16/fp16; float64 is the reference precision).
+
+    ZEBRA_MAMBA_KERNELS=torch forces the PyTorch path; =mamba_ssm insists on the kernels (an error without
+    them). Read on every call, so tests can switch it. causal-conv1d is used under "mamba_ssm" when present.
+    """
     choice = os.environ.get("ZEBRA_MAMBA_KERNELS", "auto").strip().lower()
-    if choice == "torch":
+    if choice == "torch" or dtype == torch.float64:
         return "torch"
     on_cuda = torch.device(device).type == "cuda"
     if choice == "mamba_ssm":
@@ -327,3 +346,16 @@ def conv_update(x, conv_state, weight, bias=None, activation=True, backend="torc
     out, new_state = conv_step(x, conv_state, weight, bias, activation)
     conv_state.copy_(new_state)
     return out
+
+
+def gated_rmsnorm(y, z, weight, eps, group_size, backend="torch"):
+    """RMSNorm_group(y * SiLU(z)) * weight (mamba_ssm's norm_before_gate=False), in y's dtype."""
+    k = _mamba_ssm_kernels() if backend == "mamba_ssm" else None
+    if k is not None and k.gated_rmsnorm is not None:
+        return k.gated_rmsnorm(y, weight, None, z=z, eps=eps, group_size=group_size, norm_before_gate=False)
+    cd = _compute_dtype(y.dtype)
+    g = y.to(cd) * F.silu(z.to(cd))
+    shape = g.shape
+    g = g.view(*shape[:-1], -1, group_size)
+    g = g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + eps)
+    return (g.view(shape) * weight.to(cd)).to(y.dtype)
