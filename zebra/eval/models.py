@@ -1,0 +1,356 @@
+"""What an evaluation runs on: the teacher, exported models, the assembled hybrid; input checks; size and cache.
+
+Everything here is Lightning-free. Bad input fails early with an `EvalInputError` naming the problem:
+`NotAModelError` (a path that is not a Hugging Face model directory), `TokenizerMismatchError` (a model whose
+tokenizer is not the teacher's, so KL over token ids would be meaningless), `UnknownTaskError` (zebra.eval.harness).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+# Strings whose token ids two tokenizers must agree on (plain text, digits, code, whitespace, non-ASCII).
+PROBE_TEXTS = (
+    "The quick brown fox jumps over the lazy dog.",
+    "Zebra-Llama distils 1,234,567 tokens in 2025; pass key 90210.",
+    "def f(x):\n    return x ** 2  # squares\n",
+    "  leading spaces and\ttabs\n\nnew lines",
+    "Café, naïve, Ångström, 東京, emoji 🙂",
+)
+EMBEDDED_QUANTISATION = "4-bit GGUF (Q4_1 weights, Q8_0 embeddings), dequantised to float"
+
+
+class EvalInputError(ValueError):
+    """The evaluation was given something it cannot evaluate; the message says what and why."""
+
+
+class NotAModelError(EvalInputError):
+    """A path that is not a Hugging Face model directory (no config.json)."""
+
+
+class TokenizerMismatchError(EvalInputError):
+    """A model whose tokenizer differs from the teacher's."""
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to score: the module (eval mode), its tokenizer, and where it came from."""
+
+    name: str
+    role: str  # teacher | assembled | kd | dpo | ilkd_mla | ilkd_mamba | given
+    model: torch.nn.Module
+    tokenizer: object
+    source: str  # a path, or a description of how it was built
+    notes: list[str] = field(default_factory=list)
+    load_seconds: float = 0.0
+
+
+# ------------------------------------------------------------------------------------------------ input checks
+def check_model_dir(path: str | Path) -> Path:
+    """`path` as a Path if it is a Hugging Face model directory; NotAModelError otherwise."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise NotAModelError(f"{p} does not exist (expected an exported model directory with a config.json)")
+    if not p.is_dir():
+        raise NotAModelError(f"{p} is a file, not a model directory (expected a directory with a config.json)")
+    if not (p / "config.json").is_file():
+        entries = sorted(x.name + ("/" if x.is_dir() else "") for x in p.iterdir())
+        listing = ", ".join(entries[:12]) + (", ..." if len(entries) > 12 else "") if entries else "it is empty"
+        hint = ""
+        if (p / "model" / "config.json").is_file():
+            hint = f"; did you mean {p / 'model'}?"
+        raise NotAModelError(f"{p} is not a model directory: it has no config.json ({listing}){hint}")
+    try:
+        json.loads((p / "config.json").read_text())
+    except (OSError, ValueError) as err:
+        raise NotAModelError(f"{p / 'config.json'} is not a readable JSON model config: {err}") from err
+    return p
+
+
+def _special_tokens(tok) -> dict:
+    return {attr: getattr(tok, attr, None) for attr in ("bos_token", "eos_token", "pad_token", "unk_token")}
+
+
+def tokenizer_differences(a, b) -> list[str]:
+    """What differs between tokenizers `a` and `b` in ways that change token ids or special tokens: vocabulary
+    size and entries, bos/eos/pad/unk and the other special tokens, and the ids of a few probe strings."""
+    diffs = []
+    if len(a) != len(b):
+        diffs.append(f"vocabulary size {len(a)} vs {len(b)}")
+    else:
+        va, vb = a.get_vocab(), b.get_vocab()
+        if va != vb:
+            n = sum(1 for k, v in va.items() if vb.get(k) != v)
+            diffs.append(f"{n} vocabulary entries map to different ids")
+    sa, sb = _special_tokens(a), _special_tokens(b)
+    for k in sa:
+        # a missing pad token is commonly filled with eos at load time; that changes no token id
+        if k == "pad_token" and None in (sa[k], sb[k]):
+            continue
+        if sa[k] != sb[k]:
+            diffs.append(f"{k} {sa[k]!r} vs {sb[k]!r}")
+    xa = sorted(map(str, getattr(a, "all_special_tokens", None) or []))
+    xb = sorted(map(str, getattr(b, "all_special_tokens", None) or []))
+    if set(xa) - {sa["pad_token"]} != set(xb) - {sb["pad_token"]}:
+        only_a, only_b = sorted(set(xa) - set(xb)), sorted(set(xb) - set(xa))
+        diffs.append(f"special tokens differ (only in the first: {only_a[:6]}, only in the second: {only_b[:6]})")
+    for text in PROBE_TEXTS:
+        ia, ib = a(text, add_special_tokens=False).input_ids, b(text, add_special_tokens=False).input_ids
+        if ia != ib:
+            diffs.append(f"{text!r} encodes to {ia[:8]}... vs {ib[:8]}...")
+            break
+    return diffs
+
+
+def check_same_tokenizer(model_tok, teacher_tok, model_name: str, teacher_name: str) -> None:
+    diffs = tokenizer_differences(model_tok, teacher_tok)
+    if diffs:
+        raise TokenizerMismatchError(
+            f"the tokenizer of {model_name} differs from the teacher's ({teacher_name}): {'; '.join(diffs)}. "
+            "KL to the teacher and perplexities compare distributions over the same token ids, so every evaluated "
+            "model must use the teacher's tokenizer")
+
+
+def check_same_vocab(model, teacher, model_name: str, teacher_name: str) -> None:
+    rows, trows = lm_head_rows(model), lm_head_rows(teacher)
+    if rows != trows:
+        raise TokenizerMismatchError(
+            f"{model_name} has {rows} LM-head rows but the teacher {teacher_name} has {trows}: the vocabularies "
+            "differ, so KL to the teacher cannot be computed")
+
+
+def precheck_export(path: Path, teacher_tok, teacher_rows: int, name: str, teacher_name: str) -> None:
+    """The cheap part of the checks, before any weight is read: config vocab size and the exported tokenizer."""
+    from transformers import AutoTokenizer
+
+    cfg = json.loads((check_model_dir(path) / "config.json").read_text())
+    rows = cfg.get("vocab_size")
+    if rows is not None and int(rows) != int(teacher_rows):
+        raise TokenizerMismatchError(
+            f"{name} ({path}) has a {rows}-token vocabulary but the teacher {teacher_name} has {teacher_rows}: the "
+            "vocabularies differ, so KL to the teacher cannot be computed")
+    if has_tokenizer_files(path):
+        check_same_tokenizer(AutoTokenizer.from_pretrained(path), teacher_tok, f"{name} ({path})", teacher_name)
+
+
+def lm_head_rows(model) -> int:
+    return int(model.get_output_embeddings().weight.shape[0])
+
+
+def has_tokenizer_files(path: Path) -> bool:
+    return any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
+
+
+# ------------------------------------------------------------------------------------------------ loading
+def load_exported(path: str | Path, name: str | None = None, role: str = "given", dtype=torch.float32,
+                  device: str | torch.device = "cpu") -> LoadedModel:
+    """An exported model directory (a zebra hybrid or a plain transformers model) and its tokenizer."""
+    import zebra  # noqa: F401  (registers the hybrid with the Auto classes)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    start = time.perf_counter()
+    p = check_model_dir(path)
+    model = AutoModelForCausalLM.from_pretrained(p, dtype=dtype).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(p) if has_tokenizer_files(p) else None
+    notes = [] if tokenizer is not None else ["no tokenizer in the export: the teacher's is used"]
+    return LoadedModel(name or p.name, role, model, tokenizer, str(p), notes, time.perf_counter() - start)
+
+
+@dataclass
+class TeacherInfo:
+    model: torch.nn.Module
+    tokenizer: object
+    source: str
+    quantisation: str
+    load_seconds: float
+
+
+def load_eval_teacher(spec: str, base: dict | None = None, tokenizer_spec: str | None = None,
+                      dtype=torch.float32, device: str | torch.device = "cpu") -> TeacherInfo:
+    """The teacher named by `spec`: an embedded name (smollm2_135m), a GGUF, a local directory or a hub id
+    (zebra.compose.teacher.load_teacher), or `random:<seed>` with the `model.base` block (tests; built exactly as
+    the training stages build it, with `tokenizer_spec` naming its tokenizer)."""
+    start = time.perf_counter()
+    spec = str(spec)
+    if spec.startswith("random:"):
+        from zebra.stages.common import load_teacher_model  # the stages' own construction, so the seeds agree
+
+        t = load_teacher_model(spec, base, dtype=dtype)
+        tokenizer = load_named_tokenizer(tokenizer_spec or "smollm2_135m")
+        return TeacherInfo(t.model.to(device).eval(), tokenizer, spec, t.quantisation, time.perf_counter() - start)
+    from zebra.compose.teacher import EMBEDDED_TEACHERS, load_teacher
+
+    t = load_teacher(spec, dtype=dtype, device=device)
+    if spec in EMBEDDED_TEACHERS:
+        quant = EMBEDDED_QUANTISATION
+    elif spec.endswith(".gguf"):
+        quant = "GGUF (quantised), dequantised to float"
+    else:
+        quant = "none"
+    return TeacherInfo(t.model.eval(), t.tokenizer, spec, quant, time.perf_counter() - start)
+
+
+def load_named_tokenizer(spec: str):
+    """A tokenizer by name: the embedded default (smollm2_135m / default), a directory or a hub id."""
+    from zebra.data.tokenizers import load_default_tokenizer, load_tokenizer
+
+    if spec in ("smollm2_135m", "default", None):
+        return load_default_tokenizer()
+    return load_tokenizer(spec)
+
+
+# ------------------------------------------------------------------------------------------------ artifacts
+STAGE_DIRS = ("ilkd", "smart", "eval", "logs")
+
+
+def discover_mixes(model_dir: Path) -> list[str]:
+    """Mix names under `<paths.model_dir>`: subdirectories holding a kd/ or dpo/ stage directory."""
+    out = []
+    if model_dir.is_dir():
+        for d in sorted(model_dir.iterdir()):
+            if d.is_dir() and d.name not in STAGE_DIRS and ((d / "kd").is_dir() or (d / "dpo").is_dir()):
+                out.append(d.name)
+    return out
+
+
+def mla_layers_of_export(path: Path) -> list[int] | None:
+    try:
+        cfg = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    types = cfg.get("layer_types")
+    if cfg.get("model_type") != "zebra" or not types:
+        return None
+    return [i for i, t in enumerate(types) if t == "mla"]
+
+
+def assembled_layers(model_dir: Path, mix: str) -> tuple[list[int] | None, str]:
+    """The MLA layer list the KD stage assembled its starting hybrid with, and where it was read from: the kd
+    report's `mla_layers`, else the layer types of the KD or DPO export (training never changes them)."""
+    mix_dir = model_dir / mix
+    try:
+        layers = json.loads((mix_dir / "kd" / "report.json").read_text()).get("mla_layers")
+        if layers is not None:
+            return [int(i) for i in layers], str(mix_dir / "kd" / "report.json")
+    except (OSError, ValueError):
+        pass
+    for stage in ("kd", "dpo"):
+        layers = mla_layers_of_export(mix_dir / stage / "model")
+        if layers is not None:
+            return layers, str(mix_dir / stage / "model" / "config.json")
+    return None, "not found"
+
+
+def build_assembled(model_dir: Path, mla_layers: list[int], dtype=torch.float32,
+                    device: str | torch.device = "cpu") -> LoadedModel:
+    """The hybrid the KD stage starts from: each decoder layer taken from the ILD'd student of its kind
+    (`<model_dir>/ilkd/{mla,mamba}/model`), MLA at `mla_layers` (zebra.compose.students.assemble_hybrid)."""
+    from zebra.compose.students import assemble_hybrid
+
+    start = time.perf_counter()
+    mla = load_exported(model_dir / "ilkd" / "mla" / "model", dtype=dtype, device=device)
+    mamba = load_exported(model_dir / "ilkd" / "mamba" / "model", dtype=dtype, device=device)
+    hybrid = assemble_hybrid(mla.model, mamba.model, mla_layers).eval()
+    del mamba
+    return LoadedModel("assembled", "assembled", hybrid, mla.tokenizer,
+                       f"assemble_hybrid({model_dir / 'ilkd'}/{{mla,mamba}}/model, mla_layers={mla_layers})",
+                       [], time.perf_counter() - start)
+
+
+@dataclass
+class Candidate:
+    """A model to evaluate, loaded on demand (one at a time keeps memory at one model + the teacher)."""
+
+    name: str
+    role: str
+    path: Path | None = None  # an export
+    mla_layers: list[int] | None = None  # for role "assembled"
+    layers_from: str = ""
+    model_dir: Path | None = None
+    skipped: str | None = None  # why it cannot be evaluated
+
+    def load(self, dtype=torch.float32, device="cpu") -> LoadedModel:
+        if self.role == "assembled":
+            m = build_assembled(self.model_dir, self.mla_layers, dtype=dtype, device=device)
+            m.name = self.name
+            m.notes.append(f"MLA layers from {self.layers_from}")
+            return m
+        return load_exported(self.path, name=self.name, role=self.role, dtype=dtype, device=device)
+
+
+def discover_candidates(model_dir: str | Path, mix: str | None = None, mla_layers: list[int] | None = None,
+                        include_students: bool = False, require_mix: bool = True) -> tuple[list[Candidate], str | None]:
+    """The models of one training run under `<paths.model_dir>` (= `<paths.root>/<model.name>`), for one mix:
+    the assembled-but-untrained hybrid (built from the ILD exports; the KD stage's starting point), the KD'd
+    hybrid (`<mix>/kd/model`) and the DPO'd hybrid (`<mix>/dpo/model`); with `include_students` also the ILD'd
+    all-MLA and all-Mamba2 students. Returns (candidates, name of the final hybrid: dpo, else kd, else None).
+    `mla_layers` overrides the assembled hybrid's layer list (default: read from the kd stage's outputs).
+    `require_mix=False` accepts a mix with no stage directory yet (before KD: only the assembled hybrid).
+    """
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise EvalInputError(f"artifacts directory {model_dir} does not exist (expected <paths.root>/<model.name>)")
+    mixes = discover_mixes(model_dir)
+    if mix is None:
+        if len(mixes) > 1:
+            raise EvalInputError(f"{model_dir} holds several mixes {mixes}; choose one with --mix")
+        mix = mixes[0] if mixes else None
+    elif require_mix and mix not in mixes and not (model_dir / mix).is_dir():
+        raise EvalInputError(f"mix {mix!r} not found under {model_dir} (found: {mixes or 'none'})")
+    out: list[Candidate] = []
+    ild = model_dir / "ilkd"
+    if include_students:
+        for kind in ("mla", "mamba"):
+            p = ild / kind / "model"
+            if (p / "config.json").is_file():
+                out.append(Candidate(f"ilkd_{kind}", f"ilkd_{kind}", path=p))
+    final = None
+    if mix is not None:
+        layers, src = (mla_layers, "the caller") if mla_layers is not None else assembled_layers(model_dir, mix)
+        cand = Candidate("assembled", "assembled", mla_layers=layers, layers_from=src, model_dir=model_dir)
+        missing = [str(ild / k / "model") for k in ("mla", "mamba")
+                   if not (ild / k / "model" / "config.json").is_file()]
+        if missing:
+            cand.skipped = f"the ILD exports are missing ({', '.join(missing)})"
+        elif layers is None:
+            cand.skipped = f"no MLA layer list for mix {mix!r} (no kd report or export; pass --mla-layers)"
+        out.append(cand)
+        for stage in ("kd", "dpo"):
+            p = model_dir / mix / stage / "model"
+            if (p / "config.json").is_file():
+                out.append(Candidate(stage, stage, path=p))
+                final = stage
+    return out, final
+
+
+# ------------------------------------------------------------------------------------------------ size and cache
+def count_parameters(model: torch.nn.Module) -> int:
+    """Unique parameters (tied embeddings counted once)."""
+    from zebra.describe import count_parameters as _count
+
+    return _count(model)
+
+
+def cache_info(model) -> dict:
+    """KV cache per token (bf16 bytes) and its fraction of the base Transformer's. A zebra hybrid's is measured
+    from its HybridCache (zebra.model.cache.measure_cache_bytes); a Llama's is its K and V of g heads per layer."""
+    cfg = model.config
+    if getattr(cfg, "model_type", None) == "zebra":
+        from zebra.model.cache import measure_cache_bytes
+
+        c = measure_cache_bytes(cfg, dtype=torch.bfloat16)
+        return {"kv_fraction": c["kv_fraction"], "cache_bytes_per_token": c["cache_bytes_per_token"],
+                "cache_constant_bytes": c["cache_constant_bytes"],
+                "base_kv_bytes_per_token": c["base_kv_bytes_per_token"], "mla_layers": cfg.mla_layers,
+                "layer_types": "".join("A" if t == "mla" else "M" for t in cfg.layer_types)}
+    g = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    per_token = 2 * cfg.num_hidden_layers * g * hd * 2  # K and V, bf16
+    return {"kv_fraction": 1.0, "cache_bytes_per_token": float(per_token), "cache_constant_bytes": 0.0,
+            "base_kv_bytes_per_token": float(per_token), "mla_layers": None,
+            "layer_types": "T" * cfg.num_hidden_layers}  # T: a full attention layer
