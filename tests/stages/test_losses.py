@@ -89,3 +89,21 @@ def test_dpo_sigmoid_loss_and_sequence_logps():
     torch.testing.assert_close(got, (logp * m[:, 1:]).sum(-1))
     got.sum().backward()
     assert hid.grad is not None and hid.grad[:, :3].abs().sum() == 0
+
+
+def test_kd_loss_benchmark_smoke_on_cpu():
+    from zebra.bench.kd_loss import main
+
+    report = main(["--device", "cpu", "--smoke"])
+    assert report["pass"]["loss<=1e-4"] and report["pass"]["grad<=1e-3"]
+    assert report["chunk_size"] < report["seq"] * report["batch"]  # several chunks
+
+
+@pytest.mark.gpu
+def test_kd_loss_benchmark_on_gpu(tmp_path):
+    """Memory and agreement at a mid size on CUDA (the full-size numbers: experiments/kd_loss_bench.json)."""
+    from zebra.bench.kd_loss import main
+
+    report = main(["--vocab", "32000", "--seq", "1024", "--batch", "2", "--repeats", "1",
+                   "--out", str(tmp_path / "bench.json")])
+    assert all(report["pass"].values()), report

@@ -109,8 +109,9 @@ def stage_hash(name: str, cfg: DictConfig) -> str:
     """Hash of everything a stage's result depends on, chained through the stages it reads from, so that
     `stage=pipeline` re-runs a stage when its own config or any upstream stage's changed."""
     sft = cfg.data.get("sft")
-    if name == "ilkd":
-        return config_hash("ilkd", _model_identity(cfg), sft, cfg.ilkd, cfg.seed)
+    if name == "ilkd":  # which students a run trains does not change either student's result
+        ild = {k: v for k, v in to_container(cfg.ilkd).items() if k != "students"}
+        return config_hash("ilkd", _model_identity(cfg), sft, ild, cfg.seed)
     if name == "smart":
         return config_hash("smart", stage_hash("ilkd", cfg), sft, cfg.smart, cfg.seed)
     if name == "kd":
@@ -504,7 +505,7 @@ class CheckpointDiskSpace(pl.Callback):
     def on_train_start(self, trainer, module):
         if trainer.global_rank != 0:
             return
-        need = self.estimate_bytes(module) * (self.keep + 1)  # + last.ckpt
+        need = self.estimate_bytes(module) * (self.keep + 1)  # + the one being written before the oldest goes
         path = Path(self.dirpath)
         probe = path
         while not probe.exists() and probe.parent != probe:
@@ -562,20 +563,21 @@ def build_strategy(scfg):
 
 
 def build_trainer(cfg: DictConfig, stage: str, stage_dir: Path, max_steps: int, stage_cfg: DictConfig,
-                  extra_callbacks: list | None = None, **overrides) -> pl.Trainer:
+                  extra_callbacks: list | None = None, ckpt_dir: Path | None = None, **overrides) -> pl.Trainer:
     """The Lightning Trainer of one stage: `cfg.trainer` (instantiated), the stage's step budget, checkpoints under
     `<stage_dir>/checkpoints` (retention + last), throughput/MFU and disk-space callbacks, the loggers."""
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 
     ckpt_cfg = cfg.get("checkpoint") or {}
-    ckpt_dir = stage_dir / "checkpoints"
+    ckpt_dir = ckpt_dir or stage_dir / "checkpoints"
     every = int(stage_cfg.get("checkpoint_every_n_steps") or ckpt_cfg.get("every_n_steps") or 0)
     keep = int(ckpt_cfg.get("keep", 2))
     weights_only = bool(ckpt_cfg.get("weights_only", False))
     callbacks = []
     if every > 0:
+        # newest `keep` step checkpoints (monitoring the step), and last.ckpt as a link to the newest: no copy
         callbacks.append(ModelCheckpoint(dirpath=str(ckpt_dir), filename="step{step:06d}", auto_insert_metric_name=False,
-                                         every_n_train_steps=every, save_last=True, save_top_k=keep,
+                                         every_n_train_steps=every, save_last="link", save_top_k=keep,
                                          monitor="train/global_step", mode="max", save_weights_only=weights_only))
         callbacks.append(CheckpointDiskSpace(str(ckpt_dir), keep=keep, weights_only=weights_only))
     perf = cfg.get("perf") or {}
@@ -594,14 +596,14 @@ def build_trainer(cfg: DictConfig, stage: str, stage_dir: Path, max_steps: int, 
                        enable_checkpointing=every > 0, **overrides)
 
 
-def resolve_ckpt_path(cfg: DictConfig, stage_dir: Path) -> str | None:
-    """`ckpt_path=last` resumes from `<stage_dir>/checkpoints/last.ckpt` when it exists (a fresh start otherwise,
-    so a requeued job that never reached a checkpoint just starts); any other value is a path."""
+def resolve_ckpt_path(cfg: DictConfig, ckpt_dir: Path) -> str | None:
+    """`ckpt_path=last` resumes from `<ckpt_dir>/last.ckpt` when it exists (a fresh start otherwise, so a
+    requeued job that never reached a checkpoint just starts); any other value is a path."""
     ckpt = cfg.get("ckpt_path")
     if ckpt in (None, "", "none", "null"):
         return None
     if ckpt == "last":
-        last = stage_dir / "checkpoints" / "last.ckpt"
+        last = Path(ckpt_dir) / "last.ckpt"
         if last.is_file():
             return str(last)
         log.info("ckpt_path=last but %s does not exist: starting fresh", last)
@@ -612,9 +614,24 @@ def resolve_ckpt_path(cfg: DictConfig, stage_dir: Path) -> str | None:
 
 
 def fit(trainer: pl.Trainer, module: pl.LightningModule, datamodule, ckpt_path: str | None) -> None:
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    finally:
+        finish_loggers(trainer)
     if trainer.interrupted:
         raise StageError("training was interrupted; no export written (resume with ckpt_path=last)")
+
+
+def finish_loggers(trainer: pl.Trainer) -> None:
+    """Close each stage's wandb run, so the next stage of a pipeline gets a run of its own."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    for lg in trainer.loggers:
+        if isinstance(lg, WandbLogger) and getattr(lg, "_experiment", None) is not None:
+            try:
+                lg.experiment.finish()
+            except Exception as err:  # never let logging break a finished training run
+                log.warning("could not finish the wandb run: %s", err)
 
 
 # ------------------------------------------------------------------------------------------------ run helpers
@@ -632,17 +649,57 @@ def build_token_data(cfg: DictConfig, tokenizer, split: str, seq_len: int, batch
     """The token-mixture DataModule of `cfg.data.sft` for one stage's split and shapes."""
     if cfg.data.get("sft") is None:
         raise StageError(f"data config {cfg.data.get('name')!r} has no `sft` (token mixture) section")
-    return instantiate(cfg.data.sft, tokenizer=tokenizer, split=split, seq_len=int(seq_len),
-                       batch_size=int(batch_size), max_tokens=max_tokens, assistant_only=bool(assistant_only))
+    return instantiate_plain(cfg.data.sft, tokenizer=tokenizer, split=split, seq_len=int(seq_len),
+                             batch_size=int(batch_size), max_tokens=max_tokens, assistant_only=bool(assistant_only))
 
 
-def plan_steps(stage_cfg: DictConfig, world_size: int, unit_tokens: int) -> int:
-    """Optimiser steps from `max_steps`, else from the token budget (ceil; at least one)."""
-    if stage_cfg.get("max_steps"):
-        return int(stage_cfg.max_steps)
-    per_step = unit_tokens * int(stage_cfg.get("accumulate_grad_batches", 1) or 1) * world_size
-    return max(1, math.ceil(int(stage_cfg.tokens) / per_step))
+def instantiate_plain(node, **kwargs):
+    """hydra.utils.instantiate, but an error raised by the target's constructor (a missing data file, a bad
+    field) surfaces as itself rather than wrapped in Hydra's InstantiationException."""
+    from hydra.errors import InstantiationException
 
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as err:
+        if err.__cause__ is not None:
+            raise err.__cause__ from None
+        raise
+
+
+def prepare_token_data(cfg: DictConfig, tokenizer, split: str, seq_len: int, batch_size: int, world_size: int,
+                       max_tokens: int | None = None, assistant_only: bool = False):
+    """`build_token_data`, set up and checked (paths, emptiness, at least one global batch) before any model
+    is loaded, so bad data fails in seconds with the data module's message."""
+    dm = build_token_data(cfg, tokenizer, split, seq_len, batch_size, max_tokens, assistant_only)
+    dm.setup()
+    dm.num_batches(world_size)
+    return dm
+
+
+def plan_token_stage(cfg: DictConfig, sc: DictConfig, tokenizer, trainer, assistant_only: bool = False):
+    """(steps, data module) of a token-mixture stage. Budget, first that is set: `max_steps`, `tokens` (rows of
+    seq_len tokens; steps = ceil(tokens / (seq_len * batch_size * accumulate * world))), `epochs` (passes over the
+    split). Sets the trainer's max_steps; the data module is checked before any model loads."""
+    world = trainer.world_size
+    accumulate = int(sc.get("accumulate_grad_batches", 1) or 1)
+    unit = int(sc.seq_len) * int(sc.batch_size) * accumulate * world
+    if sc.get("max_steps"):
+        steps = int(sc.max_steps)
+    elif sc.get("tokens"):
+        steps = max(1, math.ceil(int(sc.tokens) / unit))
+    elif sc.get("epochs"):
+        steps = None
+    else:
+        raise StageError("set one of max_steps, tokens or epochs for the stage's budget")
+    if steps is not None:
+        dm = prepare_token_data(cfg, tokenizer, sc.split, sc.seq_len, sc.batch_size, world,
+                                max_tokens=steps * unit, assistant_only=assistant_only)
+    else:  # one Lightning epoch = one pass over the split; the row stream continues into further passes
+        dm = prepare_token_data(cfg, tokenizer, sc.split, sc.seq_len, sc.batch_size, world,
+                                assistant_only=assistant_only)
+        steps = max(1, math.ceil(float(sc.epochs) * dm.num_batches(world) / accumulate))
+    trainer.fit_loop.epoch_loop.max_steps = steps
+    return steps, dm
 
 
 # ------------------------------------------------------------------------------------------------ exports
@@ -716,34 +773,41 @@ def model_card(*, title: str, stage: str, model, base: str, teacher: str, teache
     return "\n".join(lines)
 
 
+def export_to(model, tokenizer, directory: Path | str, card: str) -> None:
+    """Hugging Face export (safetensors + config + tokenizer + README.md model card) into `directory`."""
+    directory = Path(directory)
+    model.save_pretrained(directory, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    (directory / "README.md").write_text(card)
+
+
 def export_model(model, tokenizer, dst: Path | str, card: str) -> Path:
-    """Hugging Face export (safetensors + config + tokenizer + README.md), written atomically."""
-    def write(tmp: Path):
-        model.save_pretrained(tmp, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        (tmp / "README.md").write_text(card)
-    return atomic_dir(dst, write)
+    """`export_to`, written atomically: a temporary sibling renamed into place, never a partial `dst`."""
+    return atomic_dir(dst, lambda tmp: export_to(model, tokenizer, tmp, card))
 
 
-def dataset_description(data_cfg: DictConfig | dict | None, key: str) -> str:
+def dataset_description(data_cfg, key: str) -> str:
+    """`<data name>: <source paths / hub names>` for model cards."""
     if data_cfg is None:
         return "?"
-    node = data_cfg.get(key) if hasattr(data_cfg, "get") else None
+    name = str(data_cfg.get("name", "?"))
+    node = data_cfg.get(key)
     if node is None:
-        return str(data_cfg.get("name", "?"))
-    srcs = node.get("sources") or []
-    names = []
-    for s in srcs:
-        names.append(str(s.get("path") or s.get("name") or s))
-    return f"{data_cfg.get('name', '?')}: " + ", ".join(names) if names else str(data_cfg.get("name", "?"))
+        return name
+    srcs = node.get("sources") or node.get("source") or []
+    if not isinstance(srcs, (list, tuple)) and not OmegaConf.is_list(srcs):
+        srcs = [srcs]
+    names = [str(s.get("path") or s.get("name")) if hasattr(s, "get") else str(s) for s in srcs]
+    return f"{name}: " + ", ".join(names) if names else name
 
 
 def stage_summary(trainer: pl.Trainer | None, module: StageModule | None, wall: float) -> dict:
     hist = list(getattr(module, "loss_history", []) or [])
     return {
         "steps": int(trainer.global_step) if trainer is not None else 0,
-        "tokens_seen": int(getattr(module, "tokens_seen", 0)),
+        # real tokens of this rank's batches x ranks (ranks see equally long packed rows)
+        "tokens_seen": int(getattr(module, "tokens_seen", 0)) * (trainer.world_size if trainer is not None else 1),
         "wall_seconds": round(wall, 2),
         "loss_first": hist[0] if hist else None,
         "loss_last": hist[-1] if hist else None,

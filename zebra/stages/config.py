@@ -22,6 +22,10 @@ def _wandb_offline() -> bool:
 
 
 def register_resolvers() -> None:
+    from zebra.launch import launch_stamp
+
     for name, fn in (("join", _join), ("cwd", lambda: os.getcwd()), ("wandb_offline", _wandb_offline)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
+    if not OmegaConf.has_resolver("launch_stamp"):  # cached like Hydra's `now`: one value per run
+        OmegaConf.register_new_resolver("launch_stamp", launch_stamp, use_cache=True)

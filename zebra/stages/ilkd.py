@@ -11,7 +11,6 @@ Embeddings and LM head are frozen; the final norm trains only under `last_layer_
 from __future__ import annotations
 
 import logging
-import math
 import time
 from pathlib import Path
 
@@ -148,7 +147,14 @@ def run(cfg: DictConfig) -> dict:
     if any(k not in KINDS for k in kinds):
         raise StageError(f"ilkd.students must be both, mla or mamba, got {sc.students!r}")
 
+    # cheap checks first: data (paths, emptiness, enough tokens for one batch) before any model is loaded
     tokenizer = common.load_model_tokenizer(cfg.model.tokenizer)
+    # one checkpoint directory per set of students trained together (the pipeline may train them one by one)
+    ckpt_dir = out_dir / ("checkpoints" if len(kinds) == 2 else f"checkpoints-{kinds[0]}")
+    trainer = common.build_trainer(cfg, "ilkd", out_dir, max_steps=1, stage_cfg=sc, ckpt_dir=ckpt_dir,
+                                   accumulate_grad_batches=sc.get("accumulate_grad_batches", 1))
+    steps, datamodule = common.plan_token_stage(cfg, sc, tokenizer, trainer)
+
     teacher = common.load_teacher_model(cfg.model.teacher, cfg.model.base, dtype=common.teacher_dtype(cfg))
     if len(tokenizer) > teacher.model.config.vocab_size:
         raise common.TokenizerMismatchError(
@@ -160,32 +166,32 @@ def run(cfg: DictConfig) -> dict:
     mla_kwargs = OmegaConf.to_container(cfg.model.mla, resolve=True)
     students, init_reports = {}, {}
     for kind in kinds:
+        t0 = time.perf_counter()
         student, rep = build_student(teacher.model, mla_kwargs, kind=kind)
         student.train()
         students[kind] = student
         init_reports[kind] = rep.get("mean") or {}
+        log.info("ilkd: built the all-%s student in %.1f s", kind, time.perf_counter() - t0)
 
     module = ILDModule(students, teacher.model, mixer_loss=sc.mixer_loss, mixer_loss_weight=sc.mixer_loss_weight,
                        last_layer_target=sc.last_layer_target, gradient_checkpointing=sc.gradient_checkpointing,
                        seq_len=int(sc.seq_len), optimizer=instantiate(sc.optimizer),
                        scheduler=instantiate(sc.scheduler))
-    trainer = common.build_trainer(cfg, "ilkd", out_dir, max_steps=1, stage_cfg=sc,
-                                   accumulate_grad_batches=sc.get("accumulate_grad_batches", 1))
-    steps = common.plan_steps(sc, trainer.world_size, int(sc.seq_len) * int(sc.batch_size))
-    trainer.fit_loop.epoch_loop.max_steps = steps
-    datamodule = common.build_token_data(cfg, tokenizer, sc.split, sc.seq_len, sc.batch_size,
-                                  max_tokens=steps * int(sc.get("accumulate_grad_batches", 1) or 1)
-                                  * trainer.world_size * int(sc.batch_size) * int(sc.seq_len))
-    common.fit(trainer, module, datamodule, common.resolve_ckpt_path(cfg, out_dir))
+    common.fit(trainer, module, datamodule, common.resolve_ckpt_path(cfg, ckpt_dir))
     wall = time.perf_counter() - start
 
     summary = common.stage_summary(trainer, module, wall)
     report = {"stage": "ilkd", "config_hash": common.stage_hash("ilkd", cfg), "model": cfg.model.name,
               "teacher": cfg.model.teacher, "teacher_quantisation": teacher.quantisation,
               "last_layer_target": sc.last_layer_target, "mixer_loss": bool(sc.mixer_loss),
-              "students": {}, **summary}
+              "trained_together": list(kinds), **summary}
     if trainer.global_rank == 0:
         data_desc = common.dataset_description(cfg.data, "sft") + f" (split {sc.split})"
+        merged = read_report(out_dir)
+        merged.update({k: v for k, v in report.items() if k != "students"})
+        merged.setdefault("students", {})
+        if merged.get("config_hash") != report["config_hash"]:
+            merged["students"] = {}
         for kind, student in students.items():
             student.eval()
             card = common.model_card(
@@ -193,11 +199,25 @@ def run(cfg: DictConfig) -> dict:
                 base=str(cfg.model.teacher), teacher=str(cfg.model.teacher),
                 teacher_quantisation=teacher.quantisation, data=data_desc, tokens=module.tokens_seen,
                 extra={"last-layer target": sc.last_layer_target, "mixer loss": bool(sc.mixer_loss)})
-            common.export_model(student, tokenizer, out_dir / kind / "model", card)
-            report["students"][kind] = {"params": common.count_params(student),
-                                        "kv_fraction": common.kv_fraction(student.config),
-                                        "init_errors": init_reports[kind],
-                                        "export": str(out_dir / kind / "model")}
-        common.write_json_atomic(out_dir / "report.json", report)
+            kind_report = {"kind": kind, "config_hash": report["config_hash"], "params": common.count_params(student),
+                           "kv_fraction": common.kv_fraction(student.config), "init_errors": init_reports[kind],
+                           "loss_first": summary["loss_first"], "loss_last": summary["loss_last"],
+                           "export": str(out_dir / kind / "model")}
+
+            def write(tmp: Path, student=student, card=card, kind_report=kind_report):
+                common.export_to(student, tokenizer, tmp / "model", card)
+                common.write_json_atomic(tmp / "report.json", kind_report)
+
+            common.atomic_dir(out_dir / kind, write)  # model/ and its report appear together or not at all
+            merged["students"][kind] = kind_report
+        common.write_json_atomic(out_dir / "report.json", merged)
+        report = merged
         log.info("ilkd done: %s", out_dir)
     return report
+
+
+def read_report(out_dir: Path) -> dict:
+    try:
+        return common.read_json(out_dir / "report.json")
+    except (OSError, ValueError):
+        return {}

@@ -40,11 +40,18 @@ class _ChunkedKD(torch.autograd.Function):
         ce_total = torch.zeros((), dtype=acc, device=hs.device)
         inv_t = 1.0 / temperature
         use_ce = ce_weight != 0.0 and labels is not None
+        # Matmuls run in the activations' dtype (bf16 under bf16 training; autocast, when on, casts by itself);
+        # outside autocast a weight of another dtype (fp32 master weights) is cast once for the call.
+        autocast = torch.is_autocast_enabled(hs.device.type)
+        ws_mm = ws if autocast or ws.dtype == hs.dtype else ws.to(hs.dtype)
+        if not autocast and wt.dtype != ht.dtype:
+            wt = wt.to(ht.dtype)
+        mm_dtype = torch.get_autocast_dtype(hs.device.type) if autocast else hs.dtype
         for start in range(0, n, chunk_size):
             end = min(n, start + chunk_size)
             hs_c = hs[start:end]
             # logits in the inputs' dtype (bf16 matmul under bf16 training), then fp32 for the softmaxes
-            zs = (hs_c @ ws.t()).to(acc)
+            zs = (hs_c @ ws_mm.t()).to(acc)
             zt = (ht[start:end] @ wt.t()).to(acc)
             logp_t = torch.log_softmax(zt.mul_(inv_t), dim=-1)
             del zt
@@ -68,10 +75,10 @@ class _ChunkedKD(torch.autograd.Function):
                     g.add_(p1.mul_(valid[:, None].to(p1.dtype)), alpha=ce_weight)
                     del p1
                 del p_t, logp_s, zs
-                g_lp = g.to(ws.dtype)
+                g_lp = g.to(mm_dtype)  # the same rounding autograd applies to the logits' gradient
                 del g
                 if need_h:
-                    grad_h[start:end] = g_lp @ ws
+                    grad_h[start:end] = (g_lp @ ws_mm).to(grad_h.dtype)
                 if need_w:
                     grad_w.add_((g_lp.t() @ hs_c).to(acc))
                 del g_lp

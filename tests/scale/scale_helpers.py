@@ -1,0 +1,82 @@
+"""Helpers for the scale-out tests: run train.py in subprocesses (one per rank when a launcher starts several),
+small local data, step traces written by zebra.launch.trainer.StepTrace.
+
+(A uniquely named module, so test files can import it whatever other conftest.py files are loaded.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+TRAIN = str(REPO / "train.py")
+sys.path.insert(0, str(REPO / "tests" / "stages"))
+
+from stage_helpers import write_sft  # noqa: E402
+
+
+def subprocess_env(**extra: str) -> dict:
+    env = dict(os.environ)
+    env.update({"HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "TOKENIZERS_PARALLELISM": "false",
+                "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)})
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID"):
+        env.pop(key, None)  # never inherit a launcher's variables from the test runner
+    env.update(extra)
+    return env
+
+
+def train(args: list[str], *, nproc: int | None = None, timeout: float = 300, cwd: Path | None = None,
+          env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    """`python train.py args` or, with nproc, `torchrun --standalone --nproc-per-node=nproc train.py args`."""
+    if nproc:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", TRAIN]
+    else:
+        cmd = [sys.executable, TRAIN]
+    proc = subprocess.run(cmd + list(args), cwd=str(cwd or REPO), env=env or subprocess_env(), capture_output=True,
+                          text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd + list(args))} exited {proc.returncode}\n--- stdout\n"
+                             f"{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def read_trace(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def trace_runs(records: list[dict]) -> list[list[dict]]:
+    """The trace split at each `start` record: one list per fit (stage, or resumed attempt)."""
+    runs: list[list[dict]] = []
+    for r in records:
+        if r["event"] == "start":
+            runs.append([])
+        if runs:
+            runs[-1].append(r)
+    return runs
+
+
+def step_losses(run: list[dict]) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in run if r["event"] == "step"}
+
+
+def tiny_data(directory: Path, n: int = 80, seed: int = 0) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    return write_sft(directory / "sft.jsonl", n=n, seed=seed)
+
+
+def padded_tokens_per_batch(data: Path, split: str, seq_len: int, global_batch: int, max_tokens: int,
+                            heldout_fraction: float) -> list[int]:
+    """Padding tokens in each global batch a stage will train on (one process; the rows do not depend on how
+    they are spread over ranks)."""
+    from zebra.data.sft import TokenMixtureDataModule
+    from zebra.stages.common import load_model_tokenizer
+
+    dm = TokenMixtureDataModule(tokenizer=load_model_tokenizer("smollm2_135m"), sources=[{"path": str(data)}],
+                                split=split, seq_len=seq_len, batch_size=global_batch, max_tokens=max_tokens,
+                                heldout_fraction=heldout_fraction, chat_template="tokenizer", seed=42)
+    dm.setup()
+    return [int((b["attention_mask"] == 0).sum()) for b in dm.train_dataloader(0, 1)]

@@ -1,0 +1,67 @@
+"""Acceptance 1 (issue 5): a 2-process DDP run (gloo, CPU) of `ilkd` and `kd` on the tiny preset follows the same
+loss curve as the single-process run on the same global batch.
+
+Processes are started one per rank by torchrun (DESIGN §5); Lightning must not start any itself, and Hydra makes
+one run directory for both ranks. The loss of each step is the mean over ranks of the ranks' losses (StepTrace),
+which is the global batch's loss: ILD's loss is a per-token mean over equally full packed rows, KD's a per-sequence
+mean, so the mean of the two halves is the mean of the whole -- as long as both halves hold as many real tokens.
+A global batch with the split's one padded (final, partial) row breaks that for ILD (its per-rank token means are
+averaged with equal weights), so the data here are chosen, and checked, to keep that row out of the steps
+compared.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from scale_helpers import padded_tokens_per_batch, read_trace, step_losses, tiny_data, trace_runs, train
+
+pytestmark = pytest.mark.slow
+
+GLOBAL_BATCH, SEQ, STEPS = 4, 32, 3
+HELDOUT = 0.1
+
+
+def overrides(root, data, trace, batch_size: int, threads: int) -> list[str]:
+    tokens = GLOBAL_BATCH * SEQ * STEPS
+    return [
+        "stage=pipeline", "stage.order=[ilkd,kd]", "model=tiny", "mix=uniform", "mix.n_mla=2", "logger=none",
+        f"paths.root={root}", "trainer.enable_progress_bar=false", f"num_threads={threads}",
+        f"data.sft.sources=[{{path: '{data}'}}]", f"data.sft.heldout_fraction={HELDOUT}",
+        f"ilkd.seq_len={SEQ}", f"ilkd.batch_size={batch_size}", f"ilkd.tokens={tokens}", "ilkd.checkpoint_every_n_steps=0",
+        f"kd.seq_len={SEQ}", f"kd.batch_size={batch_size}", f"kd.tokens={tokens}", "kd.checkpoint_every_n_steps=0",
+        "kd.heldout_batches=0",
+        "+callbacks.trace._target_=zebra.launch.trainer.StepTrace", f"+callbacks.trace.path={trace}",
+    ]
+
+
+def test_ddp_two_processes_match_one_process(tmp_path):
+    data = tiny_data(tmp_path / "data", n=300)
+    for split in ("ilkd", "kd"):
+        pads = padded_tokens_per_batch(data, split, SEQ, GLOBAL_BATCH, GLOBAL_BATCH * SEQ * STEPS, HELDOUT)
+        assert pads == [0] * STEPS, f"test data: the {split} steps compared must hold no padding, got {pads}"
+    one, two = tmp_path / "one", tmp_path / "two"
+    train(overrides(one, data, one / "trace.jsonl", batch_size=GLOBAL_BATCH, threads=2))
+    # ilkd and kd as two launches: within one multi-process pipeline, the non-zero ranks start kd without waiting
+    # for rank 0 to finish exporting the ILD students (no barrier between stages yet; reported)
+    for stage in ("ilkd", "kd"):
+        train(overrides(two, data, two / "trace.jsonl", batch_size=GLOBAL_BATCH // 2, threads=1)
+              + ["trainer=ddp_cpu", "strategy=ddp", f"stage.order=[{stage}]"], nproc=2)
+
+    runs_one, runs_two = trace_runs(read_trace(one / "trace.jsonl")), trace_runs(read_trace(two / "trace.jsonl"))
+    assert len(runs_one) == len(runs_two) == 2, "one fit per stage (ilkd, kd)"
+    for stage, a, b in zip(("ilkd", "kd"), runs_one, runs_two):
+        assert a[0]["world_size"] == 1 and b[0]["world_size"] == 2
+        la, lb = step_losses(a), step_losses(b)
+        assert sorted(la) == sorted(lb) == list(range(STEPS)), (stage, la, lb)
+        for s in la:
+            assert lb[s] == pytest.approx(la[s], rel=1e-4, abs=1e-6), (stage, s, la, lb)
+        assert la[STEPS - 1] != la[0], f"{stage}: the loss must move, or the comparison says nothing"
+
+    # both exports exist, written once (rank 0)
+    for root in (one, two):
+        assert (root / "tiny" / "ilkd" / "mla" / "model" / "config.json").is_file()
+        assert (root / "tiny" / "2mla-uniform" / "kd" / "model" / "config.json").is_file()
+    # Hydra made one run directory per launch, shared by the two ranks
+    runs = [p for p in (two / "logs" / "hydra").rglob(".hydra")]
+    assert len(runs) == 2, runs

@@ -1,0 +1,144 @@
+"""Stage `dpo`: direct preference optimisation of the KD'd hybrid (METHOD §7).
+
+Policy = the KD export, reference = a frozen copy of it (kept out of the module's parameters and checkpoints).
+Sigmoid loss -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))) on summed reply log-probs; chosen and
+rejected run through each model in one batched forward.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from torch import nn
+
+from zebra.stages import common
+from zebra.stages.common import MissingArtifactError, StageError, StageModule
+from zebra.stages.losses import dpo_sigmoid_loss, sequence_logps
+
+log = logging.getLogger("zebra.stages.dpo")
+
+
+def stacked(batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """chosen rows then rejected rows: input_ids, attention_mask, loss_mask [2B, T]."""
+    return tuple(torch.cat([batch[f"chosen_{k}"], batch[f"rejected_{k}"]], 0)
+                 for k in ("input_ids", "attention_mask", "loss_mask"))
+
+
+class DPOModule(StageModule):
+    def __init__(self, policy: nn.Module, reference: nn.Module, beta: float = 0.01, label_smoothing: float = 0.0,
+                 gradient_checkpointing: bool = False, seq_len: int = 0, optimizer=None, scheduler=None):
+        super().__init__(optimizer, scheduler)
+        self.policy = policy
+        self.add_frozen("reference", reference)
+        self.beta, self.label_smoothing, self.seq_len = float(beta), float(label_smoothing), seq_len
+        if gradient_checkpointing:
+            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    def flops_per_token(self) -> float:
+        return 4.0 * common.model_forward_flops_per_token(self.policy, self.seq_len)  # policy fwd+bwd, ref fwd
+
+    @staticmethod
+    def logps(model: nn.Module, ids, attn, loss_mask) -> torch.Tensor:
+        hidden = model.model(input_ids=ids, attention_mask=attn, use_cache=False).last_hidden_state
+        return sequence_logps(hidden, common.lm_head_weight(model), ids, loss_mask)
+
+    def dpo_loss(self, batch: dict):
+        ids, attn, lm = stacked(batch)
+        b = batch["chosen_input_ids"].shape[0]
+        pol = self.logps(self.policy, ids, attn, lm)
+        with torch.no_grad():
+            ref = self.logps(self.frozen("reference"), ids, attn, lm)
+        loss, rc, rr = dpo_sigmoid_loss(pol[:b], pol[b:], ref[:b], ref[b:], beta=self.beta,
+                                        label_smoothing=self.label_smoothing)
+        return loss, {"rewards/chosen": rc.mean(), "rewards/rejected": rr.mean(),
+                      "rewards/accuracy": (rc > rr).float().mean(), "rewards/margin": (rc - rr).mean(),
+                      "logps/chosen": pol[:b].detach().mean(), "logps/rejected": pol[b:].detach().mean()}
+
+    def training_step(self, batch, batch_idx):
+        self.count_tokens({"attention_mask": torch.cat([batch["chosen_attention_mask"],
+                                                         batch["rejected_attention_mask"]])})
+        loss, stats = self.dpo_loss(batch)
+        self.check_finite(loss)
+        self.loss_history.append(float(loss.detach()))
+        b = batch["chosen_input_ids"].shape[0]
+        self.log_dict({"train/loss": loss.detach(), "train/global_step": float(self.global_step),
+                       **{f"train/{k}": v for k, v in stats.items()}}, on_step=True, on_epoch=False, batch_size=b)
+        self.log("loss", loss.detach(), prog_bar=True, logger=False, on_step=True, on_epoch=False, batch_size=1)
+        return loss
+
+
+def load_kd_export(cfg: DictConfig):
+    from transformers import AutoTokenizer
+
+    from zebra.model import ZebraForCausalLM
+
+    path = Path(cfg.paths.kd_dir) / "model"
+    if not (path / "config.json").is_file():
+        raise MissingArtifactError(f"the KD'd hybrid is missing: {path} (run `python train.py stage=kd` first with "
+                                   "the same model/mix/paths settings)")
+    return ZebraForCausalLM.from_pretrained(path, dtype=torch.float32), AutoTokenizer.from_pretrained(path)
+
+
+def run(cfg: DictConfig) -> dict:
+    sc = cfg.dpo
+    start = time.perf_counter()
+    out_dir = Path(cfg.paths.dpo_dir)
+    policy, tokenizer = load_kd_export(cfg)
+    if cfg.data.get("preference") is None:
+        raise StageError(f"data config {cfg.data.get('name')!r} has no `preference` section")
+    dm = common.instantiate_plain(cfg.data.preference, tokenizer=tokenizer, max_length=int(sc.max_length),
+                     max_prompt_length=int(sc.max_prompt_length), batch_size=int(sc.batch_size))
+    reference = copy.deepcopy(policy)
+    ref_dtype = common.teacher_dtype(cfg)
+    reference.to(ref_dtype)
+    common.keep_ssm_params_fp32(reference)
+    policy.train()
+    for p in policy.parameters():
+        p.requires_grad_(True)
+    module = DPOModule(policy, reference, beta=sc.beta, label_smoothing=sc.label_smoothing,
+                       gradient_checkpointing=sc.gradient_checkpointing, seq_len=int(sc.max_length),
+                       optimizer=instantiate(sc.optimizer), scheduler=instantiate(sc.scheduler))
+    accumulate = int(sc.get("accumulate_grad_batches", 1) or 1)
+    trainer = common.build_trainer(cfg, "dpo", out_dir, max_steps=1, stage_cfg=sc, accumulate_grad_batches=accumulate)
+    world = trainer.world_size
+    if sc.get("max_steps"):
+        steps = int(sc.max_steps)
+    elif sc.get("epochs"):
+        steps = max(1, math.ceil(float(sc.epochs) * dm.num_batches(world) / accumulate))
+    else:
+        steps = max(1, math.ceil(int(sc.pairs) / (int(sc.batch_size) * accumulate * world)))
+    dm.num_batches(world)  # fails early, naming the data, when there is not one global batch
+    trainer.fit_loop.epoch_loop.max_steps = steps
+    common.fit(trainer, module, dm, common.resolve_ckpt_path(cfg, out_dir / "checkpoints"))
+    wall = time.perf_counter() - start
+    report = {"stage": "dpo", "config_hash": common.stage_hash("dpo", cfg), "model": cfg.model.name,
+              "mix": cfg.mix.name, "params": common.count_params(policy), "kv_fraction": common.kv_fraction(policy.config),
+              "beta": sc.beta, "pairs_seen": steps * int(sc.batch_size) * accumulate * world,
+              **common.stage_summary(trainer, module, wall)}
+    if trainer.global_rank == 0:
+        policy.eval()
+        card = common.model_card(
+            title=f"zebra {cfg.model.name} {cfg.mix.name} hybrid after DPO", stage="dpo", model=policy,
+            base=str(cfg.model.teacher), teacher=str(cfg.model.kd_teacher) + " (KD); DPO reference = KD'd hybrid",
+            teacher_quantisation=kd_teacher_quantisation(cfg),
+            data=common.dataset_description(cfg.data, "preference"), tokens=module.tokens_seen,
+            extra={"DPO beta": sc.beta, "preference pairs": report["pairs_seen"]})
+        common.export_model(policy, tokenizer, out_dir / "model", card)
+        common.write_json_atomic(out_dir / "report.json", report)
+        log.info("dpo done: %s", out_dir)
+    return report
+
+
+def kd_teacher_quantisation(cfg: DictConfig) -> str:
+    rep = Path(cfg.paths.kd_dir) / "report.json"
+    try:
+        return common.read_json(rep).get("teacher_quantisation", "unknown")
+    except (OSError, ValueError):
+        return "unknown"
