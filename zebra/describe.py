@@ -157,8 +157,8 @@ def layer_activation_elements(config: ZebraConfig, kind: str) -> float:
     common = 4 * c.hidden_size + 4 * c.intermediate_size
     if kind == "mla":
         qk = c.qk_nope_head_dim + c.qk_rope_head_dim
-        mixer = (c.q_lora_rank + 2 * h * qk + c.kv_lora_rank + c.qk_rope_head_dim + g * (c.qk_nope_head_dim + c.v_head_dim)
-                 + g * qk + h * c.v_head_dim + 2 * h)
+        mixer = (c.q_lora_rank + 2 * h * qk + c.kv_lora_rank + c.qk_rope_head_dim
+                 + g * (c.qk_nope_head_dim + c.v_head_dim) + g * qk + h * c.v_head_dim + 2 * h)
     elif kind == "mamba":
         d_in, nh = c.mamba_d_inner, c.mamba_nheads
         mixer = ((2 * d_in + 2 * c.mamba_d_xb + nh) + 3 * c.mamba_conv_dim + 2 * d_in + 2 * nh + 3 * d_in
@@ -226,8 +226,10 @@ def _strategy_name(cfg, devices: int) -> str:
         if stage == 3:
             return "zero3_offload" if offload else "zero3"
         return "zero2"
-    if target.endswith("DDPStrategy"):
+    if target.endswith("DDPStrategy") or node.get("name") in ("ddp", "ddp_spawn"):
         return "ddp"
+    if node.get("name") == "single_device":
+        return "single"
     return "ddp" if devices > 1 else "single"
 
 

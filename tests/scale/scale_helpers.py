@@ -29,19 +29,37 @@ def subprocess_env(**extra: str) -> dict:
     return env
 
 
-def train(args: list[str], *, nproc: int | None = None, timeout: float = 300, cwd: Path | None = None,
-          env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+def train_command(args: list[str], nproc: int | None = None) -> list[str]:
     """`python train.py args` or, with nproc, `torchrun --standalone --nproc-per-node=nproc train.py args`."""
     if nproc:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", TRAIN]
-    else:
-        cmd = [sys.executable, TRAIN]
-    proc = subprocess.run(cmd + list(args), cwd=str(cwd or REPO), env=env or subprocess_env(), capture_output=True,
-                          text=True, timeout=timeout)
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", TRAIN,
+                *args]
+    return [sys.executable, TRAIN, *args]
+
+
+def start(args: list[str], *, nproc: int | None = None, cwd: Path | None = None,
+          env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen(train_command(args, nproc), cwd=str(cwd or REPO), env=env or subprocess_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        raise AssertionError(f"{' '.join(proc.args)} did not finish within {timeout} s\n{out[-3000:]}\n{err[-5000:]}")
     if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd + list(args))} exited {proc.returncode}\n--- stdout\n"
-                             f"{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}")
-    return proc
+        raise AssertionError(f"{' '.join(proc.args)} exited {proc.returncode}\n--- stdout\n{out[-4000:]}\n"
+                             f"--- stderr\n{err[-6000:]}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def train(args: list[str], *, nproc: int | None = None, timeout: float = 300, cwd: Path | None = None,
+          env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    """Run train.py (under torchrun with nproc) to the end."""
+    return finish(start(args, nproc=nproc, cwd=cwd, env=env), timeout=timeout, check=check)
 
 
 def read_trace(path: Path) -> list[dict]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import pytest
 
-from scale_helpers import padded_tokens_per_batch, read_trace, step_losses, tiny_data, trace_runs, train
+from scale_helpers import finish, padded_tokens_per_batch, read_trace, start, step_losses, tiny_data, trace_runs
 
 pytestmark = pytest.mark.slow
 
@@ -28,7 +28,8 @@ def overrides(root, data, trace, batch_size: int, threads: int) -> list[str]:
         "stage=pipeline", "stage.order=[ilkd,kd]", "model=tiny", "mix=uniform", "mix.n_mla=2", "logger=none",
         f"paths.root={root}", "trainer.enable_progress_bar=false", f"num_threads={threads}",
         f"data.sft.sources=[{{path: '{data}'}}]", f"data.sft.heldout_fraction={HELDOUT}",
-        f"ilkd.seq_len={SEQ}", f"ilkd.batch_size={batch_size}", f"ilkd.tokens={tokens}", "ilkd.checkpoint_every_n_steps=0",
+        f"ilkd.seq_len={SEQ}", f"ilkd.batch_size={batch_size}", f"ilkd.tokens={tokens}",
+        "ilkd.checkpoint_every_n_steps=0",
         f"kd.seq_len={SEQ}", f"kd.batch_size={batch_size}", f"kd.tokens={tokens}", "kd.checkpoint_every_n_steps=0",
         "kd.heldout_batches=0",
         "+callbacks.trace._target_=zebra.launch.trainer.StepTrace", f"+callbacks.trace.path={trace}",
@@ -41,12 +42,14 @@ def test_ddp_two_processes_match_one_process(tmp_path):
         pads = padded_tokens_per_batch(data, split, SEQ, GLOBAL_BATCH, GLOBAL_BATCH * SEQ * STEPS, HELDOUT)
         assert pads == [0] * STEPS, f"test data: the {split} steps compared must hold no padding, got {pads}"
     one, two = tmp_path / "one", tmp_path / "two"
-    train(overrides(one, data, one / "trace.jsonl", batch_size=GLOBAL_BATCH, threads=2))
+    # the single-process run beside the two-process ones (most of each launch is single-threaded start-up)
+    single = start(overrides(one, data, one / "trace.jsonl", batch_size=GLOBAL_BATCH, threads=1))
     # ilkd and kd as two launches: within one multi-process pipeline, the non-zero ranks start kd without waiting
     # for rank 0 to finish exporting the ILD students (no barrier between stages yet; reported)
     for stage in ("ilkd", "kd"):
-        train(overrides(two, data, two / "trace.jsonl", batch_size=GLOBAL_BATCH // 2, threads=1)
-              + ["trainer=ddp_cpu", "strategy=ddp", f"stage.order=[{stage}]"], nproc=2)
+        finish(start(overrides(two, data, two / "trace.jsonl", batch_size=GLOBAL_BATCH // 2, threads=1)
+                     + ["trainer=ddp_cpu", "strategy=ddp", f"stage.order=[{stage}]"], nproc=2))
+    finish(single)
 
     runs_one, runs_two = trace_runs(read_trace(one / "trace.jsonl")), trace_runs(read_trace(two / "trace.jsonl"))
     assert len(runs_one) == len(runs_two) == 2, "one fit per stage (ilkd, kd)"

@@ -2,11 +2,10 @@
 (`hydra/launcher=submitit_slurm`, zebra's launcher class):
 
 (a) a two-job multirun sweep completes and each job writes its artifacts into its own deterministic directory;
-(b) a running job sent submitit's preemption / time-out signal (USR2, the requeue owner's signal; not scancel,
-    which ends a job for good) is requeued (same job id, restart count 1) and resumes from its last checkpoint in
-    the same directory, continuing the step count to the end;
-(c) a job Slurm requeues by itself (`scontrol requeue`, as a preemption in REQUEUE mode or a node failure would)
-    resumes the same way (SLURM_RESTART_COUNT > 0 -> ckpt_path=last).
+(b) a running job requeued by Slurm itself (`scontrol requeue`) and then sent submitit's preemption / time-out
+    signal (USR2, the requeue owner's signal; not scancel, which ends a job for good) is requeued each time (same
+    job id, restart count 1 then 2) and resumes from its last checkpoint in the same directory, carrying the step
+    count on to the end.
 
 Without accounting submitit cannot see a job that died: every wait below has a timeout, and the launcher process
 is killed if it outlives it.
@@ -17,16 +16,15 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from scale_helpers import REPO, TRAIN, read_trace, subprocess_env, tiny_data, trace_runs
+from scale_helpers import TRAIN, read_trace, subprocess_env, tiny_data, trace_runs
 
 pytestmark = pytest.mark.slurm
 
-MAX_STEPS = 8
+MAX_STEPS = 9
 
 
 def launch(args: list[str], cwd: Path) -> subprocess.Popen:
@@ -77,60 +75,75 @@ def ilkd_args(data: Path, root: Path, trace: Path) -> list[str]:
             "data.sft.heldout_fraction=0.1", "ilkd.seq_len=32", "ilkd.batch_size=1", f"ilkd.max_steps={MAX_STEPS}",
             "ilkd.checkpoint_every_n_steps=1",
             "+callbacks.trace._target_=zebra.launch.trainer.StepTrace", f"+callbacks.trace.path={trace}",
-            # each step lasts >= 1.5 s, so the job is still running when it is signalled
-            "+callbacks.slow._target_=zebra.launch.trainer.Throttle", "+callbacks.slow.seconds=1.5"]
+            # each step lasts >= 1 s, so the job is still running when it is interrupted
+            "+callbacks.slow._target_=zebra.launch.trainer.Throttle", "+callbacks.slow.seconds=1.0"]
 
 
-def interrupt_and_check_resume(slurm, tmp_path, interrupt) -> None:
+def steps_of(run: list[dict]) -> list[int]:
+    return [r["step"] for r in run if r["event"] == "step"]
+
+
+def test_requeued_job_resumes_from_its_checkpoint(slurm, tmp_path):
+    """One job, interrupted twice while it trains:
+
+    1. `scontrol requeue`: Slurm requeues it by itself (as a preemption in REQUEUE mode or a node failure would); no
+       submitit handler runs, the restarted job sees SLURM_RESTART_COUNT=1 and zebra's launcher adds ckpt_path=last;
+    2. USR2 to its steps: submitit's signal (what sbatch --signal=USR2@<signal_delay_s> sends before the time limit,
+       and what preemption sends on clusters that signal it); submitit's handler on rank 0 resubmits the same Hydra
+       job with ckpt_path=last and runs `scontrol requeue`.
+
+    Each time: the same job id, the restart count up by one, and the next attempt resumes from the last checkpoint
+    in the same directory and carries the step count on to the end.
+    """
     data = tiny_data(tmp_path / "data")
     root, trace = tmp_path / "artifacts", tmp_path / "trace.jsonl"
     ckpt = root / "tiny" / "ilkd" / "checkpoints-mla" / "last.ckpt"
     proc = launch(ilkd_args(data, root, trace), tmp_path)
-    try:
-        def trained_a_few_steps():
-            runs = trace_runs(read_trace(trace)) if trace.is_file() else []
-            done = [r for r in runs[0] if r["event"] == "step"] if runs else []
-            return runs[0][0] if len(done) >= 3 and ckpt.exists() else None
 
-        first = slurm.wait(trained_a_few_steps, 150, "the job to train 3 steps and checkpoint")
+    def attempt_trained(n: int, steps: int):
+        """The start record of attempt n once it has trained `steps` steps and saved a checkpoint after them."""
+        def check():
+            runs = trace_runs(read_trace(trace)) if trace.is_file() else []
+            if len(runs) <= n or len(steps_of(runs[n])) < steps or not ckpt.exists():
+                return None
+            return runs[n][0]
+        return check
+
+    try:
+        first = slurm.wait(attempt_trained(0, 2), 150, "the job to train 2 steps")
         # a one-job sweep is a plain job; several are the tasks of an array (<array id>_<task>)
         job = f"{first['slurm_array_job_id']}_{first['slurm_array_task_id']}" if "slurm_array_job_id" in first \
             else first["slurm_job_id"]
         assert first["global_step"] == 0 and first["ckpt_path"] is None and "slurm_restart_count" not in first
-        interrupt(job)
-        requeued = slurm.wait(lambda: slurm.job(job).get("Restarts") == "1" and slurm.job(job), 60,
-                              f"job {job} to be requeued")
-        assert requeued["JobId"] == first["slurm_job_id"]  # the same job, not a new submission
-        out = finish(proc, tmp_path, 240, slurm)
+
+        slurm.run("scontrol", "requeue", job)
+        second = slurm.wait(attempt_trained(1, 2), 150, "the first requeued attempt to train 2 steps")
+        slurm.run("scancel", "--signal=USR2", job)
+        third = slurm.wait(attempt_trained(2, 0), 150, "the second requeued attempt to start")
+        out = finish(proc, tmp_path, 180, slurm)
     finally:
         if proc.poll() is None:
             proc.kill()
+    # the result reaches the launcher while Slurm may still be COMPLETING the job
+    info = slurm.wait(lambda: slurm.job(job).get("JobState") == "COMPLETED" and slurm.job(job), 30,
+                      f"job {job} to complete")
+    assert info["Restarts"] == "2", info
+
     runs = trace_runs(read_trace(trace))
-    assert len(runs) == 2, f"expected the job to start twice\n{out[-3000:]}\n{job_logs(tmp_path)}"
-    before, after = runs
-    resumed = after[0]
-    assert resumed["slurm_job_id"] == first["slurm_job_id"] and resumed["slurm_restart_count"] == "1"
-    # resumed from the checkpoint of the first attempt, in the same directory
-    steps_before = [r["step"] for r in before if r["event"] == "step"]
-    steps_after = [r["step"] for r in after if r["event"] == "step"]
-    assert resumed["ckpt_path"] == str(ckpt)
-    assert 0 < resumed["global_step"] <= steps_before[-1] + 1
-    assert steps_after == list(range(resumed["global_step"], MAX_STEPS))
-    assert after[-1] == {**after[-1], "event": "end", "global_step": MAX_STEPS}
+    assert len(runs) == 3, f"expected three attempts\n{out[-3000:]}\n{job_logs(tmp_path)}"
+    for n, (attempt, before) in enumerate(zip((second, third), runs[:2]), start=1):
+        assert attempt["slurm_job_id"] == first["slurm_job_id"], "requeued, not resubmitted as a new job"
+        assert attempt["slurm_restart_count"] == str(n)
+        assert attempt["ckpt_path"] == str(ckpt), f"attempt {n} did not resume from the stage's last.ckpt"
+        # resumed where the previous attempt's last checkpoint was: after at least one of its steps
+        assert before[0]["global_step"] < attempt["global_step"] <= steps_of(before)[-1] + 1
+    assert third["global_step"] > second["global_step"]
+    for attempt_records in runs[1:]:
+        steps = steps_of(attempt_records)
+        assert steps == list(range(attempt_records[0]["global_step"], steps[-1] + 1))
+    assert steps_of(runs[2])[-1] == MAX_STEPS - 1 and runs[2][-1]["event"] == "end"
+    assert runs[2][-1]["global_step"] == MAX_STEPS
+    # the same directories throughout; the stage finished and exported there
     report = json.loads((root / "tiny" / "ilkd" / "report.json").read_text())
     assert report["steps"] == MAX_STEPS
     assert (root / "tiny" / "ilkd" / "mla" / "model" / "config.json").is_file()
-    assert slurm.job(first["slurm_job_id"]).get("JobState") == "COMPLETED"
-
-
-def test_signalled_job_is_requeued_and_resumes(slurm, tmp_path):
-    # USR2 to the job's steps: what sbatch --signal=USR2@<signal_delay_s> sends before the time limit, and what
-    # submitit expects on preemption. Its handler (rank 0) resubmits the Hydra job with ckpt_path=last and
-    # runs `scontrol requeue`.
-    interrupt_and_check_resume(slurm, tmp_path, lambda job: slurm.run("scancel", "--signal=USR2", job))
-
-
-def test_job_requeued_by_slurm_resumes(slurm, tmp_path):
-    # Slurm itself requeues (preemption in REQUEUE mode, node failure): no submitit handler runs; the restarted
-    # job sees SLURM_RESTART_COUNT=1 and its launcher adds ckpt_path=last.
-    interrupt_and_check_resume(slurm, tmp_path, lambda job: slurm.run("scontrol", "requeue", job))

@@ -2,9 +2,11 @@
 (torchrun, srun, submitit with `tasks_per_node = devices`), never by Lightning re-executing `train.py`; and
 Slurm requeue owned by submitit (experiments/slurm.md).
 
-This package stays light (no torch, no Lightning): Hydra imports it at start-up through the launcher plugin
-(`hydra_plugins/zebra_launcher`) and the `launch_stamp` resolver. The Lightning side (trainer plugins, step
-trace callbacks) is `zebra.launch.trainer`; the submitit launchers are `zebra.launch.submitit`.
+Here: what both sides need and what OmegaConf resolves (`launch_stamp`, registered by
+zebra.stages.config.register_resolvers), without Lightning. The Lightning side (trainer plugin, step-trace
+callbacks) is `zebra.launch.trainer`; what the submitit launchers add is `zebra.launch.submitit`, called from the
+launcher classes in `hydra_plugins/zebra_launcher` (which Hydra imports at every start-up, so they import zebra
+only when they launch).
 """
 
 from __future__ import annotations

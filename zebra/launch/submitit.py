@@ -4,8 +4,8 @@ The launcher classes themselves live in `hydra_plugins/zebra_launcher` (Hydra in
 the `hydra_plugins` package) and call the functions here:
 
 - `prepare_launch` (submitting process): one task per device (DESIGN §5; the yaml takes tasks_per_node and nodes
-  from the trainer) and `gpus_per_node: null` = trainer.devices on GPU; the repository goes on the jobs' PYTHONPATH, so a job can unpickle
-  the launcher and import zebra whatever directory it was submitted from.
+  from the trainer) and `gpus_per_node: null` = trainer.devices on GPU; the repository goes on the jobs'
+  PYTHONPATH, so a job can unpickle the launcher and import zebra whatever directory it was submitted from.
 - `prepare_job` (each task of a job, before Hydra composes the job's config): zebra's OmegaConf resolvers are
   registered (the job never imports train.py); a job that Slurm restarted (`SLURM_RESTART_COUNT > 0`: requeued
   by submitit, preempted in REQUEUE mode, node failure) gets `ckpt_path=last`; under submitit's local executor

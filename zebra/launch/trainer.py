@@ -117,8 +117,8 @@ class StepTrace(pl.Callback):
     - `{"event": "start", "global_step": ..., "ckpt_path": ..., "world_size": ..., slurm ids}` when training starts
       (after a resume, global_step is the step restored from the checkpoint);
     - `{"event": "step", "step": s, "loss": l, "world_size": w}` per optimizer step, where `l` is the training loss
-      averaged over the step's micro-batches and then over ranks: the loss of the global batch when every rank's loss is a
-      mean over equally sized shares (what the data-parallel equivalence tests compare);
+      averaged over the step's micro-batches and then over ranks: the loss of the global batch when every rank's
+      loss is a mean over equally sized shares (what the data-parallel equivalence tests compare);
     - `{"event": "end", "global_step": ...}` when training ends normally.
 
     The mean over ranks is a collective: every rank must carry this callback (it comes from the config).
