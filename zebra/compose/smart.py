@@ -168,7 +168,11 @@ def selected_log_probs(model, batch: dict, positions: torch.Tensor, is_base: boo
     device = model.model.embed_tokens.weight.device
     batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
     hidden = model.model(**_forward_kwargs(batch, model, is_base)).last_hidden_state
-    hidden = hidden[positions.to(device)]
+    return _log_probs_at(model, hidden, positions, chunk)
+
+
+def _log_probs_at(model, hidden: torch.Tensor, positions: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
+    hidden = hidden[positions.to(hidden.device)]
     return torch.cat([F.log_softmax(at_least_fp32(model.lm_head(h)), dim=-1) for h in hidden.split(chunk)])
 
 
@@ -206,10 +210,19 @@ def layer_sensitivities(base_model, mamba_student, mla_student, batches, log=Non
                 continue
             tokens += int(positions.sum())
             logp_base = selected_log_probs(base_model, batch, positions, is_base=True)
-            full += kl_sum(logp_base, selected_log_probs(mamba_student, batch, positions))
+            # One all-Mamba2 pass keeps the hidden state entering every layer; swapping layer i changes nothing
+            # below it, so each swapped pass restarts at layer i (about half the work of L full passes).
+            device = mamba_student.model.embed_tokens.weight.device
+            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            kwargs = _forward_kwargs(batch, mamba_student, is_base=False)
+            out = mamba_student.model(**kwargs, output_hidden_states=True)
+            full += kl_sum(logp_base, _log_probs_at(mamba_student, out.last_hidden_state, positions))
+            del kwargs["input_ids"]
             for i in range(num_layers):
                 with swapped_layer(mamba_student, mla_student, i):
-                    swapped[i] += kl_sum(logp_base, selected_log_probs(mamba_student, batch, positions))
+                    hidden = mamba_student.model(inputs_embeds=out.hidden_states[i], start_layer=i,
+                                                 **kwargs).last_hidden_state
+                    swapped[i] += kl_sum(logp_base, _log_probs_at(mamba_student, hidden, positions))
             if log is not None:
                 log(f"smart: batch {b} done ({tokens} tokens so far)")
     finally:

@@ -114,7 +114,10 @@ class ZebraModel(ZebraPreTrainedModel):
     def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.LongTensor | None = None, past_key_values: HybridCache | None = None,
                 use_cache: bool | None = None, inputs_embeds: torch.Tensor | None = None,
-                output_hidden_states: bool | None = None, **kwargs) -> BaseModelOutputWithPast:
+                output_hidden_states: bool | None = None, start_layer: int = 0,
+                **kwargs) -> BaseModelOutputWithPast:
+        """`start_layer=i` runs only layers i.. with `inputs_embeds` as the hidden state entering layer i: SMART
+        re-runs the top of the stack from cached hidden states when it swaps one layer."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if inputs_embeds is None:
@@ -146,6 +149,8 @@ class ZebraModel(ZebraPreTrainedModel):
         hidden_states = inputs_embeds
         all_hidden = [] if output_hidden_states else None
         for i, layer in enumerate(self.layers):
+            if i < start_layer:
+                continue
             if all_hidden is not None:
                 all_hidden.append(hidden_states)
             hidden_states = layer(hidden_states, position_ids=position_ids, doc_ids=doc_ids,

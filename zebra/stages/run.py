@@ -16,6 +16,7 @@ RUNNERS = {
     "dpo": "zebra.stages.dpo:run",
     "pipeline": "zebra.stages.pipeline:run",
     "describe": "zebra.describe:describe",
+    "eval": "zebra.evaluate:run_eval",
 }
 
 log = logging.getLogger("zebra")
