@@ -25,7 +25,9 @@ train: setup
 	$(PY) train.py +experiment=default
 	$(PY) train.py +experiment=default stage=eval
 
+# The Slurm tests start a real single-node Slurm: Debian's slurm-wlm and munge (installed as root, idempotent).
 test: setup
+	bash .ci/install-slurm.sh
 	$(PY) -m pytest -m "not gpu" -q
 
 describe: setup

@@ -70,16 +70,23 @@ def add_remote_code(export_dir: str | Path) -> None:
     cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
+def write_hf_model(model, directory: str | Path, tokenizer=None, model_card: str | None = None,
+                   remote_code: bool = True) -> None:
+    """Save `model` (+ tokenizer, model card, and for a zebra model its code) into `directory` (not atomic)."""
+    directory = Path(directory)
+    model.save_pretrained(directory, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    if remote_code and getattr(model.config, "model_type", None) == "zebra":
+        add_remote_code(directory)
+    if model_card is not None:
+        (directory / "README.md").write_text(model_card)
+
+
 def save_hf_model(model, out_dir: str | Path, tokenizer=None, model_card: str | None = None,
                   remote_code: bool = True) -> Path:
-    """Save `model` (+ tokenizer, model card, model code) to `out_dir` atomically; return the path."""
+    """`write_hf_model`, atomically: `out_dir` is complete or untouched. Returns the path."""
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if remote_code and getattr(model.config, "model_type", None) == "zebra":
-            add_remote_code(tmp)
-        if model_card is not None:
-            (tmp / "README.md").write_text(model_card)
+        write_hf_model(model, tmp, tokenizer, model_card, remote_code)
     return out_dir

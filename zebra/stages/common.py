@@ -11,7 +11,6 @@ import logging
 import math
 import os
 import shutil
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -23,6 +22,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from zebra import export
 from zebra.model.packing import block_causal_mask, doc_ids_from_position_ids, is_packed
 
 log = logging.getLogger("zebra.stages")
@@ -641,7 +641,7 @@ def teacher_dtype(cfg: DictConfig) -> torch.dtype:
         acc = str(cfg.trainer.get("accelerator", "cpu"))
         return torch.bfloat16 if acc in ("gpu", "cuda") or (acc == "auto" and torch.cuda.is_available()) \
             else torch.float32
-    return common.torch_dtype(name)
+    return torch_dtype(name)
 
 
 def build_token_data(cfg: DictConfig, tokenizer, split: str, seq_len: int, batch_size: int,
@@ -703,39 +703,14 @@ def plan_token_stage(cfg: DictConfig, sc: DictConfig, tokenizer, trainer, assist
 
 
 # ------------------------------------------------------------------------------------------------ exports
-def _replace_dir(tmp: Path, dst: Path) -> None:
-    """Move a finished temporary directory to `dst`, replacing what was there, never leaving a partial `dst`."""
-    old = None
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}-{int(time.time() * 1e6)}")
-        os.rename(dst, old)
-    os.rename(tmp, dst)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def atomic_dir(dst: Path | str, write: Callable[[Path], None]) -> Path:
-    """Run `write(tmp)` into a temporary sibling of `dst`, then rename it into place."""
-    dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{dst.name}-", dir=dst.parent))
-    try:
+    """Run `write(tmp)` into a temporary sibling of `dst`, then rename it into place (zebra.export.atomic_dir)."""
+    with export.atomic_dir(dst) as tmp:
         write(tmp)
-        _replace_dir(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return dst
+    return Path(dst)
 
 
-def write_json_atomic(path: Path | str, obj: Any) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2, default=str)
-        f.write("\n")
-    os.replace(tmp, path)
+write_json_atomic = export.write_json_atomic
 
 
 def read_json(path: Path | str) -> dict:
@@ -774,17 +749,14 @@ def model_card(*, title: str, stage: str, model, base: str, teacher: str, teache
 
 
 def export_to(model, tokenizer, directory: Path | str, card: str) -> None:
-    """Hugging Face export (safetensors + config + tokenizer + README.md model card) into `directory`."""
-    directory = Path(directory)
-    model.save_pretrained(directory, safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(directory)
-    (directory / "README.md").write_text(card)
+    """Hugging Face export (safetensors, config, tokenizer, model card and the model code for
+    trust_remote_code) into `directory`."""
+    export.write_hf_model(model, directory, tokenizer, card)
 
 
 def export_model(model, tokenizer, dst: Path | str, card: str) -> Path:
     """`export_to`, written atomically: a temporary sibling renamed into place, never a partial `dst`."""
-    return atomic_dir(dst, lambda tmp: export_to(model, tokenizer, tmp, card))
+    return export.save_hf_model(model, dst, tokenizer, card)
 
 
 def dataset_description(data_cfg, key: str) -> str:

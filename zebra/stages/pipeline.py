@@ -84,6 +84,10 @@ def run(cfg: DictConfig) -> dict:
         log.info("pipeline: running %s", name)
         t0, c0 = time.perf_counter(), time.process_time()
         report = run_ilkd(cfg, bool(cfg.get("force"))) if name == "ilkd" else runner(name)(cfg)
+        # Rank 0 exports a stage after its Trainer is done; no rank may start the next stage, which reads that
+        # export, before it exists.
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()
         gc.collect()  # the finished stage's models, optimiser state and trainer (reference cycles) go now
         summary[name] = {"skipped": False, "dir": str(stage_dir(cfg, name)),
                          "wall_seconds": round(time.perf_counter() - t0, 2),
