@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from zebra.export import write_json_atomic
 from zebra.mixes import layer_types_for, resolve_mla_layers, uniform_layers
 from zebra.model import ZebraConfig, ZebraForCausalLM
 from zebra.model.cache import measure_cache_bytes
@@ -75,22 +76,9 @@ def describe(cfg) -> dict:
         info["memory"] = memory_estimate(cfg, config, opts)
         out = opts.get("out")
         if out:
-            _write_json(Path(out), info)
+            write_json_atomic(Path(out), info)
             info["written_to"] = str(out)
     return info
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    """Atomic write (a sweep's jobs may write side by side; a reader never sees half a file)."""
-    import os
-    import tempfile
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2, default=str)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 def print_description(cfg) -> dict:
