@@ -32,13 +32,14 @@ def zebra_config_from_preset(model_cfg, layer_types: list[str]) -> ZebraConfig:
     return ZebraConfig(**base, **mla, layer_types=layer_types)
 
 
-def count_parameters(model: torch.nn.Module) -> int:
-    """Unique parameters (tied embeddings counted once)."""
+def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:
+    """Unique parameters (tied embeddings counted once); only those with requires_grad if `trainable_only`."""
     seen, total = set(), 0
     for p in model.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            total += p.numel()
+        if id(p) in seen or (trainable_only and not p.requires_grad):
+            continue
+        seen.add(id(p))
+        total += p.numel()
     return total
 
 

@@ -162,7 +162,9 @@ def untrained_student_report(teacher: Teacher | str = "smollm2_135m", text: str 
     mla = students[hybrid_rope]
     num_layers = base.config.num_hidden_layers
     if mla_indices == "uniform":
-        indices = select_layers([0.0] * num_layers, n_mla)
+        from zebra.mixes import uniform_layers  # the same placement as `mix=uniform`
+
+        indices = uniform_layers(num_layers, n_mla)
     elif mla_indices == "smart":
         if calibration_text is None:
             raise ValueError("mla_indices='smart' needs calibration_text (text other than the evaluation text)")

@@ -32,11 +32,11 @@ from datasets import Features, List, Value
 from torch.utils.data import DataLoader
 
 from .cache import DocStore, build_cached, is_cached, stable_hash
-from .formatting import check_chat_template, format_completions
+from .formatting import format_completions
 from .sampling import GlobalOrderSampler, ResumableDataLoader
 from .sft import world_info
 from .sources import Source, as_spec_list, normalise_messages
-from .tokenizers import load_tokenizer, tokenizer_fingerprint, zebra_cache_dir
+from .tokenizers import LazyTokenizer, zebra_cache_dir
 
 PAIR_COLUMNS = ("prompt_ids", "chosen_ids", "chosen_mask", "rejected_ids", "rejected_mask")
 PAIR_FEATURES = Features(
@@ -178,8 +178,7 @@ class PreferenceDataModule(pl.LightningDataModule):
         self.sources = [Source.from_spec(s, kind="preference") for s in specs]
         if not self.sources:
             raise ValueError("no preference data source given")
-        self._tokenizer_arg, self._tokenizer = tokenizer, None
-        self._tok_fp: str | None = None
+        self._tokenizer = LazyTokenizer(tokenizer, chat_template)
         self.chat_template, self.max_length, self.max_prompt_length = chat_template, max_length, max_prompt_length
         self.batch_size, self.heldout_fraction, self.seed = batch_size, heldout_fraction, seed
         self.num_workers, self.num_proc = num_workers, num_proc
@@ -187,16 +186,11 @@ class PreferenceDataModule(pl.LightningDataModule):
         self._records: dict[str, PreferenceRecords] | None = None
 
     def _tokenizer_fp(self) -> str:
-        if self._tok_fp is None:  # hashing a vocabulary takes ~50 ms; once per DataModule is enough
-            self._tok_fp = tokenizer_fingerprint(self.tokenizer)
-        return self._tok_fp
+        return self._tokenizer.fingerprint()
 
     @property
     def tokenizer(self):
-        if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(self._tokenizer_arg)
-            check_chat_template(self.chat_template, self._tokenizer)
-        return self._tokenizer
+        return self._tokenizer.get()
 
     def _cache_paths(self) -> list[Path]:
         tok = self._tokenizer_fp()

@@ -27,11 +27,11 @@ from datasets import Features, List, Value
 from torch.utils.data import DataLoader
 
 from .cache import DocStore, build_cached, is_cached, stable_hash
-from .formatting import check_chat_template, format_conversations, format_texts
+from .formatting import format_conversations, format_texts
 from .packing import SPLITS, PackedRows, layout, mix_documents, split_documents
 from .sampling import GlobalOrderSampler, ResumableDataLoader
 from .sources import Source, as_spec_list
-from .tokenizers import load_tokenizer, tokenizer_fingerprint, zebra_cache_dir
+from .tokenizers import LazyTokenizer, zebra_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -117,10 +117,10 @@ class TokenMixtureDataModule(pl.LightningDataModule):
         self.sources = [Source.from_spec(s) for s in as_spec_list(sources, DEFAULT_SOURCES)]  # checks paths early
         if not self.sources:
             raise ValueError("no data sources given")
-        self._tokenizer_arg = tokenizer
-        self._tokenizer = None
-        self._tok_fp: str | None = None
         self.chat_template = chat_template
+        # only chat sources are formatted with a chat template, so only they need the tokenizer to have one
+        self._tokenizer = LazyTokenizer(tokenizer, chat_template if any(s.kind == "chat" for s in self.sources)
+                                        else None)
         self.seq_len, self.batch_size, self.split = int(seq_len), int(batch_size), split
         self.ild_fraction, self.heldout_fraction = ild_fraction, heldout_fraction
         self.heldout_max_docs = heldout_max_docs
@@ -132,17 +132,11 @@ class TokenMixtureDataModule(pl.LightningDataModule):
 
     # ---------------------------------------------------------------- tokenising (cached)
     def _tokenizer_fp(self) -> str:
-        if self._tok_fp is None:  # hashing a vocabulary takes ~50 ms; once per DataModule is enough
-            self._tok_fp = tokenizer_fingerprint(self.tokenizer)
-        return self._tok_fp
+        return self._tokenizer.fingerprint()
 
     @property
     def tokenizer(self):
-        if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(self._tokenizer_arg)
-            if any(s.kind == "chat" for s in self.sources):
-                check_chat_template(self.chat_template, self._tokenizer)
-        return self._tokenizer
+        return self._tokenizer.get()
 
     def _cache_paths(self) -> list[Path]:
         tok = self._tokenizer_fp()

@@ -90,3 +90,27 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     else:
         h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
     return h.hexdigest()[:16]
+
+
+class LazyTokenizer:
+    """A DataModule's tokenizer, loaded on first use (constructing a DataModule stays cheap), checked against the
+    chat template it will format with, and fingerprinted once (hashing a vocabulary takes ~50 ms)."""
+
+    def __init__(self, tokenizer, chat_template: str | None):
+        self._arg, self._chat_template = tokenizer, chat_template
+        self._tokenizer: PreTrainedTokenizerBase | None = None
+        self._fingerprint: str | None = None
+
+    def get(self) -> PreTrainedTokenizerBase:
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self._arg)
+            if self._chat_template is not None:
+                from .formatting import check_chat_template
+
+                check_chat_template(self._chat_template, self._tokenizer)
+        return self._tokenizer
+
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            self._fingerprint = tokenizer_fingerprint(self.get())
+        return self._fingerprint

@@ -207,11 +207,9 @@ def evaluate_long_context(models: dict, tokenizer, lengths=(256, 512, 1024, 2048
 def plot_long_context(result: dict, out_png: str | Path) -> str | None:
     """Perplexity (all positions and tail) against length, and passkey accuracy against length, one line per
     model."""
-    import matplotlib
+    from zebra.eval.plots import _plt, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _plt()
     models = result.get("models") or {}
     has_ppl = any(m.get("perplexity_vs_length") for m in models.values())
     has_pk = any(m.get("passkey") for m in models.values())
@@ -248,12 +246,7 @@ def plot_long_context(result: dict, out_png: str | Path) -> str | None:
         ax.set_ylabel("passkey accuracy (%)")
         ax.set_title("passkey retrieval")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=100)
-    plt.close(fig)
-    return str(out_png)
+    return save_figure(fig, out_png)
 
 
 def main(argv=None) -> dict:

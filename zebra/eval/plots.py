@@ -28,6 +28,17 @@ def _plt():
     return plt
 
 
+def save_figure(fig, out_png: str | Path) -> str:
+    """Lay out, write `fig` as a PNG (parent directories made) and free it; returns the path."""
+    plt = _plt()
+    fig.tight_layout()
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+    return str(out_png)
+
+
 # ------------------------------------------------------------------------------------------------ loss curves
 def read_metrics_csv(path: Path) -> dict[str, list[tuple[float, float]]]:
     """{column: [(step, value), ...]} for the numeric train/* columns of a Lightning CSVLogger metrics.csv."""
@@ -97,12 +108,7 @@ def plot_loss_curves(stage_dirs: dict[str, Path], out_png: str | Path) -> str | 
         ax.set_ylabel("training loss")
         ax.legend(handles=handles, fontsize=7)
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=100)
-    plt.close(fig)
-    return str(out_png)
+    return save_figure(fig, out_png)
 
 
 # ------------------------------------------------------------------------------------------------ SMART
@@ -181,9 +187,4 @@ def plot_kv_cache(presets: list[str | Path] | None, out_png: str | Path, highlig
         ax.set_title(f"{d['name']} ({d['num_layers']} layers)")
         ax.legend(fontsize=7, loc="lower right")
     fig.suptitle("KV cache per token: hybrid vs base (orange: paper mix, red: evaluated mix)", fontsize=9)
-    fig.tight_layout()
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=100)
-    plt.close(fig)
-    return str(out_png), data
+    return save_figure(fig, out_png), data

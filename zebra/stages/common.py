@@ -23,6 +23,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from zebra import export
+from zebra.describe import count_parameters
+from zebra.model.cache import measure_cache_bytes
 from zebra.model.packing import block_causal_mask, doc_ids_from_position_ids, is_packed
 
 log = logging.getLogger("zebra.stages")
@@ -82,21 +84,12 @@ def freeze(module: nn.Module) -> nn.Module:
     return module
 
 
-def count_params(model: nn.Module, trainable_only: bool = False) -> int:
-    seen, total = set(), 0
-    for p in model.parameters():
-        if id(p) in seen or (trainable_only and not p.requires_grad):
-            continue
-        seen.add(id(p))
-        total += p.numel()
-    return total
+count_params = count_parameters
 
 
 def kv_fraction(config) -> float:
-    """KV cache per token of the hybrid relative to its base (METHOD §2.4): MLA layers hold r_kv + d_rope
-    values, Mamba2 layers none that grow with length, the base 2 * g * head_dim per layer."""
-    mla = sum(1 for t in config.layer_types if t == "mla")
-    return mla * config.mla_cache_dim / (config.num_hidden_layers * config.base_kv_cache_dim)
+    """KV cache per token of the hybrid relative to its base, measured from HybridCache allocations (DESIGN §2)."""
+    return measure_cache_bytes(config)["kv_fraction"]
 
 
 # ------------------------------------------------------------------------------------------------ stage identity
