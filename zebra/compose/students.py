@@ -99,6 +99,18 @@ def _check_same_base(a, b, fields=BASE_FIELDS, what="students") -> None:
 
 
 @torch.no_grad()
+def hybrid_config(mla_config, mamba_config, mla_indices):
+    """The hybrid's ZebraConfig: the MLA student's, with the Mamba2 student's Mamba fields and MLA at
+    `mla_indices` (validated indices; `assemble_hybrid` checks them)."""
+    chosen = {int(i) for i in mla_indices}
+    config = copy.deepcopy(mla_config)
+    for f in MAMBA_FIELDS:
+        setattr(config, f, getattr(mamba_config, f))
+    config.layer_types = ["mla" if i in chosen else "mamba" for i in range(mla_config.num_hidden_layers)]
+    config.check()
+    return config
+
+
 def assemble_hybrid(mla_student, mamba_student, mla_indices, check_embeddings: bool = True):
     """The hybrid with MLA at `mla_indices` and Mamba2 elsewhere, each WHOLE decoder layer (mixer, MLP and both
     norms) copied from the student of the matching kind.
@@ -134,11 +146,7 @@ def assemble_hybrid(mla_student, mamba_student, mla_indices, check_embeddings: b
                                             mamba_student.model.embed_tokens.weight):
         raise ValueError("the students' embeddings differ: they were not built from the same base")
 
-    config = copy.deepcopy(mla_student.config)
-    for f in MAMBA_FIELDS:
-        setattr(config, f, getattr(mamba_student.config, f))
-    config.layer_types = layer_types
-    config.check()
+    config = hybrid_config(mla_student.config, mamba_student.config, indices)
 
     # Every parameter and persistent buffer is overwritten by the strict load below, so skip the random init
     # (minutes for an 8B model); non-persistent buffers (MLA's inv_freq) are computed in __init__ regardless.

@@ -333,6 +333,56 @@ def keep_ssm_params_fp32(model: nn.Module) -> None:
             p.data = p.data.float()
 
 
+# ------------------------------------------------------------------------------------------------ sharded students
+def zero_stage(trainer: pl.Trainer | None) -> int:
+    """The DeepSpeed ZeRO stage of the trainer's strategy (0 when it is not DeepSpeed). Readable before `fit`."""
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    strategy = getattr(trainer, "strategy", None)
+    if not isinstance(strategy, DeepSpeedStrategy):
+        return 0
+    return int(((strategy.config or {}).get("zero_optimization") or {}).get("stage", 0))
+
+
+@dataclasses.dataclass
+class StudentSpec:
+    """A student that comes to exist in the module's `configure_model` (DESIGN §5).
+
+    `full` is the whole student with its starting weights, built by the runner before `fit` on every rank when
+    the strategy does not shard parameters, and on rank 0 alone under ZeRO-3 (None on the others: they never
+    hold it). Under ZeRO-3 `configure_model` runs inside `deepspeed.zero.Init`: an empty student of `config` is
+    created already partitioned, then filled from rank 0's `full` one decoder layer at a time. `full=None`
+    everywhere means random init (benchmarks): the model's own init, applied gathered unit by unit when sharded.
+    """
+    config: Any
+    full: nn.Module | None = None
+    random: bool = False  # no starting weights anywhere: the model's own random init
+
+    def materialise(self, trainer: pl.Trainer) -> nn.Module:
+        from zebra.model.modeling_zebra import ZebraForCausalLM
+        from zebra.stages import zero
+
+        if zero_stage(trainer) != 3:
+            student = ZebraForCausalLM(self.config) if self.random else self.full
+            if student is None:
+                raise StageError("the student's starting weights were not built on this rank")
+            self.full = None
+            return student
+        rank = trainer.global_rank
+        student = ZebraForCausalLM(self.config)  # partitioned as it is created (zero.Init is active)
+        if not zero.partitioned(student):
+            raise StageError("ZeRO-3: the student was not created partitioned (configure_model must run under "
+                             "deepspeed.zero.Init)")
+        if self.random:
+            zero.init_weights(student, rank)
+        else:
+            if rank == 0 and self.full is None:
+                raise StageError("ZeRO-3: rank 0 has no starting weights for the student")
+            zero.load_state(student, self.full.state_dict() if self.full is not None else None, rank)
+        self.full = None  # rank 0's CPU copy is no longer needed
+        return student
+
+
 # ------------------------------------------------------------------------------------------------ Lightning module
 class StageModule(pl.LightningModule):
     """Base of the training stages: optimiser/scheduler from `_partial_` configs, a finite-loss guard, token
@@ -750,6 +800,81 @@ def export_to(model, tokenizer, directory: Path | str, card: str) -> None:
 def export_model(model, tokenizer, dst: Path | str, card: str) -> Path:
     """`export_to`, written atomically: a temporary sibling renamed into place, never a partial `dst`."""
     return export.save_hf_model(model, dst, tokenizer, card)
+
+
+def export_stage_model(cfg: DictConfig, trainer: pl.Trainer | None, model, tokenizer, dst: Path | str, card: str,
+                       probe: dict | None = None) -> dict | None:
+    """Write a stage's trained model to `dst` (atomically) as a Hugging Face directory; returns the export
+    check (below) on rank 0, None elsewhere or when it is off.
+
+    Collective: every rank must call it. Under ZeRO-3 the shards are gathered one decoder layer at a time into a
+    CPU state dict on rank 0 (zebra.stages.zero), which writes the export from that; other strategies export the
+    model as it is. With `export_check: true` the export is loaded back with `from_pretrained` (dtype and device
+    of the in-memory model) and its logits on a probe batch are compared with the in-memory model's.
+    """
+    to_save = exportable(trainer, model)
+    reference = probe_reference(cfg, model, probe)
+    if to_save is None:
+        return None
+    export_model(to_save, tokenizer, dst, card)
+    del to_save
+    return compare_export(dst, *reference, model) if reference is not None else None
+
+
+def exportable(trainer: pl.Trainer | None, model):
+    """The model to write, on rank 0 (None elsewhere): under ZeRO-3 a CPU copy gathered from the shards one
+    decoder layer at a time (zebra.stages.zero), else the model itself. Collective: every rank must call it."""
+    from zebra.stages import zero
+
+    rank = trainer.global_rank if trainer is not None else 0
+    if not zero.partitioned(model):
+        return model if rank == 0 else None
+    state = zero.state_dict_cpu(model, rank)
+    return zero.consolidated_model(model, state) if rank == 0 else None
+
+
+def probe_reference(cfg: DictConfig, model, probe: dict | None = None):
+    """(probe ids, the in-memory model's logits on them) when `export_check` is on, else None. Collective."""
+    if not cfg.get("export_check"):
+        return None
+    ids = probe_ids(probe, model.config.vocab_size)
+    return ids, model_logits(model, ids)
+
+
+def probe_ids(batch: dict | None, vocab_size: int, length: int = 128) -> torch.Tensor:
+    """The first row of `batch` (at most `length` tokens), else a fixed id sequence."""
+    if batch is not None:
+        return batch["input_ids"][:1, :length].clone()
+    return (torch.arange(length) * 7919 % vocab_size)[None]
+
+
+@torch.no_grad()
+def model_logits(model, ids: torch.Tensor) -> torch.Tensor:
+    was = model.training
+    model.eval()
+    try:
+        device = model.get_input_embeddings().weight.device
+        return model(input_ids=ids.to(device), use_cache=False).logits.float().cpu()
+    finally:
+        model.train(was)
+
+
+def compare_export(dst: Path | str, ids: torch.Tensor, reference: torch.Tensor, model) -> dict:
+    """Load the export at `dst` like a user would and compare its logits on `ids` with `reference`."""
+    from transformers import AutoModelForCausalLM
+
+    weight = model.get_input_embeddings().weight
+    loaded = AutoModelForCausalLM.from_pretrained(str(dst), dtype=weight.dtype).to(weight.device)
+    logits = model_logits(loaded, ids)
+    del loaded
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    diff = (logits - reference).abs()
+    return {"tokens": int(ids.numel()), "dtype": str(weight.dtype).replace("torch.", ""),
+            "max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()),
+            "reference_abs_max": float(reference.abs().max()),
+            "argmax_agreement": float((logits.argmax(-1) == reference.argmax(-1)).float().mean()),
+            "equal": bool(torch.equal(logits, reference))}
 
 
 def dataset_description(data_cfg, key: str) -> str:

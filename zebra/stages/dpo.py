@@ -122,15 +122,16 @@ def run(cfg: DictConfig) -> dict:
               "mix": cfg.mix.name, "params": common.count_params(policy), "kv_fraction": common.kv_fraction(policy.config),
               "beta": sc.beta, "pairs_seen": steps * int(sc.batch_size) * accumulate * world,
               **common.stage_summary(trainer, module, wall)}
+    policy.eval()
+    card = common.model_card(
+        title=f"zebra {cfg.model.name} {cfg.mix.name} hybrid after DPO", stage="dpo", model=policy,
+        base=str(cfg.model.teacher), teacher=str(cfg.model.kd_teacher) + " (KD); DPO reference = KD'd hybrid",
+        teacher_quantisation=kd_teacher_quantisation(cfg),
+        data=common.dataset_description(cfg.data, "preference"), tokens=module.tokens_seen,
+        extra={"DPO beta": sc.beta, "preference pairs": report["pairs_seen"]})
+    # collective under ZeRO-3 (every rank gathers; rank 0 writes)
+    report["export_check"] = common.export_stage_model(cfg, trainer, policy, tokenizer, out_dir / "model", card)
     if trainer.global_rank == 0:
-        policy.eval()
-        card = common.model_card(
-            title=f"zebra {cfg.model.name} {cfg.mix.name} hybrid after DPO", stage="dpo", model=policy,
-            base=str(cfg.model.teacher), teacher=str(cfg.model.kd_teacher) + " (KD); DPO reference = KD'd hybrid",
-            teacher_quantisation=kd_teacher_quantisation(cfg),
-            data=common.dataset_description(cfg.data, "preference"), tokens=module.tokens_seen,
-            extra={"DPO beta": sc.beta, "preference pairs": report["pairs_seen"]})
-        common.export_model(policy, tokenizer, out_dir / "model", card)
         common.write_json_atomic(out_dir / "report.json", report)
         log.info("dpo done: %s", out_dir)
     return report

@@ -43,14 +43,25 @@ class ILDModule(StageModule):
             raise ValueError(f"ild last_layer_target must be 'normed' or 'unnormed', got {last_layer_target!r}")
         if not students:
             raise ValueError("ilkd needs at least one student")
-        self.students = nn.ModuleDict(students)
         self.add_frozen("teacher", teacher)
         self.mixer_loss, self.mixer_loss_weight = bool(mixer_loss), float(mixer_loss_weight)
         self.last_layer_target = last_layer_target
         self.gradient_checkpointing = gradient_checkpointing
         self.seq_len = seq_len
+        # students given as StudentSpec come to exist in configure_model (created sharded under ZeRO-3)
+        self.specs = {k: v for k, v in students.items() if isinstance(v, common.StudentSpec)}
+        self.students = nn.ModuleDict({k: v for k, v in students.items() if k not in self.specs})
+        self.kinds = list(students)
         for s in self.students.values():
             self.freeze_for_ild(s, last_layer_target)
+
+    def configure_model(self) -> None:
+        for kind in self.kinds:
+            if kind not in self.students:
+                student = self.specs.pop(kind).materialise(self.trainer)
+                student.train()
+                self.freeze_for_ild(student, self.last_layer_target)
+                self.students[kind] = student
 
     @staticmethod
     def freeze_for_ild(student: nn.Module, last_layer_target: str) -> None:
@@ -161,23 +172,31 @@ def run(cfg: DictConfig) -> dict:
             f"tokenizer {cfg.model.tokenizer!r} has {len(tokenizer)} tokens but the base {cfg.model.teacher!r} has a "
             f"{teacher.model.config.vocab_size}-row vocabulary")
 
-    from zebra.compose.students import build_student
+    from zebra.compose.students import build_student, zebra_config_from_teacher
 
     mla_kwargs = OmegaConf.to_container(cfg.model.mla, resolve=True)
+    # Under ZeRO-3 only rank 0 builds each student whole (on CPU, from the teacher); configure_model creates it
+    # sharded and fills it from rank 0's copy one layer at a time.
+    builds = common.zero_stage(trainer) != 3 or trainer.global_rank == 0
     students, init_reports = {}, {}
     for kind in kinds:
-        t0 = time.perf_counter()
-        student, rep = build_student(teacher.model, mla_kwargs, kind=kind)
-        student.train()
-        students[kind] = student
-        init_reports[kind] = rep.get("mean") or {}
-        log.info("ilkd: built the all-%s student in %.1f s", kind, time.perf_counter() - t0)
+        num_layers = teacher.model.config.num_hidden_layers
+        kwargs = {k: v for k, v in mla_kwargs.items() if k != "layer_types"}
+        spec = common.StudentSpec(zebra_config_from_teacher(teacher.model.config, [kind] * num_layers, **kwargs))
+        init_reports[kind] = {}
+        if builds:
+            t0 = time.perf_counter()
+            spec.full, rep = build_student(teacher.model, mla_kwargs, kind=kind)
+            init_reports[kind] = rep.get("mean") or {}
+            log.info("ilkd: built the all-%s student in %.1f s", kind, time.perf_counter() - t0)
+        students[kind] = spec
 
     module = ILDModule(students, teacher.model, mixer_loss=sc.mixer_loss, mixer_loss_weight=sc.mixer_loss_weight,
                        last_layer_target=sc.last_layer_target, gradient_checkpointing=sc.gradient_checkpointing,
                        seq_len=int(sc.seq_len), optimizer=instantiate(sc.optimizer),
                        scheduler=instantiate(sc.scheduler))
     common.fit(trainer, module, datamodule, common.resolve_ckpt_path(cfg, ckpt_dir))
+    students = dict(module.students.items())
     wall = time.perf_counter() - start
 
     summary = common.stage_summary(trainer, module, wall)
@@ -185,6 +204,9 @@ def run(cfg: DictConfig) -> dict:
               "teacher": cfg.model.teacher, "teacher_quantisation": teacher.quantisation,
               "last_layer_target": sc.last_layer_target, "mixer_loss": bool(sc.mixer_loss),
               "trained_together": list(kinds), **summary}
+    # collective under ZeRO-3: every rank gathers each student (rank 0 gets the whole copy) and, with
+    # export_check, runs the probe forward
+    saved = {kind: (common.exportable(trainer, s), common.probe_reference(cfg, s)) for kind, s in students.items()}
     if trainer.global_rank == 0:
         data_desc = common.dataset_description(cfg.data, "sft") + f" (split {sc.split})"
         merged = read_report(out_dir)
@@ -204,11 +226,17 @@ def run(cfg: DictConfig) -> dict:
                            "loss_first": summary["loss_first"], "loss_last": summary["loss_last"],
                            "export": str(out_dir / kind / "model")}
 
-            def write(tmp: Path, student=student, card=card, kind_report=kind_report):
-                common.export_to(student, tokenizer, tmp / "model", card)
+            to_save, reference = saved.pop(kind)
+
+            def write(tmp: Path, to_save=to_save, card=card, kind_report=kind_report, reference=reference,
+                      student=student):
+                common.export_to(to_save, tokenizer, tmp / "model", card)
+                if reference is not None:  # the finished export, loaded back as a user would
+                    kind_report["export_check"] = common.compare_export(tmp / "model", *reference, student)
                 common.write_json_atomic(tmp / "report.json", kind_report)
 
             common.atomic_dir(out_dir / kind, write)  # model/ and its report appear together or not at all
+            del to_save
             merged["students"][kind] = kind_report
         common.write_json_atomic(out_dir / "report.json", merged)
         report = merged

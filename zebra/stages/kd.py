@@ -18,7 +18,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import nn
 
-from zebra.stages import common
+from zebra.stages import common, zero
 from zebra.stages.common import StageModule
 from zebra.stages.losses import chunked_kd_loss
 
@@ -34,16 +34,64 @@ def next_token_labels(batch: dict) -> torch.Tensor:
 
 
 class KDModule(StageModule):
-    def __init__(self, student: nn.Module, teacher: nn.Module, temperature: float = 1.0, kl_weight: float = 1.0,
-                 ce_weight: float = 0.0, reduction: str = "sequence", chunk_size: int | None = None,
-                 gradient_checkpointing: bool = False, seq_len: int = 0, optimizer=None, scheduler=None):
+    """`student`: the hybrid itself, or a `StudentSpec` that `configure_model` turns into it (created sharded
+    under ZeRO-3). `heldout`: batches on which the KL to the teacher is measured at the start and the end of
+    training (`kl_before`, `kl_after`; every rank runs them, as a sharded student needs)."""
+
+    def __init__(self, student: nn.Module | common.StudentSpec, teacher: nn.Module, temperature: float = 1.0,
+                 kl_weight: float = 1.0, ce_weight: float = 0.0, reduction: str = "sequence",
+                 chunk_size: int | None = None, gradient_checkpointing: bool = False, seq_len: int = 0,
+                 optimizer=None, scheduler=None, heldout: list | None = None):
         super().__init__(optimizer, scheduler)
-        self.student = student
+        self.spec = student if isinstance(student, common.StudentSpec) else None
+        self.student = None if self.spec is not None else student
         self.add_frozen("teacher", teacher)
         self.temperature, self.kl_weight, self.ce_weight = float(temperature), float(kl_weight), float(ce_weight)
         self.reduction, self.chunk_size, self.seq_len = reduction, chunk_size, seq_len
-        if gradient_checkpointing:
-            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.gradient_checkpointing = gradient_checkpointing
+        self.heldout = list(heldout or [])
+        self.kl_before: float | None = None
+        self.kl_after: float | None = None
+        if self.student is not None:
+            self.prepare_student()
+
+    def prepare_student(self) -> None:
+        """Every hybrid parameter trains in KD."""
+        self.student.train()
+        for p in self.student.parameters():
+            p.requires_grad_(True)
+        if self.gradient_checkpointing:
+            self.student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    def configure_model(self) -> None:
+        if self.student is None:
+            self.student = self.spec.materialise(self.trainer)
+            self.prepare_student()
+
+    def measure_heldout(self) -> float | None:
+        if not self.heldout:
+            return None
+        with self.trainer.precision_plugin.forward_context():
+            return heldout_kl(self.student, self.frozen("teacher"), self.heldout, self.chunk_size)
+
+    def on_train_start(self) -> None:
+        # The loss reads the student's LM head weight directly; under ZeRO-3 the module whose forward runs the
+        # training step (the engine's root) must gather it (zebra.stages.zero.register_external).
+        engine = self.trainer.strategy.model
+        zero.register_external(getattr(engine, "module", engine), [common.lm_head_weight(self.student)])
+        if self.kl_before is None:  # a resumed run keeps the value measured before its first step
+            self.kl_before = self.measure_heldout()
+
+    def on_train_end(self) -> None:
+        self.kl_after = self.measure_heldout()
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["zebra"]["kl_before"] = self.kl_before
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self.kl_before = checkpoint.get("zebra", {}).get("kl_before")
 
     def flops_per_token(self) -> float:
         return 3.0 * common.model_forward_flops_per_token(self.student, self.seq_len) + \
@@ -79,13 +127,16 @@ def heldout_kl(student: nn.Module, teacher: nn.Module, batches, chunk_size: int 
     was = student.training
     student.eval()
     total, n = 0.0, 0
+    head = common.lm_head_weight(student)
+    device = head.device
     try:
         for batch in batches:
+            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
             t = common.teacher_forward(teacher, batch["input_ids"], batch["position_ids"], batch.get("attention_mask"))
             hs = common.student_hidden(student, batch)
-            _, stats = chunked_kd_loss(hs, t.last_hidden_state, common.lm_head_weight(student),
-                                       common.lm_head_weight(teacher), mask=batch["loss_mask"].bool(),
-                                       reduction="sum", chunk_size=chunk_size)
+            with zero.gathered([head]):  # read-only use of a ZeRO-3 partitioned head (no-op otherwise)
+                _, stats = chunked_kd_loss(hs, t.last_hidden_state, head, common.lm_head_weight(teacher),
+                                           mask=batch["loss_mask"].bool(), reduction="sum", chunk_size=chunk_size)
             k = int(stats["tokens"])
             total += float(stats["kl"]) * k
             n += k
@@ -136,41 +187,51 @@ def load_kd_teacher(cfg: DictConfig, student_tok, student_vocab: int, dtype: tor
 
 
 def run(cfg: DictConfig) -> dict:
-    from zebra.compose.students import assemble_hybrid
+    from zebra.compose.students import assemble_hybrid, hybrid_config
+    from zebra.describe import zebra_config_from_preset
+    from zebra.mixes import layer_types_for
     from zebra.stages.smart import load_ild_student
 
     sc = cfg.kd
     start = time.perf_counter()
     out_dir = Path(cfg.paths.kd_dir)
-    mla = load_ild_student(cfg, "mla")
-    mamba = load_ild_student(cfg, "mamba")
-    num_layers = mla.config.num_hidden_layers
-    layers = mla_layers_for(cfg, num_layers)
-    tokenizer = student_tokenizer(cfg)
+    init = str(sc.get("student_init") or "ilkd")
+    if init not in ("ilkd", "random"):
+        raise common.StageError(f"kd.student_init must be 'ilkd' or 'random', got {init!r}")
+    if init == "random":  # throughput / memory runs at real shapes: no ILD exports needed
+        num_layers = int(cfg.model.base.num_hidden_layers)
+        layers = mla_layers_for(cfg, num_layers)
+        config = zebra_config_from_preset(cfg.model, layer_types_for(num_layers, layers))
+        tokenizer = common.load_model_tokenizer(cfg.model.tokenizer)
+    else:
+        configs = {k: load_ild_student(cfg, k, config_only=True) for k in ("mla", "mamba")}
+        num_layers = configs["mla"].num_hidden_layers
+        layers = mla_layers_for(cfg, num_layers)
+        config = hybrid_config(configs["mla"], configs["mamba"], layers)
+        tokenizer = student_tokenizer(cfg)
     trainer = common.build_trainer(cfg, "kd", out_dir, max_steps=1, stage_cfg=sc,
                                    accumulate_grad_batches=sc.get("accumulate_grad_batches", 1))
     steps, dm = common.plan_token_stage(cfg, sc, tokenizer, trainer, assistant_only=sc.assistant_only)
     # tokenizers must match before the teacher's weights load and long before training
-    teacher = load_kd_teacher(cfg, tokenizer, mla.get_output_embeddings().weight.shape[0], common.teacher_dtype(cfg))
-    hybrid = assemble_hybrid(mla, mamba, layers)
-    del mla, mamba
-    hybrid.train()
-    for p in hybrid.parameters():
-        p.requires_grad_(True)
+    teacher = load_kd_teacher(cfg, tokenizer, config.vocab_size, common.teacher_dtype(cfg))
+    # Under ZeRO-3 only rank 0 assembles the whole hybrid (on CPU); configure_model creates it sharded.
+    spec = common.StudentSpec(config, random=init == "random")
+    if init == "ilkd" and (common.zero_stage(trainer) != 3 or trainer.global_rank == 0):
+        spec.full = assemble_hybrid(load_ild_student(cfg, "mla"), load_ild_student(cfg, "mamba"), layers)
 
-    module = KDModule(hybrid, teacher.model, temperature=sc.temperature, kl_weight=sc.kl_weight,
-                      ce_weight=sc.ce_weight, reduction=sc.reduction, chunk_size=sc.get("chunk_size"),
-                      gradient_checkpointing=sc.gradient_checkpointing, seq_len=int(sc.seq_len),
-                      optimizer=instantiate(sc.optimizer), scheduler=instantiate(sc.scheduler))
     heldout = []
     if int(sc.get("heldout_batches") or 0) > 0:
         for i, b in enumerate(dm.heldout_dataloader(batch_size=int(sc.batch_size))):
             if i >= int(sc.heldout_batches):
                 break
             heldout.append(b)
-    kl_before = heldout_kl(hybrid, teacher.model, heldout, sc.get("chunk_size")) if heldout else None
+    module = KDModule(spec, teacher.model, temperature=sc.temperature, kl_weight=sc.kl_weight,
+                      ce_weight=sc.ce_weight, reduction=sc.reduction, chunk_size=sc.get("chunk_size"),
+                      gradient_checkpointing=sc.gradient_checkpointing, seq_len=int(sc.seq_len),
+                      optimizer=instantiate(sc.optimizer), scheduler=instantiate(sc.scheduler), heldout=heldout)
     common.fit(trainer, module, dm, common.resolve_ckpt_path(cfg, out_dir / "checkpoints"))
-    kl_after = heldout_kl(hybrid, teacher.model, heldout, sc.get("chunk_size")) if heldout else None
+    hybrid = module.student
+    kl_before, kl_after = module.kl_before, module.kl_after
     wall = time.perf_counter() - start
 
     report = {"stage": "kd", "config_hash": common.stage_hash("kd", cfg), "model": cfg.model.name,
@@ -180,16 +241,18 @@ def run(cfg: DictConfig) -> dict:
               "ce_weight": sc.ce_weight, "assistant_only": sc.assistant_only,
               "heldout_kl_before": kl_before, "heldout_kl_after": kl_after,
               **common.stage_summary(trainer, module, wall)}
+    hybrid.eval()
+    card = common.model_card(
+        title=f"zebra {cfg.model.name} {cfg.mix.name} hybrid after KD", stage="kd", model=hybrid,
+        base=str(cfg.model.teacher), teacher=str(cfg.model.kd_teacher),
+        teacher_quantisation=teacher.quantisation,
+        data=common.dataset_description(cfg.data, "sft") + f" (split {sc.split})", tokens=module.tokens_seen,
+        extra={"held-out KL to teacher (before -> after KD)":
+               f"{kl_before:.4f} -> {kl_after:.4f}" if kl_before is not None else "n/a"})
+    # collective under ZeRO-3 (every rank gathers; rank 0 writes)
+    report["export_check"] = common.export_stage_model(cfg, trainer, hybrid, tokenizer, out_dir / "model", card,
+                                                       probe=heldout[0] if heldout else None)
     if trainer.global_rank == 0:
-        hybrid.eval()
-        card = common.model_card(
-            title=f"zebra {cfg.model.name} {cfg.mix.name} hybrid after KD", stage="kd", model=hybrid,
-            base=str(cfg.model.teacher), teacher=str(cfg.model.kd_teacher),
-            teacher_quantisation=teacher.quantisation,
-            data=common.dataset_description(cfg.data, "sft") + f" (split {sc.split})", tokens=module.tokens_seen,
-            extra={"held-out KL to teacher (before -> after KD)":
-                   f"{kl_before:.4f} -> {kl_after:.4f}" if kl_before is not None else "n/a"})
-        common.export_model(hybrid, tokenizer, out_dir / "model", card)
         common.write_json_atomic(out_dir / "report.json", report)
         log.info("kd done: %s", out_dir)
     return report

@@ -21,15 +21,18 @@ from zebra.stages.common import MissingArtifactError
 log = logging.getLogger("zebra.stages.smart")
 
 
-def load_ild_student(cfg: DictConfig, kind: str, dtype: torch.dtype = torch.float32):
-    """The ILD'd all-`kind` student exported by stage ilkd; a clear error when it is missing."""
-    from zebra.model import ZebraForCausalLM
+def load_ild_student(cfg: DictConfig, kind: str, dtype: torch.dtype = torch.float32, config_only: bool = False):
+    """The ILD'd all-`kind` student exported by stage ilkd (only its config with `config_only`); a clear error
+    when it is missing."""
+    from zebra.model import ZebraConfig, ZebraForCausalLM
 
     path = Path(cfg.paths.ilkd_dir) / kind / "model"
     if not (path / "config.json").is_file():
         raise MissingArtifactError(
             f"the ILD'd {kind} student is missing: {path} (run `python train.py stage=ilkd` first, with "
             f"ilkd.students=both or {kind}, and the same model/paths settings)")
+    if config_only:
+        return ZebraConfig.from_pretrained(path)
     return ZebraForCausalLM.from_pretrained(path, dtype=dtype)
 
 

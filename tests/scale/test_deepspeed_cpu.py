@@ -1,0 +1,104 @@
+"""DeepSpeed ZeRO-2 and ZeRO-3 through the stages, on CPU processes (DeepSpeed's CPU accelerator, gloo).
+
+The same code runs on GPUs (issue 5, acceptance 2 there); here it is checked without one, in fp32, where it can be
+exact: `ilkd` then `kd` on the tiny preset, two processes against one on the same global batch.
+- the loss of every step matches the one-process run of the same strategy;
+- every parameter that trains has moved from its starting value (a ZeRO-3 trap: a parameter read outside its
+  own module's forward -- the Mamba conv weight, the LM head in the chunked KD loss -- is never gathered, or
+  never has its gradient reduced, and silently stays as it was);
+- ILD's frozen embeddings did not move;
+- the export, consolidated from the shards, loads with `from_pretrained` and gives the in-memory model's logits.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from scale_helpers import REPO, finish, read_trace, start, step_losses, tiny_data, trace_runs
+
+pytestmark = pytest.mark.slow
+
+GLOBAL_BATCH, SEQ, STEPS = 4, 32, 3
+
+
+def overrides(root: Path, data: Path, strategy: str, batch_size: int) -> list[str]:
+    tokens = GLOBAL_BATCH * SEQ * STEPS
+    return [
+        "stage=pipeline", "stage.order=[ilkd,kd]", "model=tiny", "mix=uniform", "mix.n_mla=2", "logger=none",
+        f"strategy={strategy}", f"paths.root={root}", "trainer.enable_progress_bar=false", "num_threads=1",
+        f"data.sft.sources=[{{path: '{data}'}}]", "data.sft.heldout_fraction=0.1", "export_check=true",
+        f"ilkd.seq_len={SEQ}", f"ilkd.batch_size={batch_size}", f"ilkd.tokens={tokens}",
+        "ilkd.checkpoint_every_n_steps=0", "ilkd.optimizer.lr=1e-3",
+        f"kd.seq_len={SEQ}", f"kd.batch_size={batch_size}", f"kd.tokens={tokens}", "kd.checkpoint_every_n_steps=0",
+        "kd.optimizer.lr=1e-3",
+        "+callbacks.trace._target_=zebra.launch.trainer.StepTrace", f"+callbacks.trace.path={root / 'trace.jsonl'}",
+    ]
+
+
+def ild_starting_students():
+    """The students as ILD builds them before training (deterministic: random:0 teacher, SVD init)."""
+    from omegaconf import OmegaConf
+
+    from zebra.compose.students import build_student
+    from zebra.stages.common import load_teacher_model
+
+    model_cfg = OmegaConf.load(REPO / "conf" / "model" / "tiny.yaml")
+    teacher = load_teacher_model(model_cfg.teacher, model_cfg.base).model
+    mla = OmegaConf.to_container(model_cfg.mla, resolve=True)
+    return {kind: build_student(teacher, mla, kind=kind)[0] for kind in ("mla", "mamba")}
+
+
+def load(path: Path):
+    import zebra  # noqa: F401  (registers the Auto classes)
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+
+
+@pytest.mark.parametrize("strategy", ["deepspeed_zero2", "deepspeed_zero3"])
+def test_deepspeed_two_processes_match_one_and_train_every_weight(tmp_path, strategy):
+    data = tiny_data(tmp_path / "data", n=300)
+    one, two = tmp_path / "one", tmp_path / "two"
+    finish(start(overrides(one, data, strategy, GLOBAL_BATCH)), timeout=600)
+    finish(start(overrides(two, data, strategy, GLOBAL_BATCH // 2) + ["trainer=ddp_cpu"], nproc=2), timeout=600)
+
+    runs_one, runs_two = trace_runs(read_trace(one / "trace.jsonl")), trace_runs(read_trace(two / "trace.jsonl"))
+    assert len(runs_one) == len(runs_two) == 2, "one fit per stage (ilkd, kd)"
+    for stage, a, b in zip(("ilkd", "kd"), runs_one, runs_two):
+        assert a[0]["world_size"] == 1 and b[0]["world_size"] == 2
+        la, lb = step_losses(a), step_losses(b)
+        assert sorted(la) == sorted(lb) == list(range(STEPS)), (stage, la, lb)
+        for s in la:
+            assert lb[s] == pytest.approx(la[s], rel=1e-4, abs=1e-6), (strategy, stage, s, la, lb)
+        assert la[STEPS - 1] < la[0], f"{stage}: the loss must fall, or the comparison says nothing"
+
+    ild = two / "tiny" / "ilkd"
+    kd = two / "tiny" / "2mla-uniform" / "kd"
+    # ILD: every decoder-layer parameter moved from the SVD / mapping init; embeddings and head are frozen
+    for kind, start_model in ild_starting_students().items():
+        before, after = start_model.state_dict(), load(ild / kind / "model").state_dict()
+        frozen = {"model.embed_tokens.weight", "lm_head.weight"}
+        for name, value in before.items():
+            if name in frozen:
+                assert torch.equal(after[name], value), (kind, name, "a frozen parameter moved")
+            elif name.startswith("model.layers."):
+                assert not torch.equal(after[name], value), (strategy, kind, name, "did not train")
+        report = json.loads((ild / kind / "report.json").read_text())
+        assert report["export_check"]["equal"], report["export_check"]
+
+    # KD: every parameter of the hybrid moved from the assembled ILD students
+    from zebra.compose.students import assemble_hybrid
+
+    report = json.loads((kd / "report.json").read_text())
+    assembled = assemble_hybrid(load(ild / "mla" / "model"), load(ild / "mamba" / "model"), report["mla_layers"])
+    before, after = assembled.state_dict(), load(kd / "model").state_dict()
+    assert sorted(before) == sorted(after)
+    unchanged = [n for n in before if torch.equal(before[n], after[n])]
+    assert not unchanged, f"{strategy}: KD left these parameters untouched: {unchanged}"
+    check = report["export_check"]
+    assert check["equal"] and check["max_abs_diff"] == 0.0, check
+    assert report["params"] == sum(p.numel() for p in assembled.parameters()), "partitions counted whole"
