@@ -120,6 +120,9 @@ class StepTrace(pl.Callback):
       averaged over the step's micro-batches and then over ranks: the loss of the global batch when every rank's
       loss is a mean over equally sized shares (what the data-parallel equivalence tests compare);
     - `{"event": "end", "global_step": ...}` when training ends normally.
+    Step records also carry `tokens` (real tokens of the global batch), `seconds` (wall time since the previous
+    step ended; the first step's since training started, so it includes warm-up) and, on GPUs, `peak_mem_gb`
+    (the largest `torch.cuda.max_memory_allocated` over ranks since training started).
 
     The mean over ranks is a collective: every rank must carry this callback (it comes from the config).
     """
@@ -128,7 +131,9 @@ class StepTrace(pl.Callback):
         self.path = Path(path)
         self.every = max(1, int(every_n_steps))
         self._losses: list[torch.Tensor] = []
+        self._tokens = 0
         self._step = None
+        self._t_last = None
 
     def _write(self, trainer: pl.Trainer, record: dict) -> None:
         if trainer.global_rank != 0:
@@ -141,6 +146,9 @@ class StepTrace(pl.Callback):
         self._write(trainer, {"event": "start", "global_step": int(trainer.global_step),
                               "ckpt_path": trainer.ckpt_path, "world_size": trainer.world_size, "pid": os.getpid(),
                               **_job_info()})
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        self._t_last = time.perf_counter()
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if self._step != trainer.global_step:
@@ -150,6 +158,7 @@ class StepTrace(pl.Callback):
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if loss is not None:
             self._losses.append(loss.detach().float().reshape(()))
+        self._tokens += int(getattr(pl_module, "last_step_tokens", 0) or 0)
         if trainer.global_step == self._step:  # still accumulating this optimizer step
             return
         step = self._step
@@ -157,10 +166,18 @@ class StepTrace(pl.Callback):
             # Lightning hands on each micro-batch's loss divided by accumulate_grad_batches: their sum is the mean
             mean = torch.stack(self._losses).sum().to(pl_module.device)
             mean = trainer.strategy.reduce(mean, reduce_op="mean")
-            self._write(trainer, {"event": "step", "step": int(step), "loss": float(mean),
-                                  "world_size": trainer.world_size})
+            tokens = trainer.strategy.reduce(torch.tensor(float(self._tokens), device=pl_module.device),
+                                             reduce_op="sum")
+            record = {"event": "step", "step": int(step), "loss": float(mean), "world_size": trainer.world_size,
+                      "tokens": int(tokens), "seconds": round(time.perf_counter() - self._t_last, 6)}
+            if torch.cuda.is_available():
+                peak = torch.tensor(float(torch.cuda.max_memory_allocated()), device=pl_module.device)
+                record["peak_mem_gb"] = round(float(trainer.strategy.reduce(peak, reduce_op="max")) / 1e9, 3)
+            self._write(trainer, record)
         self._losses = []
+        self._tokens = 0
         self._step = trainer.global_step
+        self._t_last = time.perf_counter()
 
     def on_train_end(self, trainer, pl_module):
         self._write(trainer, {"event": "end", "global_step": int(trainer.global_step)})

@@ -138,7 +138,8 @@ def llama_config_from_base(base: dict):
     return LlamaConfig(**base)
 
 
-def load_teacher_model(spec: str, base: dict | None = None, dtype=torch.float32) -> LoadedTeacher:
+def load_teacher_model(spec: str, base: dict | None = None, dtype=torch.float32,
+                       device: torch.device | str | None = None) -> LoadedTeacher:
     """The frozen base/teacher Llama named by `spec`.
 
     `random:<seed>` builds a random LlamaForCausalLM from `base` (the `model.base` block) with that seed: tests
@@ -154,14 +155,22 @@ def load_teacher_model(spec: str, base: dict | None = None, dtype=torch.float32)
         seed = int(spec.split(":", 1)[1] or 0)
         config = llama_config_from_base(base)
         config._attn_implementation = "sdpa"
-        with torch.random.fork_rng(devices=[]):
+        # built in its final dtype, on its device (an 8B random init takes seconds on a GPU, minutes on CPU)
+        previous = torch.get_default_dtype()
+        with torch.random.fork_rng(devices=[]), torch.device(device or "cpu"):
             torch.manual_seed(seed)
-            model = LlamaForCausalLM(config)
+            torch.set_default_dtype(dtype)
+            try:
+                model = LlamaForCausalLM(config)
+            finally:
+                torch.set_default_dtype(previous)
         model.to(dtype)
         return LoadedTeacher(freeze(model), spec, f"none (random init, seed {seed})")
     from zebra.compose.teacher import load_teacher
 
     t = load_teacher(spec, dtype=dtype)
+    if device is not None:
+        t.model.to(device)
     quant = EMBEDDED_QUANTISATION.get(spec) or ("GGUF (quantised), dequantised to float"
                                                 if str(spec).endswith(".gguf") else "none")
     return LoadedTeacher(freeze(t.model), spec, quant, t.path, t.tokenizer)
@@ -678,6 +687,12 @@ def finish_loggers(trainer: pl.Trainer) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ run helpers
+def teacher_device(trainer: pl.Trainer | None) -> torch.device:
+    """Where this rank's frozen teacher lives: the rank's GPU, else the CPU (then moved in on_fit_start)."""
+    device = getattr(getattr(trainer, "strategy", None), "root_device", None)
+    return device if device is not None and device.type == "cuda" else torch.device("cpu")
+
+
 def teacher_dtype(cfg: DictConfig) -> torch.dtype:
     name = cfg.get("teacher_dtype", "auto")
     if name in (None, "auto"):
@@ -812,6 +827,9 @@ def export_stage_model(cfg: DictConfig, trainer: pl.Trainer | None, model, token
     model as it is. With `export_check: true` the export is loaded back with `from_pretrained` (dtype and device
     of the in-memory model) and its logits on a probe batch are compared with the in-memory model's.
     """
+    if not cfg.get("export", True):
+        log.info("export=false: no model export written to %s", dst)
+        return None
     to_save = exportable(trainer, model)
     reference = probe_reference(cfg, model, probe)
     if to_save is None:

@@ -206,7 +206,8 @@ def run(cfg: DictConfig) -> dict:
               "trained_together": list(kinds), **summary}
     # collective under ZeRO-3: every rank gathers each student (rank 0 gets the whole copy) and, with
     # export_check, runs the probe forward
-    saved = {kind: (common.exportable(trainer, s), common.probe_reference(cfg, s)) for kind, s in students.items()}
+    saved = {kind: (common.exportable(trainer, s), common.probe_reference(cfg, s)) for kind, s in students.items()
+             if cfg.get("export", True)}
     if trainer.global_rank == 0:
         data_desc = common.dataset_description(cfg.data, "sft") + f" (split {sc.split})"
         merged = read_report(out_dir)
@@ -226,6 +227,9 @@ def run(cfg: DictConfig) -> dict:
                            "loss_first": summary["loss_first"], "loss_last": summary["loss_last"],
                            "export": str(out_dir / kind / "model")}
 
+            if kind not in saved:  # export=false
+                merged["students"][kind] = kind_report
+                continue
             to_save, reference = saved.pop(kind)
 
             def write(tmp: Path, to_save=to_save, card=card, kind_report=kind_report, reference=reference,

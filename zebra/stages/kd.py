@@ -165,7 +165,8 @@ def student_tokenizer(cfg: DictConfig):
         return common.load_model_tokenizer(cfg.model.tokenizer)
 
 
-def load_kd_teacher(cfg: DictConfig, student_tok, student_vocab: int, dtype: torch.dtype):
+def load_kd_teacher(cfg: DictConfig, student_tok, student_vocab: int, dtype: torch.dtype,
+                    device: torch.device | str | None = None):
     """The KD teacher, after checking (from its tokenizer, before its weights where possible) that it shares the
     student's tokenizer."""
     spec = str(cfg.model.kd_teacher)
@@ -176,7 +177,7 @@ def load_kd_teacher(cfg: DictConfig, student_tok, student_vocab: int, dtype: tor
         teacher_tok = common.load_model_tokenizer(spec)
     if teacher_tok is not None:
         common.check_tokenizers_match(student_tok, teacher_tok, "student", spec)
-    teacher = common.load_teacher_model(spec, cfg.model.base, dtype=dtype)
+    teacher = common.load_teacher_model(spec, cfg.model.base, dtype=dtype, device=device)
     if teacher_tok is None and teacher.tokenizer is not None:
         common.check_tokenizers_match(student_tok, teacher.tokenizer, "student", spec)
     tv = teacher.model.get_output_embeddings().weight.shape[0]
@@ -213,7 +214,8 @@ def run(cfg: DictConfig) -> dict:
                                    accumulate_grad_batches=sc.get("accumulate_grad_batches", 1))
     steps, dm = common.plan_token_stage(cfg, sc, tokenizer, trainer, assistant_only=sc.assistant_only)
     # tokenizers must match before the teacher's weights load and long before training
-    teacher = load_kd_teacher(cfg, tokenizer, config.vocab_size, common.teacher_dtype(cfg))
+    teacher = load_kd_teacher(cfg, tokenizer, config.vocab_size, common.teacher_dtype(cfg),
+                              common.teacher_device(trainer))
     # Under ZeRO-3 only rank 0 assembles the whole hybrid (on CPU); configure_model creates it sharded.
     spec = common.StudentSpec(config, random=init == "random")
     if init == "ilkd" and (common.zero_stage(trainer) != 3 or trainer.global_rank == 0):

@@ -1,0 +1,291 @@
+"""DeepSpeed ZeRO on a two-GPU machine (issue 5, acceptance 2 and 3), through `train.py` as a user runs it.
+
+    python experiments/scale_gpu.py --out $OUT/scale_gpu.json                 # on the lent two-GPU machine
+    python experiments/scale_gpu.py --smoke --out /tmp/scale_smoke.json       # CPU, tiny shapes: checks the driver
+
+Part `equivalence`, for deepspeed_zero2 and deepspeed_zero3: `ilkd` then `kd` (a SmolLM2-135M-shaped random base
+as teacher; 6 MLA layers placed uniformly) once with one GPU and once with two, on the same global batch. Records
+the loss of the first 10 steps of each stage (two GPUs vs one), the fraction of each trained tensor's elements that
+moved from its starting value (every tensor must move: the ZeRO-3 trap leaves some untouched), the export check
+(the export gathered from the shards, loaded with from_pretrained, logits vs the in-memory model) and tokens/s per
+GPU.
+
+Part `zebra8b`: one `kd` run of a few steps with the zebra_8b student shape (random init, created sharded) and an
+8B-shaped random teacher (bf16, replicated) on two GPUs: deepspeed_zero3 where a GPU has >= 120 GB, else
+deepspeed_zero3_offload with activation checkpointing. No checkpoint and no export. Records peak memory per GPU
+and tokens/s, beside `stage=describe`'s estimate for the same strategy and devices.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests" / "stages"))
+
+from zebra.export import write_json_atomic  # noqa: E402
+
+
+def run(cmd: list[str], log: Path, env: dict | None = None, timeout: float = 900) -> dict:
+    t0 = time.perf_counter()
+    with log.open("w") as f:
+        try:
+            rc = subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+    out = {"rc": rc, "seconds": round(time.perf_counter() - t0, 1), "log": str(log)}
+    if rc != 0:
+        out["tail"] = log.read_text()[-3000:]
+        print(f"FAILED ({rc}): {' '.join(cmd[:6])} ... see {log}\n{out['tail'][-1500:]}", flush=True)
+    return out
+
+
+def train_cmd(args: list[str], nproc: int) -> list[str]:
+    if nproc > 1:
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+                "train.py", *args]
+    return [sys.executable, "train.py", *args]
+
+
+def env_for(devices: str | None) -> dict:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="disabled", TOKENIZERS_PARALLELISM="false",
+               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    if devices is not None:
+        env["CUDA_VISIBLE_DEVICES"] = devices
+    return env
+
+
+def read_trace(path: Path) -> list[list[dict]]:
+    runs: list[list[dict]] = []
+    if not path.is_file():
+        return runs
+    for line in path.read_text().splitlines():
+        r = json.loads(line)
+        if r["event"] == "start":
+            runs.append([])
+        if runs:
+            runs[-1].append(r)
+    return runs
+
+
+def throughput(steps: list[dict], world: int, skip: int = 2) -> dict:
+    """tokens/s per GPU over the steps after the first `skip` (warm-up, kernel autotuning)."""
+    timed = steps[skip:] if len(steps) > skip else steps
+    tokens = sum(s["tokens"] for s in timed)
+    seconds = sum(s["seconds"] for s in timed)
+    out = {"steps_timed": len(timed), "tokens_per_s": tokens / seconds if seconds else None}
+    out["tokens_per_s_per_gpu"] = out["tokens_per_s"] / world if out["tokens_per_s"] else None
+    peaks = [s["peak_mem_gb"] for s in steps if "peak_mem_gb" in s]
+    if peaks:
+        out["peak_mem_gb_max_over_ranks"] = max(peaks)
+    return out
+
+
+def moved_fraction(before: dict, after: dict, names) -> dict:
+    """Per tensor: the fraction of elements whose value differs (in the export's dtype)."""
+    out = {}
+    for n in names:
+        a, b = after[n], before[n].to(after[n].dtype)
+        out[n] = float((a != b).float().mean())
+    return out
+
+
+def weights_moved(root: Path, model_name: str, mix_dir: str, teacher_spec: str, model_cfg) -> dict:
+    """ILD: decoder-layer tensors vs the SVD/mapping init from the same random teacher; embeddings frozen.
+    KD: every tensor vs the hybrid assembled from the ILD exports."""
+    import torch
+    from omegaconf import OmegaConf
+    from transformers import AutoModelForCausalLM
+
+    import zebra  # noqa: F401  (registers the Auto classes)
+    from zebra.compose.students import assemble_hybrid, build_student
+    from zebra.stages.common import load_teacher_model
+
+    ild, kd = root / model_name / "ilkd", root / model_name / mix_dir / "kd"
+    teacher = load_teacher_model(teacher_spec, model_cfg.base).model
+    mla = OmegaConf.to_container(model_cfg.mla, resolve=True)
+    result = {}
+    exports = {}
+    for kind in ("mla", "mamba"):
+        start = build_student(teacher, mla, kind=kind)[0].state_dict()
+        exports[kind] = AutoModelForCausalLM.from_pretrained(str(ild / kind / "model"))
+        after = exports[kind].state_dict()
+        layers = [n for n in start if n.startswith("model.layers.")]
+        frac = moved_fraction(start, after, layers)
+        result[f"ilkd_{kind}"] = {"tensors": len(frac), "unchanged": [n for n, f in frac.items() if f == 0.0],
+                                  "min_moved_fraction": min(frac.values()),
+                                  "embeddings_unchanged": bool(torch.equal(
+                                      after["model.embed_tokens.weight"],
+                                      start["model.embed_tokens.weight"].to(after["model.embed_tokens.weight"].dtype)))}
+    report = json.loads((kd / "report.json").read_text())
+    assembled = assemble_hybrid(exports["mla"], exports["mamba"], report["mla_layers"]).state_dict()
+    after = AutoModelForCausalLM.from_pretrained(str(kd / "model")).state_dict()
+    frac = moved_fraction(assembled, after, list(assembled))
+    result["kd"] = {"tensors": len(frac), "unchanged": [n for n, f in frac.items() if f == 0.0],
+                    "min_moved_fraction": min(frac.values())}
+    return result
+
+
+EQ_MODEL = {True: ("tiny", 32, 4, 4, 2), False: ("smollm2_135m", 1024, 10, 8, 6)}  # smoke?: model, seq, steps,
+#                                                                                       global batch, MLA layers
+
+
+def equivalence_cmd(args, work: Path, data: Path, tokenizer: str, strategy: str, world: int) -> list[str]:
+    model, seq, steps, global_batch, mix_n = EQ_MODEL[args.smoke]
+    root = work / f"{strategy}-ws{world}"
+    per = global_batch // world
+    cmd = [
+        "stage=pipeline", "stage.order=[ilkd,kd]", f"model={model}", "model.teacher=random:0",
+        "model.kd_teacher=random:0", f"model.tokenizer={tokenizer}", "mix=uniform", f"mix.n_mla={mix_n}",
+        "logger=none", f"strategy={strategy}", "export_check=true", "trainer.enable_progress_bar=false",
+        f"data.sft.sources=[{{path: '{data}'}}]", "data.sft.heldout_fraction=0.05",
+        f"ilkd.seq_len={seq}", f"ilkd.max_steps={steps}", "ilkd.checkpoint_every_n_steps=0", "ilkd.optimizer.lr=3e-4",
+        f"kd.seq_len={seq}", f"kd.max_steps={steps}", "kd.checkpoint_every_n_steps=0", "kd.optimizer.lr=3e-4",
+        "kd.heldout_batches=1", f"paths.root={root}", f"ilkd.batch_size={per}", f"kd.batch_size={per}",
+        f"trainer.devices={world}", "+callbacks.trace._target_=zebra.launch.trainer.StepTrace",
+        f"+callbacks.trace.path={root / 'trace.jsonl'}",
+    ]
+    cmd.append("trainer=ddp_cpu" if args.smoke and world == 2 else "trainer=cpu" if args.smoke else "trainer=gpu")
+    return train_cmd(cmd, world)
+
+
+def equivalence(args, work: Path, data: Path, tokenizer: str, strategies: list[str]) -> dict:
+    """One-GPU runs of every strategy side by side (one per GPU), then the two-GPU runs one after another."""
+    from omegaconf import OmegaConf
+
+    model, seq, steps, global_batch, mix_n = EQ_MODEL[args.smoke]
+    results = {s: {"strategy": s, "model": model, "seq_len": seq, "steps": steps, "global_batch": global_batch}
+               for s in strategies}
+    procs = []
+    for i, strategy in enumerate(strategies):
+        log = work / f"{strategy}-ws1.log"
+        env = env_for(None if args.smoke else str(i % max(1, _gpus())))
+        procs.append((strategy, log, time.perf_counter(),
+                      subprocess.Popen(equivalence_cmd(args, work, data, tokenizer, strategy, 1), cwd=REPO, env=env,
+                                       stdout=log.open("w"), stderr=subprocess.STDOUT)))
+    for strategy, log, t0, proc in procs:
+        try:
+            rc = proc.wait(timeout=900)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            rc = "timeout"
+        results[strategy]["ws1_run"] = {"rc": rc, "seconds": round(time.perf_counter() - t0, 1), "log": str(log)}
+        if rc != 0:
+            results[strategy]["ws1_run"]["tail"] = log.read_text()[-3000:]
+            print(f"FAILED ws1 {strategy}:\n{log.read_text()[-2000:]}", flush=True)
+    for strategy in strategies:
+        out = results[strategy]
+        out["ws2_run"] = run(equivalence_cmd(args, work, data, tokenizer, strategy, 2), work / f"{strategy}-ws2.log",
+                             env_for(None))
+        traces = {w: read_trace(work / f"{strategy}-ws{w}" / "trace.jsonl") for w in (1, 2)}
+        if len(traces[1]) != 2 or len(traces[2]) != 2:
+            out["error"] = "a run did not complete both stages"
+            continue
+        try:
+            for i, stage in enumerate(("ilkd", "kd")):
+                a = [r for r in traces[1][i] if r["event"] == "step"]
+                b = [r for r in traces[2][i] if r["event"] == "step"]
+                rel = [abs(y["loss"] - x["loss"]) / abs(x["loss"]) for x, y in zip(a, b)]
+                out[stage] = {"loss_ws1": [x["loss"] for x in a], "loss_ws2": [y["loss"] for y in b],
+                              "max_rel_diff": max(rel), "within_2pct": max(rel) <= 0.02,
+                              "throughput_ws1": throughput(a, 1), "throughput_ws2": throughput(b, 2)}
+            root2 = work / f"{strategy}-ws2"
+            model_cfg = OmegaConf.load(REPO / "conf" / "model" / f"{model}.yaml")
+            out["weights"] = weights_moved(root2, model, f"{mix_n}mla-uniform", "random:0", model_cfg)
+            reports = {"kd": root2 / model / f"{mix_n}mla-uniform" / "kd" / "report.json",
+                       "ilkd_mla": root2 / model / "ilkd" / "mla" / "report.json",
+                       "ilkd_mamba": root2 / model / "ilkd" / "mamba" / "report.json"}
+            out["export_check"] = {k: json.loads(p.read_text()).get("export_check") for k, p in reports.items()}
+        except Exception as err:  # keep what was measured
+            out["error"] = repr(err)
+    return results
+
+
+def _gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def zebra8b(args, work: Path, data: Path, tokenizer: str) -> dict:
+    import torch
+
+    gpu_gb = torch.cuda.get_device_properties(0).total_memory / 1e9 if torch.cuda.is_available() else 0.0
+    if args.smoke:
+        model, strategy, extra = "tiny", "deepspeed_zero3", ["trainer=ddp_cpu"]
+    elif gpu_gb >= 120:
+        model, strategy, extra = "zebra_8b", "deepspeed_zero3", ["trainer=gpu"]
+    else:
+        model, strategy, extra = "zebra_8b", "deepspeed_zero3_offload", ["trainer=gpu", "kd.gradient_checkpointing=true"]
+    seq = 64 if args.smoke else 2048
+    steps = 3 if args.smoke else 4
+    root = work / "zebra8b"
+    cmd = ["stage=kd", f"model={model}", "mix=paper", "model.teacher=random:0", "model.kd_teacher=random:1",
+           f"model.tokenizer={tokenizer}", "kd.student_init=random", f"strategy={strategy}", "trainer.devices=2",
+           "logger=none", "export=false", "trainer.enable_progress_bar=false",
+           f"data.sft.sources=[{{path: '{data}'}}]", "data.sft.heldout_fraction=0.05",
+           f"kd.seq_len={seq}", "kd.batch_size=1", f"kd.max_steps={steps}", "kd.checkpoint_every_n_steps=0",
+           "kd.heldout_batches=0", f"paths.root={root}", "+callbacks.trace._target_=zebra.launch.trainer.StepTrace",
+           f"+callbacks.trace.path={root / 'trace.jsonl'}", *extra]
+    out = {"model": model, "strategy": strategy, "gpu_memory_gb": round(gpu_gb, 1), "seq_len": seq,
+           "micro_batch": 1, "devices": 2, "gradient_checkpointing": "kd.gradient_checkpointing=true" in extra}
+    out["run"] = run(train_cmd(cmd, 2), work / "zebra8b.log", env_for(None), timeout=args.zebra8b_timeout)
+    runs = read_trace(root / "trace.jsonl")
+    if runs:
+        steps_done = [r for r in runs[0] if r["event"] == "step"]
+        out["losses"] = [r["loss"] for r in steps_done]
+        out["throughput"] = throughput(steps_done, 2, skip=1)
+    describe = ["stage=describe", f"model={model}", "mix=paper", f"strategy={strategy}", "trainer=gpu",
+                "trainer.devices=2", f"kd.seq_len={seq}", "kd.batch_size=1", "describe.train_stage=kd",
+                f"describe.gpu_memory_gb={round(gpu_gb) or 80}"]
+    if out["gradient_checkpointing"]:
+        describe.append("kd.gradient_checkpointing=true")
+    proc = subprocess.run([sys.executable, "train.py", *describe], cwd=REPO, env=env_for(""), capture_output=True,
+                          text=True, timeout=300)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    out["describe"] = json.loads(lines[-1]).get("memory") if lines else {"error": proc.stderr[-2000:]}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--work", default="/tmp/zebra-scale")
+    ap.add_argument("--parts", default="zebra8b,equivalence")
+    ap.add_argument("--strategies", default="deepspeed_zero2,deepspeed_zero3")
+    ap.add_argument("--tokenizer", default=str(REPO / ".gpu" / "tokenizer"))
+    ap.add_argument("--zebra8b-timeout", type=float, default=420)
+    ap.add_argument("--smoke", action="store_true")
+    args = ap.parse_args()
+    import torch
+    from stage_helpers import write_sft
+
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    data = write_sft(work / "sft.jsonl", n=300 if args.smoke else 12000, seed=0)
+    result = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+              "gpus": torch.cuda.device_count(), "torch": torch.__version__, "smoke": args.smoke}
+    try:
+        import deepspeed
+        result["deepspeed"] = deepspeed.__version__
+    except ImportError:
+        pass
+    out = Path(args.out)
+    for part in args.parts.split(","):
+        if part == "zebra8b":
+            result["zebra8b"] = zebra8b(args, work, data, args.tokenizer)
+        elif part == "equivalence":
+            result["equivalence"] = equivalence(args, work, data, args.tokenizer, args.strategies.split(","))
+        write_json_atomic(out, result)
+        print(json.dumps(result, indent=1, default=str)[-6000:], flush=True)
+
+
+if __name__ == "__main__":
+    main()
