@@ -10,6 +10,9 @@ moved from its starting value (every tensor must move: the ZeRO-3 trap leaves so
 (the export gathered from the shards, loaded with from_pretrained, logits vs the in-memory model) and tokens/s per
 GPU.
 
+Parts `twonode` and `paper8b` (issue 8; four or eight GPUs): two "nodes" of two GPUs against one node of four
+(`kd`, ZeRO-3, zebra_1b student shape, 8B-shaped teacher), and zebra_8b `kd` at the paper's per-device batch.
+
 Part `zebra8b`: one `kd` run of a few steps with the zebra_8b student shape (random init, created sharded) and an
 8B-shaped random teacher (bf16, replicated) on two GPUs: deepspeed_zero3 where a GPU has >= 120 GB, else
 deepspeed_zero3_offload with activation checkpointing. No checkpoint and no export. Records peak memory per GPU
@@ -19,8 +22,10 @@ and tokens/s, beside `stage=describe`'s estimate for the same strategy and devic
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -33,13 +38,28 @@ sys.path.insert(0, str(REPO / "tests" / "stages"))
 from zebra.export import write_json_atomic  # noqa: E402
 
 
-def run(cmd: list[str], log: Path, env: dict | None = None, timeout: float = 900) -> dict:
+LOGS = Path("/tmp")
+LAUNCH_TIMEOUT = 900.0
+
+
+def start(cmd: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
+    """A launch in its own process group, so that a timeout ends torchrun's workers too."""
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def wait(proc: subprocess.Popen, timeout: float):
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        return "timeout"
+
+
+def run(cmd: list[str], log: Path, env: dict | None = None, timeout: float | None = None) -> dict:
     t0 = time.perf_counter()
-    with log.open("w") as f:
-        try:
-            rc = subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=timeout).returncode
-        except subprocess.TimeoutExpired:
-            rc = "timeout"
+    rc = wait(start(cmd, log, env), timeout or LAUNCH_TIMEOUT)
     out = {"rc": rc, "seconds": round(time.perf_counter() - t0, 1), "log": str(log)}
     if rc != 0:
         out["tail"] = log.read_text()[-3000:]
@@ -104,7 +124,7 @@ def weights_moved(root: Path, model_name: str, mix_dir: str, teacher_spec: str, 
     from omegaconf import OmegaConf
     from transformers import AutoModelForCausalLM
 
-    import zebra  # noqa: F401  (registers the Auto classes)
+    importlib.import_module("zebra")  # registers the Auto classes
     from zebra.compose.students import assemble_hybrid, build_student
     from zebra.stages.common import load_teacher_model
 
@@ -133,7 +153,7 @@ def weights_moved(root: Path, model_name: str, mix_dir: str, teacher_spec: str, 
     return result
 
 
-EQ_MODEL = {True: ("tiny", 32, 4, 4, 2), False: ("smollm2_135m", 1024, 10, 8, 6)}  # smoke?: model, seq, steps,
+EQ_MODEL = {True: ("tiny", 32, 4, 4, 2), False: ("smollm2_135m", 512, 10, 8, 6)}  # smoke?: model, seq, steps,
 #                                                                                       global batch, MLA layers
 
 
@@ -144,7 +164,8 @@ def equivalence_cmd(args, work: Path, data: Path, tokenizer: str, strategy: str,
     cmd = [
         "stage=pipeline", "stage.order=[ilkd,kd]", f"model={model}", "model.teacher=random:0",
         "model.kd_teacher=random:0", f"model.tokenizer={tokenizer}", "mix=uniform", f"mix.n_mla={mix_n}",
-        "logger=none", f"strategy={strategy}", "export_check=true", "trainer.enable_progress_bar=false",
+        "logger=none", f"strategy={strategy}", "export_check=true", "check_weights_moved=true",
+        "trainer.enable_progress_bar=false",
         f"data.sft.sources=[{{path: '{data}'}}]", "data.sft.heldout_fraction=0.05",
         f"ilkd.seq_len={seq}", f"ilkd.max_steps={steps}", "ilkd.checkpoint_every_n_steps=0", "ilkd.optimizer.lr=3e-4",
         f"kd.seq_len={seq}", f"kd.max_steps={steps}", "kd.checkpoint_every_n_steps=0", "kd.optimizer.lr=3e-4",
@@ -157,32 +178,18 @@ def equivalence_cmd(args, work: Path, data: Path, tokenizer: str, strategy: str,
 
 
 def equivalence(args, work: Path, data: Path, tokenizer: str, strategies: list[str]) -> dict:
-    """One-GPU runs of every strategy side by side (one per GPU), then the two-GPU runs one after another."""
+    """For each strategy, the one-GPU run then the two-GPU run, one after another (runs side by side raced on
+    the datasets cache and oversubscribed the CPU in the students' SVD init)."""
     from omegaconf import OmegaConf
 
     model, seq, steps, global_batch, mix_n = EQ_MODEL[args.smoke]
     results = {s: {"strategy": s, "model": model, "seq_len": seq, "steps": steps, "global_batch": global_batch}
                for s in strategies}
-    procs = []
-    for i, strategy in enumerate(strategies):
-        log = work / f"{strategy}-ws1.log"
-        env = env_for(None if args.smoke else str(i % max(1, _gpus())))
-        procs.append((strategy, log, time.perf_counter(),
-                      subprocess.Popen(equivalence_cmd(args, work, data, tokenizer, strategy, 1), cwd=REPO, env=env,
-                                       stdout=log.open("w"), stderr=subprocess.STDOUT)))
-    for strategy, log, t0, proc in procs:
-        try:
-            rc = proc.wait(timeout=900)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            rc = "timeout"
-        results[strategy]["ws1_run"] = {"rc": rc, "seconds": round(time.perf_counter() - t0, 1), "log": str(log)}
-        if rc != 0:
-            results[strategy]["ws1_run"]["tail"] = log.read_text()[-3000:]
-            print(f"FAILED ws1 {strategy}:\n{log.read_text()[-2000:]}", flush=True)
     for strategy in strategies:
         out = results[strategy]
-        out["ws2_run"] = run(equivalence_cmd(args, work, data, tokenizer, strategy, 2), work / f"{strategy}-ws2.log",
+        out["ws1_run"] = run(equivalence_cmd(args, work, data, tokenizer, strategy, 1), LOGS / f"{strategy}-ws1.log",
+                             env_for(None if args.smoke else "0"))
+        out["ws2_run"] = run(equivalence_cmd(args, work, data, tokenizer, strategy, 2), LOGS / f"{strategy}-ws2.log",
                              env_for(None))
         traces = {w: read_trace(work / f"{strategy}-ws{w}" / "trace.jsonl") for w in (1, 2)}
         if len(traces[1]) != 2 or len(traces[2]) != 2:
@@ -208,12 +215,6 @@ def equivalence(args, work: Path, data: Path, tokenizer: str, strategies: list[s
     return results
 
 
-def _gpus() -> int:
-    import torch
-
-    return torch.cuda.device_count()
-
-
 def zebra8b(args, work: Path, data: Path, tokenizer: str) -> dict:
     import torch
 
@@ -223,25 +224,30 @@ def zebra8b(args, work: Path, data: Path, tokenizer: str) -> dict:
     elif gpu_gb >= 120:
         model, strategy, extra = "zebra_8b", "deepspeed_zero3", ["trainer=gpu"]
     else:
-        model, strategy, extra = "zebra_8b", "deepspeed_zero3_offload", ["trainer=gpu", "kd.gradient_checkpointing=true"]
+        model, strategy = "zebra_8b", "deepspeed_zero3_offload"
+        extra = ["trainer=gpu", "kd.gradient_checkpointing=true"]
     seq = 64 if args.smoke else 2048
     steps = 3 if args.smoke else 4
     root = work / "zebra8b"
     cmd = ["stage=kd", f"model={model}", "mix=paper", "model.teacher=random:0", "model.kd_teacher=random:1",
            f"model.tokenizer={tokenizer}", "kd.student_init=random", f"strategy={strategy}", "trainer.devices=2",
-           "logger=none", "export=false", "trainer.enable_progress_bar=false",
+           "logger=none", "export=false", "check_weights_moved=true", "trainer.enable_progress_bar=false",
            f"data.sft.sources=[{{path: '{data}'}}]", "data.sft.heldout_fraction=0.05",
            f"kd.seq_len={seq}", "kd.batch_size=1", f"kd.max_steps={steps}", "kd.checkpoint_every_n_steps=0",
-           "kd.heldout_batches=0", f"paths.root={root}", "+callbacks.trace._target_=zebra.launch.trainer.StepTrace",
+           "kd.heldout_batches=0", f"paths.root={root}", "num_threads=8",
+           "+callbacks.trace._target_=zebra.launch.trainer.StepTrace",
            f"+callbacks.trace.path={root / 'trace.jsonl'}", *extra]
     out = {"model": model, "strategy": strategy, "gpu_memory_gb": round(gpu_gb, 1), "seq_len": seq,
            "micro_batch": 1, "devices": 2, "gradient_checkpointing": "kd.gradient_checkpointing=true" in extra}
-    out["run"] = run(train_cmd(cmd, 2), work / "zebra8b.log", env_for(None), timeout=args.zebra8b_timeout)
+    out["run"] = run(train_cmd(cmd, 2), LOGS / "zebra8b.log", env_for(None), timeout=args.zebra8b_timeout)
     runs = read_trace(root / "trace.jsonl")
     if runs:
         steps_done = [r for r in runs[0] if r["event"] == "step"]
         out["losses"] = [r["loss"] for r in steps_done]
         out["throughput"] = throughput(steps_done, 2, skip=1)
+    report = root / model / "paper" / "kd" / "report.json"
+    if report.is_file():
+        out["weights_moved"] = json.loads(report.read_text()).get("weights_moved")
     describe = ["stage=describe", f"model={model}", "mix=paper", f"strategy={strategy}", "trainer=gpu",
                 "trainer.devices=2", f"kd.seq_len={seq}", "kd.batch_size=1", "describe.train_stage=kd",
                 f"describe.gpu_memory_gb={round(gpu_gb) or 80}"]
@@ -254,6 +260,102 @@ def zebra8b(args, work: Path, data: Path, tokenizer: str) -> dict:
     return out
 
 
+def kd_overrides(model: str, tokenizer: str, data: Path, root: Path, extra: list[str]) -> list[str]:
+    """`kd` at real shapes with random weights: student created sharded, teacher random (8B-shaped for every
+    preset: `model.kd_teacher_base=zebra_8b`), no checkpoints, the stage's own weights-moved check."""
+    return ["stage=kd", f"model={model}", "mix=paper", "model.teacher=random:0", "model.kd_teacher=random:1",
+            "model.kd_teacher_base=zebra_8b", f"model.tokenizer={tokenizer}", "kd.student_init=random",
+            "strategy=deepspeed_zero3", "trainer=gpu", "logger=none", "check_weights_moved=true",
+            "trainer.enable_progress_bar=false", f"data.sft.sources=[{{path: '{data}'}}]",
+            "data.sft.heldout_fraction=0.05", "kd.checkpoint_every_n_steps=0", "kd.heldout_batches=0",
+            f"paths.root={root}", "num_threads=8", "+callbacks.trace._target_=zebra.launch.trainer.StepTrace",
+            f"+callbacks.trace.path={root / 'trace.jsonl'}", *extra]
+
+
+def kd_result(root: Path, model: str, world: int) -> dict:
+    runs = read_trace(root / "trace.jsonl")
+    out: dict = {}
+    if runs:
+        steps = [r for r in runs[0] if r["event"] == "step"]
+        out["losses"] = [r["loss"] for r in steps]
+        out["throughput"] = throughput(steps, world, skip=2)
+    report = root / model / "paper" / "kd" / "report.json"
+    if report.is_file():
+        rep = json.loads(report.read_text())
+        out.update({k: rep.get(k) for k in ("weights_moved", "export_check", "params")})
+    return out
+
+
+def twonode(args, work: Path, data: Path, tokenizer: str) -> dict:
+    """Issue 8, run 1: two "nodes" of two GPUs (two torchrun groups, node ranks 0 and 1, one rendezvous on
+    loopback) against one node of four, `kd` under ZeRO-3 at the zebra_1b student shape with an 8B-shaped teacher,
+    same global batch; the export is gathered from the shards and checked."""
+    import socket
+
+    steps, seq, per_gpu = 10, 2048, 2
+    extra = [f"kd.seq_len={seq}", f"kd.batch_size={per_gpu}", f"kd.max_steps={steps}", "export_check=true"]
+    out: dict = {"model": "zebra_1b", "teacher": "8B-shaped random", "seq_len": seq, "micro_batch": per_gpu,
+                 "global_batch": 4 * per_gpu, "steps": steps}
+    one = work / "twonode-one"
+    out["one_node_run"] = run(train_cmd(kd_overrides("zebra_1b", tokenizer, data, one,
+                                                     extra + ["trainer.devices=4"]), 4), LOGS / "twonode-one.log",
+                              env_for(None))
+    out["one_node"] = kd_result(one, "zebra_1b", 4)
+    two = work / "twonode-two"
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    procs = []
+    for node_rank, gpus in ((0, "0,1"), (1, "2,3")):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={node_rank}",
+               "--nproc-per-node=2", "--master-addr=127.0.0.1", f"--master-port={port}", "train.py",
+               *kd_overrides("zebra_1b", tokenizer, data, two, extra + ["trainer.devices=2", "trainer.num_nodes=2"])]
+        procs.append(start(cmd, LOGS / f"twonode-node{node_rank}.log", env_for(gpus)))
+    t0 = time.perf_counter()
+    out["two_node_rc"] = [wait(p, LAUNCH_TIMEOUT) for p in procs]
+    out["two_node_seconds"] = round(time.perf_counter() - t0, 1)
+    out["two_nodes"] = kd_result(two, "zebra_1b", 4)
+    a, b = out["one_node"].get("losses"), out["two_nodes"].get("losses")
+    if a and b:
+        rel = [abs(y - x) / abs(x) for x, y in zip(a, b)]
+        out["max_rel_diff"] = max(rel)
+    return out
+
+
+def paper8b(args, work: Path, data: Path, tokenizer: str) -> dict:
+    """Issue 8, run 2: zebra_8b `kd` at the paper's per-device batch (4 x 2048 tokens, gradient accumulation 2)
+    under ZeRO-3 with activation checkpointing on every GPU of the machine; MFU over the measured 790 TFLOP/s."""
+    import torch
+
+    from omegaconf import OmegaConf
+
+    from zebra.describe import zebra_config_from_preset
+    from zebra.flops import kd_step_flops
+    from zebra.mixes import layer_types_for
+    from zebra.presets import preset
+
+    gpus = torch.cuda.device_count()
+    root = work / "paper8b"
+    extra = ["kd.seq_len=2048", "kd.batch_size=4", "kd.accumulate_grad_batches=2", "kd.max_steps=5",
+             "kd.gradient_checkpointing=true", "export=false", f"trainer.devices={gpus}"]
+    out: dict = {"model": "zebra_8b", "gpus": gpus, "micro_batch": 4, "accumulate": 2, "seq_len": 2048}
+    out["run"] = run(train_cmd(kd_overrides("zebra_8b", tokenizer, data, root, extra), gpus), LOGS / "paper8b.log",
+                     env_for(None))
+    out.update(kd_result(root, "zebra_8b", gpus))
+    node = preset("zebra_8b")
+    student = zebra_config_from_preset(node, layer_types_for(32, list(OmegaConf.to_container(node.paper_mla_layers))))
+    from transformers import LlamaConfig
+
+    teacher = LlamaConfig(**OmegaConf.to_container(node.base, resolve=True))
+    fpt = kd_step_flops(student, teacher, 2048)["total"]
+    tps = (out.get("throughput") or {}).get("tokens_per_s")
+    if tps:
+        out["flops_per_token"] = fpt
+        out["mfu"] = tps * fpt / (790e12 * gpus)
+        out["hours_for_11B_tokens"] = 11e9 / tps / 3600
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
@@ -262,8 +364,14 @@ def main() -> None:
     ap.add_argument("--strategies", default="deepspeed_zero2,deepspeed_zero3")
     ap.add_argument("--tokenizer", default=str(REPO / ".gpu" / "tokenizer"))
     ap.add_argument("--zebra8b-timeout", type=float, default=420)
+    ap.add_argument("--logs", default=None, help="where each launch's log goes (default: --work)")
+    ap.add_argument("--launch-timeout", type=float, default=900)
     ap.add_argument("--smoke", action="store_true")
     args = ap.parse_args()
+    global LOGS, LAUNCH_TIMEOUT
+    LOGS = Path(args.logs or args.work)
+    LOGS.mkdir(parents=True, exist_ok=True)
+    LAUNCH_TIMEOUT = args.launch_timeout
     import torch
     from stage_helpers import write_sft
 
@@ -281,6 +389,10 @@ def main() -> None:
     for part in args.parts.split(","):
         if part == "zebra8b":
             result["zebra8b"] = zebra8b(args, work, data, args.tokenizer)
+        elif part == "twonode":
+            result["twonode"] = twonode(args, work, data, args.tokenizer)
+        elif part == "paper8b":
+            result["paper8b"] = paper8b(args, work, data, args.tokenizer)
         elif part == "equivalence":
             result["equivalence"] = equivalence(args, work, data, args.tokenizer, args.strategies.split(","))
         write_json_atomic(out, result)

@@ -188,18 +188,21 @@ def _largest_module(model: torch.nn.Module) -> int:
 
 
 def _teacher_base(cfg, spec: str) -> dict | None:
-    """Architecture numbers of a teacher named by `spec`: the preset's own base when it is the base (or random),
-    else the base of the preset (conf/model/*.yaml) whose base it is; None when no preset names it."""
-    from omegaconf import OmegaConf
+    """Architecture numbers of a teacher named by `spec`: a random KD teacher's `model.kd_teacher_base` preset,
+    the preset's own base when it is the base (or random), else the base of the preset (conf/model/*.yaml) whose
+    base it is; None when no preset names it."""
+    from zebra.presets import preset, preset_base, preset_names
 
     spec = str(spec)
+    other = cfg["model"].get("kd_teacher_base")
+    if other and spec == str(cfg["model"].get("kd_teacher")) and spec.startswith("random:"):
+        return preset_base(str(other))
     if spec == str(cfg["model"]["teacher"]) or spec.startswith("random:"):
         return dict(_plain(cfg["model"]["base"]))
-    presets = Path(__file__).resolve().parents[1] / "conf" / "model"
-    for f in sorted(presets.glob("*.yaml")):
-        node = OmegaConf.load(f)
+    for name in preset_names():
+        node = preset(name)
         if str(node.get("teacher")) == spec and "base" in node:
-            return dict(OmegaConf.to_container(node.base, resolve=False))
+            return preset_base(name)
     return None
 
 

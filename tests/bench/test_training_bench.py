@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from zebra.bench import flops as F
+from zebra import flops as F
 from zebra.bench import training as tb
 
 

@@ -31,6 +31,7 @@ def overrides(root: Path, data: Path, strategy: str, batch_size: int) -> list[st
         "stage=pipeline", "stage.order=[ilkd,kd]", "model=tiny", "mix=uniform", "mix.n_mla=2", "logger=none",
         f"strategy={strategy}", f"paths.root={root}", "trainer.enable_progress_bar=false", "num_threads=1",
         f"data.sft.sources=[{{path: '{data}'}}]", "data.sft.heldout_fraction=0.1", "export_check=true",
+        "check_weights_moved=true",
         f"ilkd.seq_len={SEQ}", f"ilkd.batch_size={batch_size}", f"ilkd.tokens={tokens}",
         "ilkd.checkpoint_every_n_steps=0", "ilkd.optimizer.lr=1e-3",
         f"kd.seq_len={SEQ}", f"kd.batch_size={batch_size}", f"kd.tokens={tokens}", "kd.checkpoint_every_n_steps=0",
@@ -99,6 +100,8 @@ def test_deepspeed_two_processes_match_one_and_train_every_weight(tmp_path, stra
     assert sorted(before) == sorted(after)
     unchanged = [n for n in before if torch.equal(before[n], after[n])]
     assert not unchanged, f"{strategy}: KD left these parameters untouched: {unchanged}"
+    moved = report["weights_moved"]  # the stage's own check, from the shards, agrees
+    assert moved["tensors"] == len(before) - 1 and moved["unchanged"] == [], moved  # tied head counted once
     check = report["export_check"]
     assert check["equal"] and check["max_abs_diff"] == 0.0, check
     assert report["params"] == sum(p.numel() for p in assembled.parameters()), "partitions counted whole"

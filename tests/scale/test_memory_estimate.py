@@ -113,3 +113,19 @@ def test_cache_at_context_from_measured_bytes():
     assert out["base_kv_bytes"] == 2 * 32768 * 1000
     info = describe(describe_cfg("model=zebra_1b", "mix=uniform", "mix.n_mla=4", "describe.context=4096"))
     assert info["cache"]["hybrid_bytes"] == int(info["cache_bytes_per_token"] * 4096 + info["cache_constant_bytes"])
+
+
+def test_random_kd_teacher_takes_the_named_preset_base():
+    """zebra_1b student with an 8B-shaped random KD teacher (model.kd_teacher_base=zebra_8b): describe counts the
+    8B teacher, and the kd stage builds it at that shape."""
+    import torch
+
+    from zebra.stages.kd import load_kd_teacher
+
+    cfg = describe_cfg("model=zebra_1b", "mix=paper", "model.kd_teacher=random:1", "model.kd_teacher_base=zebra_8b")
+    assert describe(cfg)["memory"]["teacher_params"] == 8_030_261_248
+    tiny = describe_cfg("model=tiny", "mix=paper", "model.kd_teacher=random:1", "model.kd_teacher_base=smollm2_135m")
+    from zebra.stages.common import load_model_tokenizer
+
+    teacher = load_kd_teacher(tiny, load_model_tokenizer("smollm2_135m"), 49152, torch.float32)
+    assert teacher.model.config.hidden_size == 576 and teacher.model.config.num_hidden_layers == 30

@@ -20,7 +20,7 @@ What runs is the stages' own code, without a Lightning Trainer:
   (b) two separate runs, one student each with its own teacher forward, at the same per-student micro-batch.
 - The micro-batch is the largest of 1, 2, 4, 8, ... whose step fits without activation checkpointing (kd: the
   split step; ilkd: the joint step, whose micro-batch the separate runs reuse).
-- FLOPs per token from `zebra.bench.flops` (teacher forward + 3 x student forward, attention and SSD included);
+- FLOPs per token from `zebra.flops` (teacher forward + 3 x student forward, attention and SSD included);
   MFU = model FLOPs per second / the bf16 matmul rate measured at the start (best of square GEMMs).
 
 On CUDA each measurement also counts the host syncs of one step and where they come from
@@ -50,7 +50,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from zebra.bench import flops as F
+from zebra import flops as F
 from zebra.export import write_json_atomic
 
 CONF = Path(__file__).resolve().parents[2] / "conf"

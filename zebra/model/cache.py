@@ -36,6 +36,20 @@ class MLALayerCache:
         self.length += t
         return self.latent[:, : self.length]
 
+    def write(self, new: torch.Tensor, cache_position: torch.Tensor) -> torch.Tensor:
+        """Static caches only: write `new` [B, T, r_kv + d_rope] into the slots `cache_position` [T] (a device
+        tensor) in place and return the whole buffer [B, max_length, r_kv + d_rope].
+
+        Nothing here reads a tensor on the host, so the write can sit inside a CUDA graph: every replay writes
+        at whatever `cache_position` then holds. Which slots are valid is the caller's mask to keep; `length`
+        only counts eager calls (a graph replay runs no Python).
+        """
+        if self.max_length is None:
+            raise ValueError("MLALayerCache.write needs a static cache (make_cache(..., max_length=N))")
+        self.latent.index_copy_(1, cache_position, new.to(self.latent.dtype))
+        self.length += new.shape[1]
+        return self.latent
+
     def tensors(self) -> list[torch.Tensor]:
         return [self.latent]
 
@@ -69,6 +83,7 @@ class HybridCache:
                  max_length: int | None = None):
         self.config = config
         self.batch_size = batch_size
+        self.max_length = max_length  # None: dynamic (MLA entries grow by concatenation); else static
         self.layers: list[MLALayerCache | MambaLayerCache] = []
         for t in config.layer_types:
             if t == "mla":
@@ -87,6 +102,11 @@ class HybridCache:
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seen_tokens
+
+    @property
+    def is_static(self) -> bool:
+        """Preallocated (fixed shapes and addresses): decodable with a device `cache_position`, CUDA-graph safe."""
+        return self.max_length is not None
 
     def reorder_cache(self, beam_idx: torch.Tensor) -> None:
         for layer in self.layers:

@@ -37,6 +37,31 @@ class GatedRMSNorm(nn.Module):
         return gated_rmsnorm(y, z, self.weight, self.eps, self.group_size, backend=backend)
 
 
+class DepthwiseCausalConv(nn.Conv1d):
+    """The mixer's depthwise causal conv over [x, B, C] (weights named `conv1d.weight`, `conv1d.bias`).
+
+    The mixer calls this module rather than reading `conv1d.weight` itself: parameter-sharding wrappers (DeepSpeed
+    ZeRO-3) gather a module's parameters when its forward runs and reduce their gradients after its backward, so
+    a weight read from outside its own module's forward would stay unfetched (or, if small enough to stay whole
+    on every rank, silently never updated)."""
+
+    def forward(self, xBC: torch.Tensor, *, seq_idx: torch.Tensor | None = None,
+                conv_state: torch.Tensor | None = None, decode: bool = False, activation: bool = True,
+                backend: str = "torch") -> torch.Tensor:
+        weight = self.weight.squeeze(1)  # [conv_dim, d_conv]
+        if decode:
+            return conv_update(xBC[:, 0], conv_state, weight, self.bias, activation=activation,
+                               backend=backend)[:, None]
+        return conv1d(xBC, weight, self.bias, seq_idx=seq_idx, conv_state=conv_state, activation=activation,
+                      backend=backend)
+
+
+def is_partitioned(param: torch.Tensor) -> bool:
+    """True for a parameter that a sharding wrapper (ZeRO-3) has partitioned away: its local tensor is empty and
+    its real shape is kept aside; initialisers skip it (its values were set before partitioning)."""
+    return param.numel() == 0 and hasattr(param, "ds_shape")
+
+
 class Mamba2Mixer(nn.Module):
     def __init__(self, config: ZebraConfig, layer_idx: int | None = None):
         super().__init__()
@@ -58,8 +83,8 @@ class Mamba2Mixer(nn.Module):
         self.use_gated_norm = True
 
         self.in_proj = nn.Linear(self.hidden_size, 2 * self.d_inner + 2 * self.d_xb + self.nheads, bias=False)
-        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, kernel_size=self.d_conv, groups=self.conv_dim,
-                                bias=True, padding=self.d_conv - 1)
+        self.conv1d = DepthwiseCausalConv(self.conv_dim, self.conv_dim, kernel_size=self.d_conv,
+                                          groups=self.conv_dim, bias=True, padding=self.d_conv - 1)
         # Explicit fp32: from_pretrained(dtype=bf16) builds under a bf16 default dtype.
         self.dt_bias = nn.Parameter(torch.empty(self.nheads, dtype=torch.float32))
         self.A_log = nn.Parameter(torch.empty(self.nheads, dtype=torch.float32))
@@ -77,7 +102,7 @@ class Mamba2Mixer(nn.Module):
         c, n = self.config, self.nheads
 
         def fill(param, value):
-            if not getattr(param, "_is_hf_initialized", False):
+            if not getattr(param, "_is_hf_initialized", False) and not is_partitioned(param):
                 param.copy_(value)
 
         # dt log-uniform in [dt_min, dt_max], floored; dt_bias = softplus^-1(dt) = dt + log(1 - exp(-dt)).
@@ -112,12 +137,16 @@ class Mamba2Mixer(nn.Module):
     # ------------------------------------------------------------------------------------------------
     def forward(self, hidden_states: torch.Tensor, position_ids: torch.Tensor | None = None,
                 doc_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                cache: MambaLayerCache | None = None, **kwargs) -> torch.Tensor:
+                cache: MambaLayerCache | None = None, cache_position: torch.Tensor | None = None,
+                **kwargs) -> torch.Tensor:
         """hidden_states [B, T, H] -> [B, T, H] (contract in .notes/INTERFACES.md; position_ids unused).
 
         attention_mask [B, past + T] (0 = pad): pads get their pre-conv xBC, x and dt zeroed, so they never
         reach a conv window or the state. doc_ids [B, T]: state and conv taps reset at document
         boundaries. cache: updated in place; a one-token call with history takes the decode step.
+        cache_position [T] (device tensor; static HybridCache): the slots of the new tokens, so that
+        attention_mask is [B, max_length] over all slots; a one-token call then always takes the decode step
+        (from zero states it equals the full forward), which reads no host-side length: CUDA-graph safe.
         """
         b, t, _ = hidden_states.shape
         backend = select_backend(hidden_states.device, hidden_states.dtype)
@@ -128,27 +157,31 @@ class Mamba2Mixer(nn.Module):
         z, xBC, dt = self.in_proj(hidden_states).split([self.d_inner, self.conv_dim, self.nheads], dim=-1)
         keep = None
         if attention_mask is not None:
-            keep = attention_mask[:, -t:].to(xBC.dtype)[..., None]  # [B, T, 1]
+            new = attention_mask[:, -t:] if cache_position is None else attention_mask.index_select(1, cache_position)
+            keep = new.to(xBC.dtype)[..., None]  # [B, T, 1]
             xBC = xBC * keep
 
-        weight = self.conv1d.weight.squeeze(1)  # [conv_dim, d_conv]
-        decode = has_past and t == 1
+        decode = cache is not None and t == 1 and (has_past or cache_position is not None)
         if decode:
-            xBC = conv_update(xBC[:, 0], cache.conv_state, weight, self.conv1d.bias,
-                              activation=self.use_conv_activation, backend=backend)[:, None]
+            xBC = self.conv1d(xBC, conv_state=cache.conv_state, decode=True, activation=self.use_conv_activation,
+                              backend=backend)
         else:
             pre_conv = xBC
-            xBC = conv1d(xBC, weight, self.conv1d.bias, seq_idx=doc_ids,
-                         conv_state=cache.conv_state if has_past else None,
-                         activation=self.use_conv_activation, backend=backend)
+            xBC = self.conv1d(xBC, seq_idx=doc_ids, conv_state=cache.conv_state if has_past else None,
+                              activation=self.use_conv_activation, backend=backend)
             if cache is not None:  # after the conv, which reads the old window
                 self._store_conv_state(cache, pre_conv, doc_ids)
         x, B, C = xBC.split([self.d_xb, self.d_xb, self.nheads * self.d_state], dim=-1)
 
         # Step sizes and decay in (at least) fp32, from the fp32 parameters.
-        cd = torch.promote_types(dt.dtype, self.dt_bias.dtype)
-        dt = F.softplus(dt.to(cd) + self.dt_bias.to(cd))
+        # At least fp32 even when a wrapper (DeepSpeed bf16) has cast the parameters themselves to bf16.
+        cd = torch.promote_types(torch.promote_types(dt.dtype, self.dt_bias.dtype), torch.float32)
         A = -torch.exp(self.A_log.to(cd))
+        dt_bias = None
+        if decode and keep is None:
+            dt_bias = self.dt_bias  # the step applies softplus(dt + dt_bias) itself (inside the kernel on CUDA)
+        else:
+            dt = F.softplus(dt.to(cd) + self.dt_bias.to(cd))
         if keep is not None:
             dt = dt * keep.to(cd)
             x = x * keep
@@ -160,8 +193,8 @@ class Mamba2Mixer(nn.Module):
         C = C.reshape(b, t, self.nheads, self.d_state)
 
         if decode:
-            y = state_update(cache.ssm_state, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], self.D,
-                             backend=backend)[:, None]
+            y = state_update(cache.ssm_state, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], self.D, backend=backend,
+                             dt_bias=dt_bias)[:, None]
         else:
             initial = cache.ssm_state if has_past else None
             y, final_state = chunk_scan(x, dt, A, B, C, self.D, self.chunk_size, initial_state=initial,

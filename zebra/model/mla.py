@@ -8,6 +8,10 @@ Two ways to compute the same attention:
   rope key to every group's key, and call SDPA with GQA (flash on GPU when there is no mask);
 - absorbed (decode): fold kv_b's key rows into the query and its value rows into the output, so the
   query lives in latent space and attention runs against the cache entries themselves.
+
+With a static cache and a device `cache_position` (the write slots, a tensor) the layer takes the
+CUDA-graph-safe path: entries are written in place at `cache_position` and the queries attend over the whole
+preallocated buffer, slots past their own position masked, so nothing depends on a host-side length.
 """
 
 from __future__ import annotations
@@ -48,7 +52,64 @@ def attention_mask_for(t: int, s: int, doc_ids: torch.Tensor | None, attention_m
     return mask, False
 
 
+def static_attention_mask(cache_position: torch.Tensor, s: int,
+                          attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """bool [B|1, 1, T, s] for queries written at slots `cache_position` [T] of a static cache of s slots:
+    a query sees the slots up to its own (later ones are not written yet, or stale) and, with a padding
+    `attention_mask` [B, s] over the slots (0 = pad), no pads but always itself. Built from device tensors
+    only, so it can be recorded in a CUDA graph."""
+    k_pos = torch.arange(s, device=cache_position.device)
+    visible = k_pos[None, :] <= cache_position[:, None]  # [T, s]
+    if attention_mask is None:
+        return visible[None, None]
+    if attention_mask.shape[-1] != s:
+        raise ValueError(f"with a static cache the attention_mask covers all {s} slots, got {attention_mask.shape[-1]}")
+    own = (k_pos[None, :] == cache_position[:, None])[None, None]
+    return (visible[None, None] & attention_mask.bool()[:, None, None, :]) | own
+
+
+DECODE_KERNELS = ("matmul", "sdpa")
+DECODE_SPLITS, DECODE_SPLIT_MIN = 16, 4096  # "matmul": key ranges of the values GEMM, from this many keys
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
+                     kernel: str = "matmul") -> torch.Tensor:
+    """softmax(scale * q k^T, masked) v for few queries against many keys -> [B, G, Q, Dv].
+
+    q [B, G, Q, D], k [B, G, S, D], v [B, G, S, Dv]: G key/value heads, each with the Q query rows that read it
+    (query heads folded into rows, so no GQA repeat is needed). mask: bool, broadcastable to [B, G, Q, S], True =
+    attend (every row must see at least one key), or None.
+    - "sdpa": torch's fused attention. With a mask that is its memory-efficient kernel, one thread block per
+      (batch, head, block of query rows): few blocks when batch x heads is small.
+    - "matmul": two batched GEMMs around a softmax (scores in q's dtype, the softmax accumulating in fp32, as
+      transformers' eager attention). The scores GEMM spreads the long key axis over the whole GPU; the
+      probabilities x values GEMM reduces over it, so for long S it is split into DECODE_SPLITS key ranges
+      (more, smaller GEMMs in one batch) whose partial outputs are summed.
+    """
+    if kernel == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    if kernel != "matmul":
+        raise ValueError(f"decode attention kernel must be one of {DECODE_KERNELS}, got {kernel!r}")
+    scores = torch.matmul(q * scale, k.transpose(-1, -2))
+    if mask is not None:
+        scores.masked_fill_(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    b, g, nq, s = probs.shape
+    n = DECODE_SPLITS
+    if s < DECODE_SPLIT_MIN or s % n:
+        return torch.matmul(probs, v)
+    parts = torch.matmul(probs.view(b, g, nq, n, s // n).transpose(2, 3), v.unflatten(2, (n, s // n)))
+    return parts.sum(2)  # [B, G, n, Q, Dv] -> [B, G, Q, Dv]
+
+
 class MultiHeadLatentAttention(nn.Module):
+    # Absorbed attention for calls of at most this many new tokens against a cache history (decode, short
+    # continuations); longer chunks (chunked prefill) materialise K/V, where the absorbed form would hold
+    # h x T x S scores and mask entries.
+    absorb_max_tokens = 16
+    # Kernel of the absorbed attention (`decode_attention`): "matmul" or "sdpa".
+    decode_attention = "matmul"
+
     def __init__(self, config, layer_idx: int | None = None):
         super().__init__()
         self.layer_idx = layer_idx
@@ -71,11 +132,13 @@ class MultiHeadLatentAttention(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, position_ids: torch.Tensor, doc_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, cache: MLALayerCache | None = None,
-                absorb: bool | None = None, **kwargs) -> torch.Tensor:
+                absorb: bool | None = None, cache_position: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
         """hidden_states [B, T, H] -> [B, T, H] (contract in .notes/INTERFACES.md).
 
-        `absorb`: None picks the absorbed form exactly when the cache already holds tokens (decode);
-        True / False force one form (tests, benchmarks).
+        `absorb`: None picks the absorbed form when the cache already holds tokens and at most
+        `absorb_max_tokens` are new (decode); True / False force one form (tests, benchmarks).
+        `cache_position` [T] (device tensor, static cache only): the slots the new tokens are written to; the
+        CUDA-graph-safe path (module docstring). `attention_mask` is then [B, max_length] over the slots.
         """
         b, t, _ = hidden_states.shape
         r, dr = self.kv_lora_rank, self.d_rope
@@ -88,22 +151,47 @@ class MultiHeadLatentAttention(nn.Module):
         q_rope = self.rotary_emb.rotate(q_rope, cos[:, None], sin[:, None])
         k_rope = self.rotary_emb.rotate(k_rope, cos, sin)
 
-        past = 0
+        if cache_position is not None:
+            out = self._static(q_nope, q_rope, latent, k_rope, cache, cache_position, doc_ids, attention_mask, absorb)
+            return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.d_v))
+
+        past, entries = 0, None
         if cache is not None:
             past = cache.length
             entries = cache.append(torch.cat([latent, k_rope], dim=-1))
             if past:  # attend over every cached token, not just the new ones
-                latent, k_rope = entries.to(q.dtype).split([r, dr], dim=-1)
+                entries = entries.to(q.dtype)
+                latent, k_rope = entries.split([r, dr], dim=-1)
+            else:
+                entries = None
         s = latent.shape[1]
         mask, is_causal = attention_mask_for(t, s, doc_ids, attention_mask, hidden_states.device)
 
         if absorb is None:
-            absorb = past > 0
+            absorb = past > 0 and t <= self.absorb_max_tokens
         if absorb:
-            out = self._absorbed(q_nope, q_rope, latent, k_rope, mask, is_causal)
+            if entries is None:
+                entries = torch.cat([latent, k_rope], dim=-1)
+            out = self._absorbed(q_nope, q_rope, entries, mask, is_causal)
         else:
             out = self._materialised(q_nope, q_rope, latent, k_rope, mask, is_causal)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.d_v))
+
+    def _static(self, q_nope, q_rope, latent, k_rope, cache, cache_position, doc_ids, attention_mask,
+                absorb) -> torch.Tensor:
+        """The static-cache path: write at `cache_position`, attend over every slot under a position mask."""
+        if cache is None or getattr(cache, "max_length", None) is None:
+            raise ValueError("cache_position needs a static cache (make_cache(batch, max_length=N))")
+        if doc_ids is not None:
+            raise ValueError("doc_ids (packed rows) are not supported with cache_position")
+        entries = cache.write(torch.cat([latent, k_rope], dim=-1), cache_position).to(q_nope.dtype)
+        mask = static_attention_mask(cache_position, entries.shape[1], attention_mask)
+        if absorb is None:
+            absorb = q_nope.shape[2] <= self.absorb_max_tokens
+        if absorb:
+            return self._absorbed(q_nope, q_rope, entries, mask, False)
+        latent, k_rope = entries.split([self.kv_lora_rank, self.d_rope], dim=-1)
+        return self._materialised(q_nope, q_rope, latent, k_rope, mask, False)
 
     def _materialised(self, q_nope, q_rope, latent, k_rope, mask, is_causal) -> torch.Tensor:
         """Attention on up-projected K/V at the g KV heads -> [B, h, T, d_v]."""
@@ -122,8 +210,8 @@ class MultiHeadLatentAttention(nn.Module):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                               scale=self.softmax_scale, enable_gqa=gqa)
 
-    def _absorbed(self, q_nope, q_rope, latent, k_rope, mask, is_causal) -> torch.Tensor:
-        """Attention against the latent cache directly -> [B, h, T, d_v]."""
+    def _absorbed(self, q_nope, q_rope, entries, mask, is_causal) -> torch.Tensor:
+        """Attention against the cache entries [B, S, r_kv + d_rope] directly -> [B, h, T, d_v]."""
         b, h, t, _ = q_nope.shape
         g, n, r = self.num_kv_heads, self.num_heads // self.num_kv_heads, self.kv_lora_rank
         w = self.kv_b_proj.weight.view(g, self.d_nope + self.d_v, r)
@@ -132,18 +220,19 @@ class MultiHeadLatentAttention(nn.Module):
         # q_nope . (W_uk c) = (W_uk^T q_nope) . c: a query in latent space, per head with its group's W_uk.
         q_latent = torch.einsum("bgntd,gdr->bgntr", q_nope.view(b, g, n, t, self.d_nope), w_uk)
         q = torch.cat([q_latent.reshape(b, h, t, r), q_rope], dim=-1)
-        k = torch.cat([latent, k_rope], dim=-1)[:, None]  # [B, 1, S, r + d_rope]: the cache entries
-        v = latent[:, None]  # [B, 1, S, r]
+        k = entries[:, None]  # [B, 1, S, r + d_rope]: the cache entries
+        v = entries[:, None, :, :r]  # [B, 1, S, r]: their latents (a view, no copy)
 
         # All heads share this one key/value, so fold the heads into the query length: a one-head
-        # attention that every SDPA backend takes (no GQA needed). The mask is repeated per head to match.
+        # attention that every SDPA backend takes (no GQA needed). The mask is repeated per head to match
+        # (a broadcast view when T = 1).
         q = q.reshape(b, 1, h * t, r + self.d_rope)
-        s = latent.shape[1]
+        s = entries.shape[1]
         if is_causal:
             mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril()[None, None]
         if mask is not None:
             mask = mask.expand(mask.shape[0], h, t, s).reshape(mask.shape[0], 1, h * t, s)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.softmax_scale)
+        out = decode_attention(q, k, v, mask, self.softmax_scale, self.decode_attention)
 
         # Up-project the attended latents with each head's group's value rows.
         out = torch.einsum("bgntr,gvr->bgntv", out.view(b, g, n, t, r), w_uv)

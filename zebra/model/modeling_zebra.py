@@ -18,7 +18,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from .cache import HybridCache
 from .configuration_zebra import ZebraConfig
-from .mamba2 import Mamba2Mixer
+from .mamba2 import Mamba2Mixer, is_partitioned
 from .mla import MultiHeadLatentAttention
 from .packing import doc_ids_from_position_ids, is_packed
 from .rope import MLARotaryEmbedding
@@ -31,11 +31,9 @@ class ZebraRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 as Llama does, so bf16 students match their base's numerics.
-        dtype = x.dtype
-        x32 = x.to(torch.float32) if dtype in (torch.float16, torch.bfloat16) else x
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        # Llama's numerics: x * rsqrt(mean(x^2) + eps) computed in fp32 for bf16/fp16 inputs (torch's rms_norm
+        # upcasts them; one fused kernel on CUDA), rounded to x's dtype, then scaled by the weight.
+        return self.weight * F.rms_norm(x, (x.shape[-1],), eps=self.eps)
 
 
 class ZebraMLP(nn.Module):
@@ -64,12 +62,12 @@ class ZebraDecoderLayer(GradientCheckpointingLayer):
 
     def forward(self, hidden_states: torch.Tensor, position_ids: torch.Tensor | None = None,
                 doc_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                cache=None, **kwargs) -> torch.Tensor:
+                cache=None, cache_position: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
         if position_ids is None:
             b, t = hidden_states.shape[:2]
             position_ids = torch.arange(t, device=hidden_states.device).expand(b, t)
         mixed = self.mixer(self.input_layernorm(hidden_states), position_ids=position_ids, doc_ids=doc_ids,
-                           attention_mask=attention_mask, cache=cache)
+                           attention_mask=attention_mask, cache=cache, cache_position=cache_position)
         hidden_states = hidden_states + mixed
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
 
@@ -85,6 +83,8 @@ class ZebraPreTrainedModel(PreTrainedModel):
     _keep_in_fp32_modules_strict = ["A_log", "D", "dt_bias"]
 
     def _init_weights(self, module):
+        if any(is_partitioned(p) for p in module.parameters(recurse=False)):
+            return  # sharded by ZeRO-3 after its constructor initialised it; zebra.stages.zero inits it gathered
         if isinstance(module, Mamba2Mixer):
             # Mamba2's own init (dt_bias, A_log, D, norm; conv as torch's default), not N(0, 0.02).
             module.reset_ssm_parameters()
@@ -115,9 +115,16 @@ class ZebraModel(ZebraPreTrainedModel):
                 position_ids: torch.LongTensor | None = None, past_key_values: HybridCache | None = None,
                 use_cache: bool | None = None, inputs_embeds: torch.Tensor | None = None,
                 output_hidden_states: bool | None = None, start_layer: int = 0,
-                **kwargs) -> BaseModelOutputWithPast:
+                cache_position: torch.Tensor | None = None, **kwargs) -> BaseModelOutputWithPast:
         """`start_layer=i` runs only layers i.. with `inputs_embeds` as the hidden state entering layer i: SMART
-        re-runs the top of the stack from cached hidden states when it swaps one layer."""
+        re-runs the top of the stack from cached hidden states when it swaps one layer.
+
+        `cache_position` [T] (a device LongTensor; needs a static `past_key_values`, `make_cache(batch,
+        max_length=N)`): the cache slots of the T new tokens, the same in every row. This is the CUDA-graph-safe
+        path: no host syncs, fixed shapes, writes in place at the slots the tensor holds, so a recorded step
+        replays at whatever position the tensor has been advanced to. `attention_mask` is then None or [B, N]
+        over all slots (1 = real token); `position_ids` default to `cache_position` (or, with a mask, count
+        the real tokens before each slot)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if inputs_embeds is None:
@@ -128,6 +135,9 @@ class ZebraModel(ZebraPreTrainedModel):
             use_cache = False
         if use_cache and past_key_values is None:
             past_key_values = HybridCache(self.config, b, dtype=inputs_embeds.dtype, device=inputs_embeds.device)
+        if cache_position is not None:
+            return self._forward_static(inputs_embeds, attention_mask, position_ids, past_key_values,
+                                        cache_position, start_layer, use_cache)
         past = past_key_values.seen_tokens if past_key_values is not None else 0
 
         if attention_mask is not None and attention_mask.dim() != 2:
@@ -166,6 +176,32 @@ class ZebraModel(ZebraPreTrainedModel):
                                        hidden_states=tuple(all_hidden) if all_hidden is not None else None)
 
 
+    def _forward_static(self, hidden_states, attention_mask, position_ids, cache, cache_position, start_layer,
+                        use_cache) -> BaseModelOutputWithPast:
+        """The static-cache path of `forward` (its docstring): nothing here reads a tensor on the host."""
+        b, t = hidden_states.shape[:2]
+        if cache is None or not getattr(cache, "is_static", False):
+            raise ValueError("cache_position needs a static HybridCache: model.make_cache(batch, max_length=N)")
+        if cache_position.dim() != 1 or cache_position.shape[0] != t:
+            raise ValueError(f"cache_position must be [T={t}] slot indices, got shape {tuple(cache_position.shape)}")
+        if attention_mask is not None and tuple(attention_mask.shape) != (b, cache.max_length):
+            raise ValueError(f"with cache_position the attention_mask covers every cache slot: [{b}, "
+                             f"{cache.max_length}], got {tuple(attention_mask.shape)}")
+        if position_ids is None:
+            if attention_mask is None:
+                position_ids = cache_position[None].expand(b, t)
+            else:
+                counted = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
+                position_ids = counted.index_select(1, cache_position)
+        for i, layer in enumerate(self.layers):
+            if i >= start_layer:
+                hidden_states = layer(hidden_states, position_ids=position_ids, attention_mask=attention_mask,
+                                      cache=cache[i], cache_position=cache_position)
+        hidden_states = self.norm(hidden_states)
+        cache.seen_tokens += t  # eager calls only: a replayed CUDA graph runs no Python
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=cache if use_cache else None)
+
+
 class ZebraForCausalLM(ZebraPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
@@ -202,10 +238,12 @@ class ZebraForCausalLM(ZebraPreTrainedModel, GenerationMixin):
                 position_ids: torch.LongTensor | None = None, past_key_values: HybridCache | None = None,
                 inputs_embeds: torch.Tensor | None = None, labels: torch.LongTensor | None = None,
                 use_cache: bool | None = None, output_hidden_states: bool | None = None,
-                logits_to_keep: int | torch.Tensor = 0, **kwargs) -> CausalLMOutputWithPast:
+                logits_to_keep: int | torch.Tensor = 0, cache_position: torch.Tensor | None = None,
+                **kwargs) -> CausalLMOutputWithPast:
+        """`cache_position`: the CUDA-graph-safe static-cache path (ZebraModel.forward)."""
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          past_key_values=past_key_values, use_cache=use_cache, inputs_embeds=inputs_embeds,
-                         output_hidden_states=output_hidden_states)
+                         output_hidden_states=output_hidden_states, cache_position=cache_position)
         hidden = out.last_hidden_state
         # Prefill must not materialise full-vocab logits for every position (67 GB at 8 x 32k x 128k).
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep

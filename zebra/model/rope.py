@@ -194,7 +194,10 @@ class MLARotaryEmbedding(nn.Module):
         compute = torch.float64 if dtype == torch.float64 else torch.float32
         angles = position_ids[..., None].to(compute) * self.inv_freq.to(compute)
         angles = torch.cat((angles, angles), dim=-1)
-        return (angles.cos() * self.mscale).to(dtype), (angles.sin() * self.mscale).to(dtype)
+        cos, sin = angles.cos(), angles.sin()
+        if self.mscale != 1.0:  # ("pairs" has none: skip two kernels per call)
+            cos, sin = cos * self.mscale, sin * self.mscale
+        return cos.to(dtype), sin.to(dtype)
 
     def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Rotate x [..., T, d_rope]; cos/sin must broadcast against it."""

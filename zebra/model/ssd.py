@@ -165,11 +165,15 @@ def ssd_chunked_scan(x, dt, A, B, C, D=None, initial_state=None, seq_idx=None, c
     return y.to(x.dtype), final_state
 
 
-def ssd_step(state, x, dt, A, B, C, D=None):
+def ssd_step(state, x, dt, A, B, C, D=None, dt_bias=None):
     """One decode token: state [B, H, P, N], x [B, H, P], dt [B, H], B/C [B, G, N].
+    With `dt_bias` [H], `dt` is the raw step and softplus(dt + dt_bias) is taken here (as the kernel can).
     Returns (y [B, H, P] in x's dtype, new_state in state's dtype); `state` is not modified."""
     h = x.shape[1]
     cd = _compute_dtype(state.dtype, x.dtype, dt.dtype)
+    if dt_bias is not None:
+        cd = _compute_dtype(cd, dt_bias.dtype)
+        dt = F.softplus(dt.to(cd) + dt_bias.to(cd))
     Bs, Cs = _to_heads(B.to(cd), h), _to_heads(C.to(cd), h)
     decay = torch.exp(dt.to(cd) * A.to(cd))  # [b, h]
     new = decay[..., None, None] * state.to(cd) + dt.to(cd)[..., None, None] * x.to(cd)[..., None] * Bs[:, :, None, :]
@@ -304,22 +308,30 @@ def chunk_scan(x, dt, A, B, C, D, chunk_size, initial_state=None, seq_idx=None, 
     return y, final_state
 
 
-def state_update(state, x, dt, A, B, C, D, backend="torch"):
-    """Decode one token, updating `state` [B, H, P, N] in place. Returns y [B, H, P] in x's dtype."""
+def state_update(state, x, dt, A, B, C, D, backend="torch", dt_bias=None):
+    """Decode one token, updating `state` [B, H, P, N] in place. Returns y [B, H, P] in x's dtype.
+
+    `dt` is final (softplus applied, zero at pads) unless `dt_bias` [H] is given: then it is the raw step and
+    softplus(dt + dt_bias) is applied in the step (inside the kernel on CUDA, saving its separate launches).
+    Nothing reads a tensor on the host: the step can be recorded in a CUDA graph."""
     if backend == "torch":
-        y, new = ssd_step(state, x, dt, A, B, C, D)
+        y, new = ssd_step(state, x, dt, A, B, C, D, dt_bias=dt_bias)
         state.copy_(new)
         return y
     k = _mamba_ssm_kernels()
     b, h, p = x.shape
     n = B.shape[-1]
     # Per-head scalars broadcast over headdim (and d_state) with stride 0: the kernel's "tie_hdim" fast path.
-    # A zero dt_bias keeps its stride check happy; dt is final already.
+    # Without a real dt_bias a zero one keeps its stride check happy (dt is final already).
     A_ = A.float()[:, None, None].expand(h, p, n)
     dt_ = dt[..., None].expand(b, h, p)
-    dt_bias = torch.zeros(h, 1, device=x.device, dtype=torch.float32).expand(h, p)
+    softplus = dt_bias is not None
+    if dt_bias is None:
+        dt_bias = torch.zeros(h, 1, device=x.device, dtype=torch.float32).expand(h, p)
+    else:
+        dt_bias = dt_bias.float()[:, None].expand(h, p)
     D_ = None if D is None else D[:, None].expand(h, p)
-    return k.state_update(state, x, dt_, A_, B, C, D=D_, z=None, dt_bias=dt_bias, dt_softplus=False)
+    return k.state_update(state, x, dt_, A_, B, C, D=D_, z=None, dt_bias=dt_bias, dt_softplus=softplus)
 
 
 def conv1d(xBC, weight, bias=None, seq_idx=None, conv_state=None, activation=True, backend="torch"):

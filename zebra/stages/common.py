@@ -49,9 +49,18 @@ class MissingArtifactError(StageError):
 
 # ------------------------------------------------------------------------------------------------ misc
 def set_threads(num_threads: int | None) -> None:
-    """Intra-op threads: the configured number, else every core this process may run on."""
+    """Intra-op threads: the configured number, else this process's share of the cores it may run on (the
+    cores divided by the processes a launcher started on this node: LOCAL_WORLD_SIZE from torchrun,
+    SLURM_NTASKS_PER_NODE under srun). Each process taking every core made the students' SVD init 10x slower
+    on a two-GPU node (experiments/README.md)."""
     if not num_threads:
-        num_threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        local = os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("SLURM_NTASKS_PER_NODE") or "1"
+        try:
+            share = max(1, int(str(local).split("(")[0]))
+        except ValueError:
+            share = 1
+        num_threads = max(1, cores // share)
     torch.set_num_threads(max(1, int(num_threads)))
 
 
@@ -111,7 +120,8 @@ def stage_hash(name: str, cfg: DictConfig) -> str:
         upstream = [stage_hash("ilkd", cfg)]
         if cfg.mix.get("selection") == "smart":
             upstream.append(stage_hash("smart", cfg))
-        return config_hash("kd", upstream, cfg.mix, cfg.model.kd_teacher, sft, cfg.kd, cfg.seed)
+        teacher = [cfg.model.kd_teacher, cfg.model.get("kd_teacher_base")]
+        return config_hash("kd", upstream, cfg.mix, teacher, sft, cfg.kd, cfg.seed)
     if name == "dpo":
         return config_hash("dpo", stage_hash("kd", cfg), cfg.data.get("preference"), cfg.dpo, cfg.seed)
     raise ValueError(f"no stage hash for {name!r}")
@@ -389,6 +399,13 @@ class StudentSpec:
                 raise StageError("ZeRO-3: rank 0 has no starting weights for the student")
             zero.load_state(student, self.full.state_dict() if self.full is not None else None, rank)
         self.full = None  # rank 0's CPU copy is no longer needed
+        # zero.Init places parameters on the GPU and DeepSpeed then leaves the module where it is, so the buffers
+        # (MLA's RoPE inverse frequencies) must be moved by hand
+        device = trainer.strategy.root_device
+        for module in student.modules():
+            for name, buf in module._buffers.items():
+                if buf is not None and buf.device != device:
+                    module._buffers[name] = buf.to(device)
         return student
 
 
@@ -401,10 +418,14 @@ class StageModule(pl.LightningModule):
     they are never saved in checkpoints nor handed to DDP/ZeRO as parameters.
     """
 
-    def __init__(self, optimizer: Callable | None = None, scheduler: Callable | None = None):
+    def __init__(self, optimizer: Callable | None = None, scheduler: Callable | None = None,
+                 check_weights_moved: bool = False):
         super().__init__()
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
+        self.check_weights_moved = bool(check_weights_moved)
+        self._start_state: dict | None = None
+        self.weights_moved: dict | None = None
         self._frozen: dict[str, nn.Module] = {}
         self.tokens_seen = 0  # real (non-pad) tokens, summed over ranks' batches on this rank
         self.last_step_tokens = 0
@@ -420,6 +441,33 @@ class StageModule(pl.LightningModule):
     def on_fit_start(self) -> None:
         for m in self._frozen.values():
             m.to(self.device)
+
+    # -------------------------------------------------------------------------------------- weights moved
+    def on_train_start(self) -> None:
+        if self.check_weights_moved:  # collective under ZeRO-3: every rank gathers, rank 0 keeps a CPU copy
+            self._start_state = self._trainable_state()
+
+    def on_train_end(self) -> None:
+        if not self.check_weights_moved:
+            return
+        after = self._trainable_state()
+        if after is not None and self._start_state is not None:
+            self.weights_moved = weights_moved(self._start_state, after)
+            if self.weights_moved["unchanged"]:
+                msg = (f"{type(self).__name__}: {len(self.weights_moved['unchanged'])} trained tensors never changed "
+                       f"(e.g. {self.weights_moved['unchanged'][:3]}): their gradients never reached the optimizer")
+                warnings.warn(msg)
+                log.warning(msg)
+        self._start_state = None
+
+    def _trainable_state(self) -> dict | None:
+        """CPU copies of the trained tensors on rank 0 (None elsewhere), gathered from ZeRO-3 shards."""
+        from zebra.stages import zero
+
+        rank = self.trainer.global_rank
+        names = {n for n, p in self.named_parameters() if p.requires_grad}
+        state = zero.state_dict_cpu(self, rank, dtype=torch.float32)
+        return None if state is None else {n: t for n, t in state.items() if n in names}
 
     def on_validation_start(self) -> None:
         for m in self._frozen.values():
@@ -464,7 +512,8 @@ class StageModule(pl.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
 
     def flops_per_token(self) -> float:
-        """Training FLOPs per token (fwd + bwd), for MFU. Subclasses refine it."""
+        """Training FLOPs per token (fwd + bwd), for MFU: 6 x trained parameters here; the stages count their
+        step from the layer definitions (zebra.flops)."""
         return 6.0 * count_params(self, trainable_only=True)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -476,34 +525,13 @@ class StageModule(pl.LightningModule):
         self.loss_history = list(extra.get("loss_history", []))
 
 
-def attention_flops_per_token(num_layers: int, num_heads: int, qk_dim: int, v_dim: int, seq_len: int) -> float:
-    """Forward FLOPs per token of causal softmax attention's score and value products (mean context T/2)."""
-    return 2.0 * num_layers * num_heads * (qk_dim + v_dim) * seq_len / 2.0
-
-
-def model_forward_flops_per_token(model: nn.Module, seq_len: int) -> float:
-    """2 x non-embedding parameters + the attention products (teacher: every layer; hybrid: its MLA layers)."""
-    cfg = model.config
-    emb = model.get_input_embeddings().weight.numel()
-    n = count_params(model) - emb
-    if getattr(cfg, "tie_word_embeddings", False):
-        n += emb  # the LM head matmul still happens
-    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    if getattr(cfg, "model_type", "") == "zebra":
-        n_attn = sum(1 for t in cfg.layer_types if t == "mla")
-        att = attention_flops_per_token(n_attn, cfg.num_attention_heads, cfg.qk_nope_head_dim + cfg.qk_rope_head_dim,
-                                        cfg.v_head_dim, seq_len)
-    else:
-        att = attention_flops_per_token(cfg.num_hidden_layers, cfg.num_attention_heads, hd, hd, seq_len)
-    return 2.0 * n + att
-
-
 # ------------------------------------------------------------------------------------------------ callbacks
 def default_peak_flops(device: torch.device | str | None = None) -> float:
     """Dense bf16 peak of known GPUs; CPUs get a nominal 50 GFLOP/s per core (MFU there is only indicative)."""
     if device is not None and torch.device(device).type == "cuda" and torch.cuda.is_available():
         name = torch.cuda.get_device_name(torch.device(device)).lower()
-        for key, peak in (("h200", 989e12), ("h100", 989e12), ("a100", 312e12), ("l40", 181e12),
+        # H100/H200: the bf16 matmul rate measured on the lent cards (zebra.bench.training), not the 989 spec
+        for key, peak in (("h200", 790e12), ("h100", 790e12), ("a100", 312e12), ("l40", 181e12),
                           ("a10", 125e12), ("4090", 165e12), ("v100", 125e12)):
             if key in name:
                 return peak
@@ -910,6 +938,15 @@ def dataset_description(data_cfg, key: str) -> str:
     return f"{name}: " + ", ".join(names) if names else name
 
 
+def weights_moved(before: dict, after: dict) -> dict:
+    """How many elements of each tensor changed between two state dicts (the ZeRO-3 trap leaves whole tensors
+    untouched)."""
+    moved = {n: float((after[n] != before[n]).float().mean()) for n in before if n in after}
+    return {"tensors": len(moved), "unchanged": sorted(n for n, f in moved.items() if f == 0.0),
+            "min_moved_fraction": min(moved.values()) if moved else None,
+            "mean_moved_fraction": sum(moved.values()) / len(moved) if moved else None}
+
+
 def stage_summary(trainer: pl.Trainer | None, module: StageModule | None, wall: float) -> dict:
     hist = list(getattr(module, "loss_history", []) or [])
     return {
@@ -920,4 +957,5 @@ def stage_summary(trainer: pl.Trainer | None, module: StageModule | None, wall: 
         "loss_first": hist[0] if hist else None,
         "loss_last": hist[-1] if hist else None,
         "loss_history": hist,
+        **({"weights_moved": module.weights_moved} if getattr(module, "weights_moved", None) else {}),
     }

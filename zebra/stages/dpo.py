@@ -42,7 +42,9 @@ class DPOModule(StageModule):
             policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     def flops_per_token(self) -> float:
-        return 4.0 * common.model_forward_flops_per_token(self.policy, self.seq_len)  # policy fwd+bwd, ref fwd
+        from zebra.flops import forward_flops_per_token
+
+        return 4.0 * forward_flops_per_token(self.policy, self.seq_len)  # policy fwd + bwd (3x), reference fwd
 
     @staticmethod
     def logps(model: nn.Module, ids, attn, loss_mask) -> torch.Tensor:

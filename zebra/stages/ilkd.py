@@ -37,8 +37,9 @@ def masked_l2(a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor) -> torch.T
 class ILDModule(StageModule):
     def __init__(self, students: dict[str, nn.Module], teacher: nn.Module, mixer_loss: bool = True,
                  mixer_loss_weight: float = 1.0, last_layer_target: str = "normed",
-                 gradient_checkpointing: bool = False, seq_len: int = 0, optimizer=None, scheduler=None):
-        super().__init__(optimizer, scheduler)
+                 gradient_checkpointing: bool = False, seq_len: int = 0, optimizer=None, scheduler=None,
+                 check_weights_moved: bool = False):
+        super().__init__(optimizer, scheduler, check_weights_moved)
         if last_layer_target not in ("normed", "unnormed"):
             raise ValueError(f"ild last_layer_target must be 'normed' or 'unnormed', got {last_layer_target!r}")
         if not students:
@@ -74,16 +75,12 @@ class ILDModule(StageModule):
                 p.requires_grad_(True)
 
     def flops_per_token(self) -> float:
-        teacher = self.frozen("teacher")
-        n = 0.0
-        for s in self.students.values():  # layers only (no embeddings / LM head): fwd + bwd
-            n += 6.0 * sum(p.numel() for p in s.model.layers.parameters())
-            cfg = s.config
-            n_attn = sum(1 for t in cfg.layer_types if t == "mla")
-            n += 3 * common.attention_flops_per_token(n_attn, cfg.num_attention_heads,
-                                                      cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.v_head_dim,
-                                                      self.seq_len)
-        return n + common.model_forward_flops_per_token(teacher, self.seq_len)
+        """One teacher forward (no logits) + each student's decoder layers forward and backward (zebra.flops)."""
+        from zebra.flops import ild_step_flops
+
+        configs = {k: s.config for k, s in self.students.items()}
+        configs.update({k: spec.config for k, spec in self.specs.items()})
+        return ild_step_flops(configs, self.frozen("teacher").config, self.seq_len)["total"]
 
     def ild_losses(self, batch: dict) -> dict[str, torch.Tensor]:
         """Per student: the summed layer (+ mixer) losses; plus per-layer values for logging."""
@@ -194,7 +191,7 @@ def run(cfg: DictConfig) -> dict:
     module = ILDModule(students, teacher.model, mixer_loss=sc.mixer_loss, mixer_loss_weight=sc.mixer_loss_weight,
                        last_layer_target=sc.last_layer_target, gradient_checkpointing=sc.gradient_checkpointing,
                        seq_len=int(sc.seq_len), optimizer=instantiate(sc.optimizer),
-                       scheduler=instantiate(sc.scheduler))
+                       scheduler=instantiate(sc.scheduler), check_weights_moved=bool(cfg.get("check_weights_moved")))
     common.fit(trainer, module, datamodule, common.resolve_ckpt_path(cfg, ckpt_dir))
     students = dict(module.students.items())
     wall = time.perf_counter() - start

@@ -41,8 +41,8 @@ class KDModule(StageModule):
     def __init__(self, student: nn.Module | common.StudentSpec, teacher: nn.Module, temperature: float = 1.0,
                  kl_weight: float = 1.0, ce_weight: float = 0.0, reduction: str = "sequence",
                  chunk_size: int | None = None, gradient_checkpointing: bool = False, seq_len: int = 0,
-                 optimizer=None, scheduler=None, heldout: list | None = None):
-        super().__init__(optimizer, scheduler)
+                 optimizer=None, scheduler=None, heldout: list | None = None, check_weights_moved: bool = False):
+        super().__init__(optimizer, scheduler, check_weights_moved)
         self.spec = student if isinstance(student, common.StudentSpec) else None
         self.student = None if self.spec is not None else student
         self.add_frozen("teacher", teacher)
@@ -75,6 +75,7 @@ class KDModule(StageModule):
             return heldout_kl(self.student, self.frozen("teacher"), self.heldout, self.chunk_size)
 
     def on_train_start(self) -> None:
+        super().on_train_start()
         # The loss reads the student's LM head weight directly; under ZeRO-3 the module whose forward runs the
         # training step (the engine's root) must gather it (zebra.stages.zero.register_external).
         engine = self.trainer.strategy.model
@@ -83,6 +84,7 @@ class KDModule(StageModule):
             self.kl_before = self.measure_heldout()
 
     def on_train_end(self) -> None:
+        super().on_train_end()
         self.kl_after = self.measure_heldout()
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -94,8 +96,11 @@ class KDModule(StageModule):
         self.kl_before = checkpoint.get("zebra", {}).get("kl_before")
 
     def flops_per_token(self) -> float:
-        return 3.0 * common.model_forward_flops_per_token(self.student, self.seq_len) + \
-            common.model_forward_flops_per_token(self.frozen("teacher"), self.seq_len)
+        """Teacher forward (body + logits in the loss) + student forward and backward (zebra.flops)."""
+        from zebra.flops import kd_step_flops
+
+        config = self.student.config if self.student is not None else self.spec.config
+        return kd_step_flops(config, self.frozen("teacher").config, self.seq_len)["total"]
 
     def kd_loss(self, batch: dict, student: nn.Module | None = None):
         student = student or self.student
@@ -177,7 +182,12 @@ def load_kd_teacher(cfg: DictConfig, student_tok, student_vocab: int, dtype: tor
         teacher_tok = common.load_model_tokenizer(spec)
     if teacher_tok is not None:
         common.check_tokenizers_match(student_tok, teacher_tok, "student", spec)
-    teacher = common.load_teacher_model(spec, cfg.model.base, dtype=dtype, device=device)
+    base = cfg.model.base
+    if spec.startswith("random:") and cfg.model.get("kd_teacher_base"):  # e.g. an 8B-shaped random teacher
+        from zebra.presets import preset_base
+
+        base = preset_base(str(cfg.model.kd_teacher_base))
+    teacher = common.load_teacher_model(spec, base, dtype=dtype, device=device)
     if teacher_tok is None and teacher.tokenizer is not None:
         common.check_tokenizers_match(student_tok, teacher.tokenizer, "student", spec)
     tv = teacher.model.get_output_embeddings().weight.shape[0]
@@ -230,7 +240,8 @@ def run(cfg: DictConfig) -> dict:
     module = KDModule(spec, teacher.model, temperature=sc.temperature, kl_weight=sc.kl_weight,
                       ce_weight=sc.ce_weight, reduction=sc.reduction, chunk_size=sc.get("chunk_size"),
                       gradient_checkpointing=sc.gradient_checkpointing, seq_len=int(sc.seq_len),
-                      optimizer=instantiate(sc.optimizer), scheduler=instantiate(sc.scheduler), heldout=heldout)
+                      optimizer=instantiate(sc.optimizer), scheduler=instantiate(sc.scheduler), heldout=heldout,
+                      check_weights_moved=bool(cfg.get("check_weights_moved")))
     common.fit(trainer, module, dm, common.resolve_ckpt_path(cfg, out_dir / "checkpoints"))
     hybrid = module.student
     kl_before, kl_after = module.kl_before, module.kl_after

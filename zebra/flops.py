@@ -170,11 +170,6 @@ def training_flops_per_token(model_or_config, seq_len: int, doc_lengths=None, lm
     return 3.0 * forward_flops_per_token(model_or_config, seq_len, doc_lengths, lm_head)
 
 
-def model_forward_flops_per_token(model, seq_len: int) -> float:
-    """Drop-in for zebra.stages.common.model_forward_flops_per_token (LM head included)."""
-    return forward_flops_per_token(model, seq_len)
-
-
 # ------------------------------------------------------------------------------------------------ stage steps
 def kd_step_flops(student, teacher, seq_len: int, doc_lengths=None) -> dict:
     """Per token of a KD step (zebra.stages.kd): the teacher's body forward (common.teacher_forward returns

@@ -1,0 +1,69 @@
+"""The generation benchmark's harness on CPU (--smoke): tiny shapes, the same code path as the GPU run except
+that steps are called eagerly instead of replayed from a CUDA graph. Times mean nothing here; the structure of
+the results, the cache measurement and the decode check do."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from zebra.bench import generation as gen
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gen") / "generation_bench.json"
+    res = gen.main(["--smoke", "--device", "cpu", "--out", str(out)])
+    return res, json.loads(out.read_text())
+
+
+def test_both_models_measured(smoke):
+    res, saved = smoke
+    assert saved["summary"] == json.loads(json.dumps(res["summary"], default=str))
+    contexts = saved["meta"]["args"]["contexts"]
+    for name in ("zebra", "llama"):
+        m = saved["models"][name]
+        assert "error" not in m and "errors" not in m, (m.get("error"), m.get("errors"))
+        assert [r["context"] for r in m["prefill"]] == contexts
+        assert all(r["tokens_per_s"] > 0 for r in m["prefill"])
+        decode = m["decode"]
+        assert {(r["context"], r["kernel"]) for r in decode} == {(c, k) for c in contexts for k in gen.DECODE_KERNELS}
+        for r in decode:
+            assert r["tokens_per_s"] > 0 and r["roofline_bytes"] > r["weights_bytes"] > 0
+        mb = m["max_batch"]
+        assert mb["batch"] == gen.SMOKE_ARGS["max_batch_cap"] and mb["capped"]
+        assert mb["decode"] and all(r["batch"] == mb["batch"] for r in mb["decode"])
+    for key in ("kv_fraction", "decode_batch", "max_batch", "max_batch_decode", "prefill_ratio", "checks"):
+        assert key in saved["summary"], key
+
+
+def test_cache_bytes_ratio_is_kv_fraction(smoke):
+    _, saved = smoke
+    z, l = saved["models"]["zebra"], saved["models"]["llama"]
+    expected = z["expected"]["kv_fraction"]
+    cfg = gen.zebra_config(gen.SMOKE_PRESET)
+    assert expected == pytest.approx(len(cfg.mla_layers) * cfg.mla_cache_dim
+                                     / (2 * cfg.num_key_value_heads * cfg.head_dim * cfg.num_hidden_layers))
+    measured = z["cache"]["per_token"] / l["cache"]["per_token"]
+    assert abs(measured - expected) <= 0.01 * expected
+    assert saved["summary"]["checks"]["kv_fraction_rel_err"]["pass"]
+    # Mamba2 states are per sequence: the hybrid's constant part, the base has none
+    assert z["cache"]["constant_per_sequence"] > 0 and l["cache"]["constant_per_sequence"] == 0
+
+
+def test_static_step_equals_ordinary_decode(smoke):
+    """The harness's check: the benchmark's static-cache step (what the GPU records in a graph) against the
+    ordinary decode (dynamic cache), after a real prefill, for both models."""
+    _, saved = smoke
+    for name in ("zebra", "llama"):
+        check = saved["models"][name]["check"]
+        assert check["finite"] and check["token_agreement"] == 1.0
+        assert check["rel_err"] < 1e-5, (name, check)
+
+
+def test_plots(smoke, tmp_path):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "gen.json"
+    out.write_text(json.dumps(smoke[1]))
+    paths = gen.plot(out, tmp_path)
+    assert len(paths) == 2 and all(Path(p).is_file() and Path(p).stat().st_size > 0 for p in paths)
