@@ -10,28 +10,10 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from zebra.model import ZebraConfig, ZebraForCausalLM
+from test_modeling import make_model, rel  # the same tiny float64 models (tests/model)
 from zebra.model.mla import DECODE_KERNELS, DECODE_SPLIT_MIN, DECODE_SPLITS, MultiHeadLatentAttention, decode_attention
 
 MIXES = {"mla": ["mla", "mla"], "mamba": ["mamba", "mamba"], "mixed": ["mla", "mamba", "mamba", "mla"]}
-
-
-def make_model(layer_types, dtype=torch.float64, seed=0):
-    torch.manual_seed(seed)
-    cfg = ZebraConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=len(layer_types),
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, q_lora_rank=32, kv_lora_rank=24,
-                      qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, mamba_chunk_size=16,
-                      layer_types=layer_types)
-    model = ZebraForCausalLM(cfg).to(dtype).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(0.1 * torch.randn_like(p))
-    return model
-
-
-def rel(a, b):
-    return ((a - b).norm() / b.norm()).item()
 
 
 class SyncAndShapeRecorder(TorchDispatchMode):

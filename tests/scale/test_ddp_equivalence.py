@@ -3,11 +3,10 @@ loss curve as the single-process run on the same global batch.
 
 Processes are started one per rank by torchrun (DESIGN §5); Lightning must not start any itself, and Hydra makes
 one run directory for both ranks. The loss of each step is the mean over ranks of the ranks' losses (StepTrace),
-which is the global batch's loss: ILD's loss is a per-token mean over equally full packed rows, KD's a per-sequence
-mean, so the mean of the two halves is the mean of the whole -- as long as both halves hold as many real tokens.
-A global batch with the split's one padded (final, partial) row breaks that for ILD (its per-rank token means are
-averaged with equal weights), so the data here are chosen, and checked, to keep that row out of the steps
-compared.
+which is the global batch's loss: ILD's loss (and KD's token reduction) divides each rank's sum by its share of
+the global batch's real tokens, KD's default by its sequences, so the mean over ranks is the mean of the whole
+(tests/stages/test_token_mean.py checks that arithmetic with uneven padding). The data here keep the split's one
+padded (final, partial) row out of the steps compared all the same.
 """
 
 from __future__ import annotations

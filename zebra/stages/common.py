@@ -486,6 +486,18 @@ class StageModule(pl.LightningModule):
                 f"{type(self).__name__}; stopping without export (lower the learning rate, check the data, or use "
                 "fp32/bf16 instead of fp16)")
 
+    def token_denominator(self, local: torch.Tensor) -> torch.Tensor:
+        """This rank's share of the global batch's tokens: the all-reduced count / world size (the count itself
+        on one process or outside training). Dividing a rank's summed per-token loss by it makes the data-
+        parallel mean of the ranks' gradients the gradient of the global batch's per-token mean, however the
+        real tokens (padding) are spread over the ranks."""
+        local = local.detach().float()
+        trainer = self._trainer
+        if trainer is None or trainer.world_size == 1 or not self.training:
+            return local.clamp_min(1.0)
+        total = trainer.strategy.reduce(local.clone(), reduce_op="sum")
+        return (total / trainer.world_size).clamp_min(1.0)
+
     def count_tokens(self, batch: dict, key: str = "attention_mask", ids_key: str = "input_ids") -> int:
         m = batch.get(key)
         n = int(m.sum()) if m is not None else batch[ids_key].numel()

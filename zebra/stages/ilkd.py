@@ -28,10 +28,12 @@ log = logging.getLogger("zebra.stages.ilkd")
 KINDS = ("mla", "mamba")
 
 
-def masked_l2(a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Mean over weighted tokens of ||a - b||_2 over the hidden dim (un-squared), in fp32."""
+def masked_l2(a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor,
+              tokens: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over weighted tokens of ||a - b||_2 over the hidden dim (un-squared), in fp32. `tokens`: the
+    denominator (default: this batch's weight sum; in training, this rank's share of the global batch's tokens)."""
     dist = (a.float() - b.float()).norm(dim=-1)
-    return (dist * weight).sum() / weight.sum().clamp_min(1.0)
+    return (dist * weight).sum() / (tokens if tokens is not None else weight.sum().clamp_min(1.0))
 
 
 class ILDModule(StageModule):
@@ -87,6 +89,7 @@ class ILDModule(StageModule):
         ids, pos = batch["input_ids"], batch["position_ids"]
         attn = batch.get("attention_mask")
         weight = attn.float() if attn is not None else torch.ones_like(ids, dtype=torch.float32)
+        tokens = self.token_denominator(weight.sum())
         pad_mask = attn if attn is not None and not bool(attn.all()) else None
         doc_ids = doc_ids_from_position_ids(pos) if pos.shape[1] > 1 and is_packed(pos) else None
         t = common.teacher_forward(self.frozen("teacher"), ids, pos, attn, hidden_states=True,
@@ -121,10 +124,11 @@ class ILDModule(StageModule):
                             target = t.last_unnormed
                     else:
                         target = hs[i + 1]
-                    layer_loss = masked_l2(y, target, weight)
+                    layer_loss = masked_l2(y, target, weight, tokens)
                     if self.mixer_loss:
                         layer_loss = layer_loss + self.mixer_loss_weight * masked_l2(captured.pop(i),
-                                                                                     t.mixer_outputs[i], weight)
+                                                                                     t.mixer_outputs[i], weight,
+                                                                                     tokens)
                     total = total + layer_loss
             finally:
                 for h in handles:

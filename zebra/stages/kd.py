@@ -112,6 +112,8 @@ class KDModule(StageModule):
                                labels=next_token_labels(batch) if self.ce_weight else None,
                                temperature=self.temperature, kl_weight=self.kl_weight, ce_weight=self.ce_weight,
                                reduction=self.reduction, num_sequences=batch["input_ids"].shape[0],
+                               num_tokens=self.token_denominator(batch["loss_mask"].sum())
+                               if self.reduction == "token" else None,
                                chunk_size=self.chunk_size)
 
     def training_step(self, batch, batch_idx):

@@ -109,6 +109,7 @@ def chunked_kd_loss(
     ce_weight: float = 0.0,
     reduction: str = "sequence",
     num_sequences: int | None = None,
+    num_tokens: float | torch.Tensor | None = None,
     chunk_size: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Forward KL(p_teacher || p_student) over the vocabulary from final hidden states, in token chunks.
@@ -120,7 +121,8 @@ def chunked_kd_loss(
     `kl_weight * T^2 * KL` at temperature T (T^2 keeps gradient scale independent of T).
 
     reduction: "sequence" = sum over tokens / number of sequences (METHOD §6; `num_sequences` defaults to B
-    for 3-D input, else 1), "token" = mean over counted tokens, "sum" = plain sum.
+    for 3-D input, else 1), "token" = mean over counted tokens (over `num_tokens` when given: under data
+    parallelism, this rank's share of the global batch's counted tokens), "sum" = plain sum.
     Returns (loss, {"kl": mean KL per counted token, "ce": mean CE per labelled token, "tokens": count}).
     """
     if student_hidden.dim() == 3 and num_sequences is None:
@@ -150,7 +152,7 @@ def chunked_kd_loss(
     if reduction == "sequence":
         denom = float(num_sequences or 1)
     elif reduction == "token":
-        denom = float(n_tok)
+        denom = num_tokens if num_tokens is not None else float(n_tok)
     elif reduction == "sum":
         denom = 1.0
     else:
