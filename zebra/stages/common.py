@@ -553,26 +553,27 @@ def default_peak_flops(device: torch.device | str | None = None) -> float:
 
 
 class ThroughputMonitor(pl.Callback):
-    """Logs tokens/s and MFU every step (FLOPs per token from the module's `flops_per_token()`)."""
+    """Logs tokens/s and MFU every step (FLOPs per token from the module's `flops_per_token()`).
+
+    A step's time runs from the end of the previous micro-batch to the end of this one (data loading and the
+    optimizer included): GPU work is asynchronous, so only end-to-end intervals between the points where the
+    host waits for it (the logged loss) measure the device, not a start/end pair around one batch."""
 
     def __init__(self, peak_flops: float | None = None, log_every_n_steps: int = 1):
         self.peak_flops = peak_flops
         self.every = max(1, int(log_every_n_steps))
-        self._t0 = None
+        self._t_last = None
         self._fpt = None
 
     def on_train_start(self, trainer, module):
         self._fpt = float(module.flops_per_token()) if hasattr(module, "flops_per_token") else None
         if self.peak_flops is None:
             self.peak_flops = default_peak_flops(module.device)
-
-    def on_train_batch_start(self, trainer, module, batch, batch_idx):
-        self._t0 = time.perf_counter()
+        self._t_last = time.perf_counter()
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        if self._t0 is None:
-            return
-        dt = time.perf_counter() - self._t0
+        now = time.perf_counter()
+        dt, self._t_last = now - (self._t_last or now), now
         tokens = getattr(module, "last_step_tokens", 0) * trainer.world_size
         if tokens and dt > 0 and trainer.global_step % self.every == 0:
             tps = tokens / dt
