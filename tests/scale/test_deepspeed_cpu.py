@@ -105,3 +105,28 @@ def test_deepspeed_two_processes_match_one_and_train_every_weight(tmp_path, stra
     check = report["export_check"]
     assert check["equal"] and check["max_abs_diff"] == 0.0, check
     assert report["params"] == sum(p.numel() for p in assembled.parameters()), "partitions counted whole"
+
+
+def test_teacher_in_its_own_zero3_engine_gives_the_replicated_losses(tmp_path):
+    """teacher_placement=zero3: the frozen KD teacher is partitioned over the ranks in its own ZeRO-3 inference
+    engine (each layer gathered for its forward, its LM head gathered for the loss); the losses are the
+    replicated teacher's."""
+    data = tiny_data(tmp_path / "data", n=300)
+    losses = {}
+    for placement in ("replicated", "zero3"):
+        root = tmp_path / placement
+        finish(start(["stage=kd", "model=tiny", "mix=paper", "kd.student_init=random", "logger=none",
+                      "strategy=deepspeed_zero3", "trainer=ddp_cpu", f"paths.root={root}", "num_threads=1",
+                      "trainer.enable_progress_bar=false", f"data.sft.sources=[{{path: '{data}'}}]",
+                      f"kd.seq_len={SEQ}", "kd.batch_size=2", f"kd.max_steps={STEPS}", "kd.heldout_batches=1",
+                      "kd.checkpoint_every_n_steps=0", f"teacher_placement={placement}",
+                      "+callbacks.trace._target_=zebra.launch.trainer.StepTrace",
+                      f"+callbacks.trace.path={root / 'trace.jsonl'}"], nproc=2), timeout=600)
+        losses[placement] = step_losses(trace_runs(read_trace(root / "trace.jsonl"))[0])
+        report = json.loads((root / "tiny" / "paper" / "kd" / "report.json").read_text())
+        assert report["teacher_placement"] == placement
+        assert report["teacher_partitioned"] is (placement == "zero3")
+        assert report["heldout_kl_after"] is not None
+    assert sorted(losses["zero3"]) == list(range(STEPS))
+    for s in losses["replicated"]:
+        assert losses["zero3"][s] == pytest.approx(losses["replicated"][s], rel=1e-6)

@@ -115,3 +115,15 @@ def test_atomic_dir_leaves_nothing_on_failure(tmp_path):
     common.atomic_dir(dst, lambda tmp: (tmp / "a").write_text("1"))
     common.atomic_dir(dst, lambda tmp: (tmp / "b").write_text("2"))  # replaces, never merges
     assert sorted(p.name for p in dst.iterdir()) == ["b"] and len(list(tmp_path.iterdir())) == 1
+
+
+def test_teacher_placement_is_checked_before_any_model_loads(make_cfg, tmp_path, monkeypatch):
+    def no_teacher(*a, **k):
+        raise AssertionError("the teacher was loaded before the placement was checked")
+
+    monkeypatch.setattr(common, "load_teacher_model", no_teacher)
+    with pytest.raises(common.StageError, match="DeepSpeed strategy"):
+        run(make_cfg("stage=ilkd", "teacher_placement=zero3"))  # the default strategy is not DeepSpeed
+    with pytest.raises(common.StageError, match="'replicated' or 'zero3'"):
+        run(make_cfg("stage=ilkd", "teacher_placement=everywhere"))
+    assert no_exports(tmp_path)

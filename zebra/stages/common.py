@@ -427,6 +427,11 @@ class StageModule(pl.LightningModule):
         self._start_state: dict | None = None
         self.weights_moved: dict | None = None
         self._frozen: dict[str, nn.Module] = {}
+        # "replicated": each rank holds whole frozen models (bf16 on GPUs); "zero3": partitioned over the ranks in
+        # their own ZeRO-3 inference engines (zebra.stages.zero.inference_engine), set by the runners from
+        # `teacher_placement`
+        self.frozen_placement = "replicated"
+        self._frozen_engines: dict[str, Any] = {}
         self.tokens_seen = 0  # real (non-pad) tokens, summed over ranks' batches on this rank
         self.last_step_tokens = 0
         self.loss_history: list[float] = []
@@ -439,8 +444,15 @@ class StageModule(pl.LightningModule):
         return self._frozen[name]
 
     def on_fit_start(self) -> None:
-        for m in self._frozen.values():
-            m.to(self.device)
+        placement = getattr(self, "frozen_placement", "replicated")
+        for name, m in self._frozen.items():
+            if placement == "zero3" and self.trainer.world_size > 1 and name not in self._frozen_engines:
+                from zebra.stages import zero
+
+                dtype = next(m.parameters()).dtype
+                self._frozen_engines[name] = zero.inference_engine(m, self.device, dtype)
+            elif name not in self._frozen_engines:
+                m.to(self.device)
 
     # -------------------------------------------------------------------------------------- weights moved
     def on_train_start(self) -> None:
@@ -470,8 +482,9 @@ class StageModule(pl.LightningModule):
         return None if state is None else {n: t for n, t in state.items() if n in names}
 
     def on_validation_start(self) -> None:
-        for m in self._frozen.values():
-            m.to(self.device)
+        for name, m in self._frozen.items():
+            if name not in self._frozen_engines:
+                m.to(self.device)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -728,6 +741,18 @@ def finish_loggers(trainer: pl.Trainer) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ run helpers
+def teacher_placement(cfg: DictConfig, trainer: pl.Trainer | None) -> str:
+    """`teacher_placement` checked: "replicated" or "zero3" (the latter only with a DeepSpeed strategy, whose
+    process group the teacher's engine joins)."""
+    placement = str(cfg.get("teacher_placement") or "replicated")
+    if placement not in ("replicated", "zero3"):
+        raise StageError(f"teacher_placement must be 'replicated' or 'zero3', got {placement!r}")
+    if placement == "zero3" and zero_stage(trainer) == 0:
+        raise StageError("teacher_placement=zero3 partitions the teacher with DeepSpeed: use a DeepSpeed strategy "
+                         "(strategy=deepspeed_zero2 | deepspeed_zero3 | deepspeed_zero3_offload)")
+    return placement
+
+
 def teacher_device(trainer: pl.Trainer | None) -> torch.device:
     """Where this rank's frozen teacher lives: the rank's GPU, else the CPU (then moved in on_fit_start)."""
     device = getattr(getattr(trainer, "strategy", None), "root_device", None)

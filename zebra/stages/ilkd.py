@@ -166,6 +166,7 @@ def run(cfg: DictConfig) -> dict:
     trainer = common.build_trainer(cfg, "ilkd", out_dir, max_steps=1, stage_cfg=sc, ckpt_dir=ckpt_dir,
                                    accumulate_grad_batches=sc.get("accumulate_grad_batches", 1))
     steps, datamodule = common.plan_token_stage(cfg, sc, tokenizer, trainer)
+    placement = common.teacher_placement(cfg, trainer)  # checked before any model loads
 
     teacher = common.load_teacher_model(cfg.model.teacher, cfg.model.base, dtype=common.teacher_dtype(cfg))
     if len(tokenizer) > teacher.model.config.vocab_size:
@@ -196,6 +197,7 @@ def run(cfg: DictConfig) -> dict:
                        last_layer_target=sc.last_layer_target, gradient_checkpointing=sc.gradient_checkpointing,
                        seq_len=int(sc.seq_len), optimizer=instantiate(sc.optimizer),
                        scheduler=instantiate(sc.scheduler), check_weights_moved=bool(cfg.get("check_weights_moved")))
+    module.frozen_placement = placement
     common.fit(trainer, module, datamodule, common.resolve_ckpt_path(cfg, ckpt_dir))
     students = dict(module.students.items())
     wall = time.perf_counter() - start
@@ -203,6 +205,7 @@ def run(cfg: DictConfig) -> dict:
     summary = common.stage_summary(trainer, module, wall)
     report = {"stage": "ilkd", "config_hash": common.stage_hash("ilkd", cfg), "model": cfg.model.name,
               "teacher": cfg.model.teacher, "teacher_quantisation": teacher.quantisation,
+              "teacher_placement": placement,
               "last_layer_target": sc.last_layer_target, "mixer_loss": bool(sc.mixer_loss),
               "trained_together": list(kinds), **summary}
     # collective under ZeRO-3: every rank gathers each student (rank 0 gets the whole copy) and, with

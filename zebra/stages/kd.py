@@ -107,14 +107,16 @@ class KDModule(StageModule):
         teacher = self.frozen("teacher")
         t = common.teacher_forward(teacher, batch["input_ids"], batch["position_ids"], batch.get("attention_mask"))
         hs = common.student_hidden(student, batch)
-        return chunked_kd_loss(hs, t.last_hidden_state, common.lm_head_weight(student), common.lm_head_weight(teacher),
-                               mask=batch["loss_mask"].bool(),
-                               labels=next_token_labels(batch) if self.ce_weight else None,
-                               temperature=self.temperature, kl_weight=self.kl_weight, ce_weight=self.ce_weight,
-                               reduction=self.reduction, num_sequences=batch["input_ids"].shape[0],
-                               num_tokens=self.token_denominator(batch["loss_mask"].sum())
-                               if self.reduction == "token" else None,
-                               chunk_size=self.chunk_size)
+        teacher_head = common.lm_head_weight(teacher)
+        with zero.gathered([teacher_head]):  # a teacher partitioned in its own ZeRO-3 engine (no-op otherwise)
+            return chunked_kd_loss(hs, t.last_hidden_state, common.lm_head_weight(student), teacher_head,
+                                   mask=batch["loss_mask"].bool(),
+                                   labels=next_token_labels(batch) if self.ce_weight else None,
+                                   temperature=self.temperature, kl_weight=self.kl_weight, ce_weight=self.ce_weight,
+                                   reduction=self.reduction, num_sequences=batch["input_ids"].shape[0],
+                                   num_tokens=self.token_denominator(batch["loss_mask"].sum())
+                                   if self.reduction == "token" else None,
+                                   chunk_size=self.chunk_size)
 
     def training_step(self, batch, batch_idx):
         self.count_tokens(batch)
@@ -141,8 +143,9 @@ def heldout_kl(student: nn.Module, teacher: nn.Module, batches, chunk_size: int 
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
             t = common.teacher_forward(teacher, batch["input_ids"], batch["position_ids"], batch.get("attention_mask"))
             hs = common.student_hidden(student, batch)
-            with zero.gathered([head]):  # read-only use of a ZeRO-3 partitioned head (no-op otherwise)
-                _, stats = chunked_kd_loss(hs, t.last_hidden_state, head, common.lm_head_weight(teacher),
+            teacher_head = common.lm_head_weight(teacher)
+            with zero.gathered([head, teacher_head]):  # read-only use of ZeRO-3 partitioned heads (no-op otherwise)
+                _, stats = chunked_kd_loss(hs, t.last_hidden_state, head, teacher_head,
                                            mask=batch["loss_mask"].bool(), reduction="sum", chunk_size=chunk_size)
             k = int(stats["tokens"])
             total += float(stats["kl"]) * k
@@ -225,6 +228,7 @@ def run(cfg: DictConfig) -> dict:
     trainer = common.build_trainer(cfg, "kd", out_dir, max_steps=1, stage_cfg=sc,
                                    accumulate_grad_batches=sc.get("accumulate_grad_batches", 1))
     steps, dm = common.plan_token_stage(cfg, sc, tokenizer, trainer, assistant_only=sc.assistant_only)
+    placement = common.teacher_placement(cfg, trainer)  # checked before any model loads
     # tokenizers must match before the teacher's weights load and long before training
     teacher = load_kd_teacher(cfg, tokenizer, config.vocab_size, common.teacher_dtype(cfg),
                               common.teacher_device(trainer))
@@ -244,6 +248,7 @@ def run(cfg: DictConfig) -> dict:
                       gradient_checkpointing=sc.gradient_checkpointing, seq_len=int(sc.seq_len),
                       optimizer=instantiate(sc.optimizer), scheduler=instantiate(sc.scheduler), heldout=heldout,
                       check_weights_moved=bool(cfg.get("check_weights_moved")))
+    module.frozen_placement = placement
     common.fit(trainer, module, dm, common.resolve_ckpt_path(cfg, out_dir / "checkpoints"))
     hybrid = module.student
     kl_before, kl_after = module.kl_before, module.kl_after
@@ -252,7 +257,8 @@ def run(cfg: DictConfig) -> dict:
     report = {"stage": "kd", "config_hash": common.stage_hash("kd", cfg), "model": cfg.model.name,
               "mix": cfg.mix.name, "mla_layers": layers, "params": common.count_params(hybrid),
               "kv_fraction": common.kv_fraction(hybrid.config), "teacher": str(cfg.model.kd_teacher),
-              "teacher_quantisation": teacher.quantisation, "temperature": sc.temperature,
+              "teacher_quantisation": teacher.quantisation, "teacher_placement": placement,
+              "teacher_partitioned": zero.partitioned(teacher.model), "temperature": sc.temperature,
               "ce_weight": sc.ce_weight, "assistant_only": sc.assistant_only,
               "heldout_kl_before": kl_before, "heldout_kl_after": kl_after,
               **common.stage_summary(trainer, module, wall)}

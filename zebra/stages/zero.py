@@ -180,3 +180,21 @@ def register_external(root: nn.Module, params: list[torch.nn.Parameter]) -> None
 
     for p in sharded:
         deepspeed.zero.register_external_parameter(root, p)
+
+
+def inference_engine(model: nn.Module, device: torch.device, dtype: torch.dtype, persistence_threshold: int = 100_000):
+    """Partition a frozen model (a teacher, the DPO reference) over the ranks in its own ZeRO-3 inference engine:
+    each GPU holds 1/N of its weights, and each layer is gathered only for its forward. For teachers that do not
+    fit one GPU beside the student. Every rank must call it, and every later forward, in the same order.
+    Returns the engine (keep a reference: its hooks live as long as it does); the model is used as before."""
+    import deepspeed
+
+    config = {
+        "train_micro_batch_size_per_gpu": 1,  # required by the config checks; no training happens
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": persistence_threshold},
+        "bf16": {"enabled": dtype == torch.bfloat16},
+        "fp16": {"enabled": dtype == torch.float16},
+    }
+    engine, *_ = deepspeed.initialize(model=model.to(device), config=config, dist_init_required=False)
+    engine.module.eval()
+    return engine
