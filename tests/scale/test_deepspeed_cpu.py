@@ -130,3 +130,35 @@ def test_teacher_in_its_own_zero3_engine_gives_the_replicated_losses(tmp_path):
     assert sorted(losses["zero3"]) == list(range(STEPS))
     for s in losses["replicated"]:
         assert losses["zero3"][s] == pytest.approx(losses["replicated"][s], rel=1e-6)
+
+
+def test_zero3_run_killed_and_resumed_follows_the_uninterrupted_one(tmp_path):
+    """ZeRO-3 checkpoints are directories of per-rank shards (last.ckpt links to one); `ckpt_path=last` resumes
+    from them, and the resumed steps' losses are the uninterrupted run's."""
+    data = tiny_data(tmp_path / "data", n=300)
+    steps = 5
+
+    def launch(root, *extra):
+        return finish(start(["stage=kd", "model=tiny", "mix=paper", "kd.student_init=random", "logger=none",
+                             "strategy=deepspeed_zero3", "trainer=ddp_cpu", f"paths.root={root}", "num_threads=1",
+                             "trainer.enable_progress_bar=false", f"data.sft.sources=[{{path: '{data}'}}]",
+                             f"kd.seq_len={SEQ}", "kd.batch_size=2", f"kd.max_steps={steps}", "kd.heldout_batches=0",
+                             "kd.checkpoint_every_n_steps=1", "+callbacks.trace._target_=zebra.launch.trainer.StepTrace",
+                             f"+callbacks.trace.path={root / 'trace.jsonl'}", *extra], nproc=2),
+                      timeout=600, check=not extra or "ckpt_path=last" in extra)
+
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    launch(full)
+    launch(killed, "+callbacks.kill._target_=zebra.stages.common.StopAtStep", "+callbacks.kill.step=3")
+    last = killed / "tiny" / "paper" / "kd" / "checkpoints" / "last.ckpt"
+    assert last.is_dir(), "a ZeRO-3 checkpoint is a directory of shards"
+    launch(killed, "ckpt_path=last")
+
+    expected = step_losses(trace_runs(read_trace(full / "trace.jsonl"))[0])
+    first, resumed = trace_runs(read_trace(killed / "trace.jsonl"))
+    assert resumed[0]["global_step"] == 3 and resumed[0]["ckpt_path"].endswith("last.ckpt")
+    got = {**step_losses(first), **step_losses(resumed)}
+    assert sorted(got) == list(range(steps))
+    for s in range(steps):
+        assert got[s] == pytest.approx(expected[s], rel=1e-6), (s, got, expected)
+    assert (killed / "tiny" / "paper" / "kd" / "model" / "model.safetensors").is_file()

@@ -708,13 +708,14 @@ def resolve_ckpt_path(cfg: DictConfig, ckpt_dir: Path) -> str | None:
     ckpt = cfg.get("ckpt_path")
     if ckpt in (None, "", "none", "null"):
         return None
+    # a file, or under DeepSpeed a directory of per-rank shards (last.ckpt links to either)
     if ckpt == "last":
         last = Path(ckpt_dir) / "last.ckpt"
-        if last.is_file():
+        if last.exists():
             return str(last)
         log.info("ckpt_path=last but %s does not exist: starting fresh", last)
         return None
-    if not Path(ckpt).is_file():
+    if not Path(ckpt).exists():
         raise StageError(f"ckpt_path {ckpt!r} does not exist")
     return str(ckpt)
 
