@@ -143,7 +143,8 @@ def test_zero3_run_killed_and_resumed_follows_the_uninterrupted_one(tmp_path):
                              "strategy=deepspeed_zero3", "trainer=ddp_cpu", f"paths.root={root}", "num_threads=1",
                              "trainer.enable_progress_bar=false", f"data.sft.sources=[{{path: '{data}'}}]",
                              f"kd.seq_len={SEQ}", "kd.batch_size=2", f"kd.max_steps={steps}", "kd.heldout_batches=0",
-                             "kd.checkpoint_every_n_steps=1", "+callbacks.trace._target_=zebra.launch.trainer.StepTrace",
+                             "kd.checkpoint_every_n_steps=1",
+                             "+callbacks.trace._target_=zebra.launch.trainer.StepTrace",
                              f"+callbacks.trace.path={root / 'trace.jsonl'}", *extra], nproc=2),
                       timeout=600, check=not extra or "ckpt_path=last" in extra)
 
