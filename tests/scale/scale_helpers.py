@@ -98,3 +98,19 @@ def padded_tokens_per_batch(data: Path, split: str, seq_len: int, global_batch: 
                                 heldout_fraction=heldout_fraction, chat_template="tokenizer", seed=42)
     dm.setup()
     return [int((b["attention_mask"] == 0).sum()) for b in dm.train_dataloader(0, 1)]
+
+
+def assert_same_loss_curves(one: Path, two: Path, stages: tuple[str, ...], steps: int, rel: float = 1e-4) -> None:
+    """The step traces under `one` (one process) and `two` (two processes) hold one fit per stage, each with the
+    same step losses (within `rel`), and the loss moved over the steps (else the comparison says nothing)."""
+    import pytest
+
+    runs_one, runs_two = trace_runs(read_trace(one / "trace.jsonl")), trace_runs(read_trace(two / "trace.jsonl"))
+    assert len(runs_one) == len(runs_two) == len(stages), f"one fit per stage {stages}"
+    for stage, a, b in zip(stages, runs_one, runs_two):
+        assert a[0]["world_size"] == 1 and b[0]["world_size"] == 2
+        la, lb = step_losses(a), step_losses(b)
+        assert sorted(la) == sorted(lb) == list(range(steps)), (stage, la, lb)
+        for s in la:
+            assert lb[s] == pytest.approx(la[s], rel=rel, abs=1e-6), (stage, s, la, lb)
+        assert la[steps - 1] != la[0], f"{stage}: the loss must move, or the comparison says nothing"

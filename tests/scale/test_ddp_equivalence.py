@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pytest
 
-from scale_helpers import finish, padded_tokens_per_batch, read_trace, start, step_losses, tiny_data, trace_runs
+from scale_helpers import assert_same_loss_curves, finish, padded_tokens_per_batch, start, tiny_data
 
 pytestmark = pytest.mark.slow
 
@@ -50,15 +50,7 @@ def test_ddp_two_processes_match_one_process(tmp_path):
                      + ["trainer=ddp_cpu", "strategy=ddp", f"stage.order=[{stage}]"], nproc=2))
     finish(single)
 
-    runs_one, runs_two = trace_runs(read_trace(one / "trace.jsonl")), trace_runs(read_trace(two / "trace.jsonl"))
-    assert len(runs_one) == len(runs_two) == 2, "one fit per stage (ilkd, kd)"
-    for stage, a, b in zip(("ilkd", "kd"), runs_one, runs_two):
-        assert a[0]["world_size"] == 1 and b[0]["world_size"] == 2
-        la, lb = step_losses(a), step_losses(b)
-        assert sorted(la) == sorted(lb) == list(range(STEPS)), (stage, la, lb)
-        for s in la:
-            assert lb[s] == pytest.approx(la[s], rel=1e-4, abs=1e-6), (stage, s, la, lb)
-        assert la[STEPS - 1] != la[0], f"{stage}: the loss must move, or the comparison says nothing"
+    assert_same_loss_curves(one, two, ("ilkd", "kd"), STEPS)
 
     # both exports exist, written once (rank 0)
     for root in (one, two):

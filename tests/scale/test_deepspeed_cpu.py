@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from scale_helpers import REPO, finish, read_trace, start, step_losses, tiny_data, trace_runs
+from scale_helpers import assert_same_loss_curves, REPO, finish, read_trace, start, step_losses, tiny_data, trace_runs
 
 pytestmark = pytest.mark.slow
 
@@ -67,15 +67,7 @@ def test_deepspeed_two_processes_match_one_and_train_every_weight(tmp_path, stra
     finish(start(overrides(one, data, strategy, GLOBAL_BATCH)), timeout=600)
     finish(start(overrides(two, data, strategy, GLOBAL_BATCH // 2) + ["trainer=ddp_cpu"], nproc=2), timeout=600)
 
-    runs_one, runs_two = trace_runs(read_trace(one / "trace.jsonl")), trace_runs(read_trace(two / "trace.jsonl"))
-    assert len(runs_one) == len(runs_two) == 2, "one fit per stage (ilkd, kd)"
-    for stage, a, b in zip(("ilkd", "kd"), runs_one, runs_two):
-        assert a[0]["world_size"] == 1 and b[0]["world_size"] == 2
-        la, lb = step_losses(a), step_losses(b)
-        assert sorted(la) == sorted(lb) == list(range(STEPS)), (stage, la, lb)
-        for s in la:
-            assert lb[s] == pytest.approx(la[s], rel=1e-4, abs=1e-6), (strategy, stage, s, la, lb)
-        assert la[STEPS - 1] < la[0], f"{stage}: the loss must fall, or the comparison says nothing"
+    assert_same_loss_curves(one, two, ("ilkd", "kd"), STEPS)
 
     ild = two / "tiny" / "ilkd"
     kd = two / "tiny" / "2mla-uniform" / "kd"
