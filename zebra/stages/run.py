@@ -45,4 +45,19 @@ def run(cfg: DictConfig) -> dict:
 
     set_threads(cfg.get("num_threads"))
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    return fn(cfg)
+    out = fn(cfg)
+    close_process_group()  # on success only: a failed rank must exit, not wait at a barrier the others never reach
+    return out
+
+
+def close_process_group() -> None:
+    """Wait for every rank, then take the process group down: a rank that exits while rank 0 still writes the
+    export would otherwise tear down its communication threads under the others (seen as SIGABRT,
+    "terminate called without an active exception", under DeepSpeed on CPU)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
