@@ -47,3 +47,15 @@ def test_resume_matches_uninterrupted_run(make_cfg, tmp_path):
     ckpts = b_dir / "checkpoints-mla"
     assert [p.name for p in ckpts.glob("step*.ckpt")] == ["step000006.ckpt"]
     assert (ckpts / "last.ckpt").is_symlink() and (ckpts / "last.ckpt").resolve().name == "step000006.ckpt"
+
+
+def test_checkpoints_removed_after_the_stage_when_asked(make_cfg, tmp_path):
+    """checkpoint.keep_after_stage=false (the smoke recipe's setting): the finished stage's checkpoints are gone,
+    its export and report stay; the default keeps them."""
+    kept, dropped = tmp_path / "kept", tmp_path / "dropped"
+    run(make_cfg(*STEPS, root=kept))
+    run(make_cfg(*STEPS, "checkpoint.keep_after_stage=false", root=dropped))
+    assert list((kept / "tiny" / "ilkd" / "checkpoints-mla").glob("*.ckpt"))
+    assert not (dropped / "tiny" / "ilkd" / "checkpoints-mla").exists()
+    assert (dropped / "tiny" / "ilkd" / "mla" / "model" / "model.safetensors").is_file()
+    assert (dropped / "tiny" / "ilkd" / "report.json").is_file()

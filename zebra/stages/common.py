@@ -702,6 +702,19 @@ def build_trainer(cfg: DictConfig, stage: str, stage_dir: Path, max_steps: int, 
                        enable_checkpointing=every > 0, **overrides)
 
 
+def drop_checkpoints(cfg: DictConfig, trainer: pl.Trainer | None, ckpt_dir: Path) -> None:
+    """With `checkpoint.keep_after_stage: false`, remove a finished stage's checkpoints (rank 0, after its export
+    and report are written): its result is the export, and the smoke recipe's checkpoints would otherwise take
+    ~6 GB of disk."""
+    if (cfg.get("checkpoint") or {}).get("keep_after_stage", True):
+        return
+    if trainer is not None and trainer.global_rank != 0:
+        return
+    if Path(ckpt_dir).exists():
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        log.info("checkpoint.keep_after_stage=false: removed %s", ckpt_dir)
+
+
 def resolve_ckpt_path(cfg: DictConfig, ckpt_dir: Path) -> str | None:
     """`ckpt_path=last` resumes from `<ckpt_dir>/last.ckpt` when it exists (a fresh start otherwise, so a
     requeued job that never reached a checkpoint just starts); any other value is a path."""

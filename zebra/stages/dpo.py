@@ -135,6 +135,7 @@ def run(cfg: DictConfig) -> dict:
     report["export_check"] = common.export_stage_model(cfg, trainer, policy, tokenizer, out_dir / "model", card)
     if trainer.global_rank == 0:
         common.write_json_atomic(out_dir / "report.json", report)
+        common.drop_checkpoints(cfg, trainer, out_dir / "checkpoints")
         log.info("dpo done: %s", out_dir)
     return report
 

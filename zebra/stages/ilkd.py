@@ -247,6 +247,7 @@ def run(cfg: DictConfig) -> dict:
             del to_save
             merged["students"][kind] = kind_report
         common.write_json_atomic(out_dir / "report.json", merged)
+        common.drop_checkpoints(cfg, trainer, ckpt_dir)
         report = merged
         log.info("ilkd done: %s", out_dir)
     return report

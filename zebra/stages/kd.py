@@ -275,5 +275,6 @@ def run(cfg: DictConfig) -> dict:
                                                        probe=heldout[0] if heldout else None)
     if trainer.global_rank == 0:
         common.write_json_atomic(out_dir / "report.json", report)
+        common.drop_checkpoints(cfg, trainer, out_dir / "checkpoints")
         log.info("kd done: %s", out_dir)
     return report
