@@ -22,7 +22,6 @@ and tokens/s, beside `stage=describe`'s estimate for the same strategy and devic
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import signal
@@ -36,6 +35,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests" / "stages"))
 
 from zebra.export import write_json_atomic  # noqa: E402
+from zebra.launch.trainer import read_step_trace  # noqa: E402
 
 
 LOGS = Path("/tmp")
@@ -85,19 +85,6 @@ def env_for(devices: str | None) -> dict:
     return env
 
 
-def read_trace(path: Path) -> list[list[dict]]:
-    runs: list[list[dict]] = []
-    if not path.is_file():
-        return runs
-    for line in path.read_text().splitlines():
-        r = json.loads(line)
-        if r["event"] == "start":
-            runs.append([])
-        if runs:
-            runs[-1].append(r)
-    return runs
-
-
 def throughput(steps: list[dict], world: int, skip: int = 2) -> dict:
     """tokens/s per GPU over the steps after the first `skip` (warm-up, kernel autotuning)."""
     timed = steps[skip:] if len(steps) > skip else steps
@@ -109,51 +96,6 @@ def throughput(steps: list[dict], world: int, skip: int = 2) -> dict:
     if peaks:
         out["peak_mem_gb_max_over_ranks"] = max(peaks)
     return out
-
-
-def moved_fraction(before: dict, after: dict, names) -> dict:
-    """Per tensor: the fraction of elements whose value differs (in the export's dtype)."""
-    out = {}
-    for n in names:
-        a, b = after[n], before[n].to(after[n].dtype)
-        out[n] = float((a != b).float().mean())
-    return out
-
-
-def weights_moved(root: Path, model_name: str, mix_dir: str, teacher_spec: str, model_cfg) -> dict:
-    """ILD: decoder-layer tensors vs the SVD/mapping init from the same random teacher; embeddings frozen.
-    KD: every tensor vs the hybrid assembled from the ILD exports."""
-    import torch
-    from omegaconf import OmegaConf
-    from transformers import AutoModelForCausalLM
-
-    importlib.import_module("zebra")  # registers the Auto classes
-    from zebra.compose.students import assemble_hybrid, build_student
-    from zebra.stages.common import load_teacher_model
-
-    ild, kd = root / model_name / "ilkd", root / model_name / mix_dir / "kd"
-    teacher = load_teacher_model(teacher_spec, model_cfg.base).model
-    mla = OmegaConf.to_container(model_cfg.mla, resolve=True)
-    result = {}
-    exports = {}
-    for kind in ("mla", "mamba"):
-        start = build_student(teacher, mla, kind=kind)[0].state_dict()
-        exports[kind] = AutoModelForCausalLM.from_pretrained(str(ild / kind / "model"))
-        after = exports[kind].state_dict()
-        layers = [n for n in start if n.startswith("model.layers.")]
-        frac = moved_fraction(start, after, layers)
-        result[f"ilkd_{kind}"] = {"tensors": len(frac), "unchanged": [n for n, f in frac.items() if f == 0.0],
-                                  "min_moved_fraction": min(frac.values()),
-                                  "embeddings_unchanged": bool(torch.equal(
-                                      after["model.embed_tokens.weight"],
-                                      start["model.embed_tokens.weight"].to(after["model.embed_tokens.weight"].dtype)))}
-    report = json.loads((kd / "report.json").read_text())
-    assembled = assemble_hybrid(exports["mla"], exports["mamba"], report["mla_layers"]).state_dict()
-    after = AutoModelForCausalLM.from_pretrained(str(kd / "model")).state_dict()
-    frac = moved_fraction(assembled, after, list(assembled))
-    result["kd"] = {"tensors": len(frac), "unchanged": [n for n, f in frac.items() if f == 0.0],
-                    "min_moved_fraction": min(frac.values())}
-    return result
 
 
 EQ_MODEL = {True: ("tiny", 32, 4, 4, 2), False: ("smollm2_135m", 512, 10, 8, 6)}  # smoke?: model, seq, steps,
@@ -183,8 +125,6 @@ def equivalence_cmd(args, work: Path, data: Path, tokenizer: str, strategy: str,
 def equivalence(args, work: Path, data: Path, tokenizer: str, strategies: list[str]) -> dict:
     """For each strategy, the one-GPU run then the two-GPU run, one after another (runs side by side raced on
     the datasets cache and oversubscribed the CPU in the students' SVD init)."""
-    from omegaconf import OmegaConf
-
     model, seq, steps, global_batch, mix_n = EQ_MODEL[args.smoke]
     results = {s: {"strategy": s, "model": model, "seq_len": seq, "steps": steps, "global_batch": global_batch}
                for s in strategies}
@@ -194,7 +134,7 @@ def equivalence(args, work: Path, data: Path, tokenizer: str, strategies: list[s
                              env_for(None if args.smoke else "0"))
         out["ws2_run"] = run(equivalence_cmd(args, work, data, tokenizer, strategy, 2), LOGS / f"{strategy}-ws2.log",
                              env_for(None))
-        traces = {w: read_trace(work / f"{strategy}-ws{w}" / "trace.jsonl") for w in (1, 2)}
+        traces = {w: read_step_trace(work / f"{strategy}-ws{w}" / "trace.jsonl") for w in (1, 2)}
         if len(traces[1]) != 2 or len(traces[2]) != 2:
             out["error"] = "a run did not complete both stages"
             continue
@@ -207,12 +147,13 @@ def equivalence(args, work: Path, data: Path, tokenizer: str, strategies: list[s
                               "max_rel_diff": max(rel), "within_2pct": max(rel) <= 0.02,
                               "throughput_ws1": throughput(a, 1), "throughput_ws2": throughput(b, 2)}
             root2 = work / f"{strategy}-ws2"
-            model_cfg = OmegaConf.load(REPO / "conf" / "model" / f"{model}.yaml")
-            out["weights"] = weights_moved(root2, model, f"{mix_n}mla-uniform", "random:0", model_cfg)
-            reports = {"kd": root2 / model / f"{mix_n}mla-uniform" / "kd" / "report.json",
-                       "ilkd_mla": root2 / model / "ilkd" / "mla" / "report.json",
+            # the stages' own checks (check_weights_moved, export_check), from the two-GPU run's reports
+            stage_reports = {"ilkd": root2 / model / "ilkd" / "report.json",
+                             "kd": root2 / model / f"{mix_n}mla-uniform" / "kd" / "report.json"}
+            out["weights_moved"] = {k: json.loads(p.read_text()).get("weights_moved") for k, p in stage_reports.items()}
+            exports = {"kd": stage_reports["kd"], "ilkd_mla": root2 / model / "ilkd" / "mla" / "report.json",
                        "ilkd_mamba": root2 / model / "ilkd" / "mamba" / "report.json"}
-            out["export_check"] = {k: json.loads(p.read_text()).get("export_check") for k, p in reports.items()}
+            out["export_check"] = {k: json.loads(p.read_text()).get("export_check") for k, p in exports.items()}
         except Exception as err:  # keep what was measured
             out["error"] = repr(err)
     return results
@@ -243,7 +184,7 @@ def zebra8b(args, work: Path, data: Path, tokenizer: str) -> dict:
     out = {"model": model, "strategy": strategy, "gpu_memory_gb": round(gpu_gb, 1), "seq_len": seq,
            "micro_batch": 1, "devices": 2, "gradient_checkpointing": "kd.gradient_checkpointing=true" in extra}
     out["run"] = run(train_cmd(cmd, 2), LOGS / "zebra8b.log", env_for(None), timeout=args.zebra8b_timeout)
-    runs = read_trace(root / "trace.jsonl")
+    runs = read_step_trace(root / "trace.jsonl")
     if runs:
         steps_done = [r for r in runs[0] if r["event"] == "step"]
         out["losses"] = [r["loss"] for r in steps_done]
@@ -276,7 +217,7 @@ def kd_overrides(model: str, tokenizer: str, data: Path, root: Path, extra: list
 
 
 def kd_result(root: Path, model: str, world: int) -> dict:
-    runs = read_trace(root / "trace.jsonl")
+    runs = read_step_trace(root / "trace.jsonl")
     out: dict = {}
     if runs:
         steps = [r for r in runs[0] if r["event"] == "step"]

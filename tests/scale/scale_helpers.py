@@ -6,7 +6,6 @@ small local data, step traces written by zebra.launch.trainer.StepTrace.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -17,6 +16,8 @@ TRAIN = str(REPO / "train.py")
 sys.path.insert(0, str(REPO / "tests" / "stages"))
 
 from stage_helpers import write_sft  # noqa: E402
+
+from zebra.launch.trainer import read_step_trace  # noqa: E402
 
 
 def subprocess_env(**extra: str) -> dict:
@@ -62,19 +63,9 @@ def train(args: list[str], *, nproc: int | None = None, timeout: float = 300, cw
     return finish(start(args, nproc=nproc, cwd=cwd, env=env), timeout=timeout, check=check)
 
 
-def read_trace(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-
-
-def trace_runs(records: list[dict]) -> list[list[dict]]:
-    """The trace split at each `start` record: one list per fit (stage, or resumed attempt)."""
-    runs: list[list[dict]] = []
-    for r in records:
-        if r["event"] == "start":
-            runs.append([])
-        if runs:
-            runs[-1].append(r)
-    return runs
+def trace_runs(path: Path) -> list[list[dict]]:
+    """The StepTrace at `path`, one list of records per fit (stage, or resumed attempt)."""
+    return read_step_trace(path)
 
 
 def step_losses(run: list[dict]) -> dict[int, float]:
@@ -105,7 +96,7 @@ def assert_same_loss_curves(one: Path, two: Path, stages: tuple[str, ...], steps
     same step losses (within `rel`), and the loss moved over the steps (else the comparison says nothing)."""
     import pytest
 
-    runs_one, runs_two = trace_runs(read_trace(one / "trace.jsonl")), trace_runs(read_trace(two / "trace.jsonl"))
+    runs_one, runs_two = trace_runs(one / "trace.jsonl"), trace_runs(two / "trace.jsonl")
     assert len(runs_one) == len(runs_two) == len(stages), f"one fit per stage {stages}"
     for stage, a, b in zip(stages, runs_one, runs_two):
         assert a[0]["world_size"] == 1 and b[0]["world_size"] == 2

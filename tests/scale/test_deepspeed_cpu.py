@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from scale_helpers import assert_same_loss_curves, REPO, finish, read_trace, start, step_losses, tiny_data, trace_runs
+from scale_helpers import assert_same_loss_curves, REPO, finish, start, step_losses, tiny_data, trace_runs
 
 pytestmark = pytest.mark.slow
 
@@ -114,7 +114,7 @@ def test_teacher_in_its_own_zero3_engine_gives_the_replicated_losses(tmp_path):
                       "kd.checkpoint_every_n_steps=0", f"teacher_placement={placement}",
                       "+callbacks.trace._target_=zebra.launch.trainer.StepTrace",
                       f"+callbacks.trace.path={root / 'trace.jsonl'}"], nproc=2), timeout=600)
-        losses[placement] = step_losses(trace_runs(read_trace(root / "trace.jsonl"))[0])
+        losses[placement] = step_losses(trace_runs(root / "trace.jsonl")[0])
         report = json.loads((root / "tiny" / "paper" / "kd" / "report.json").read_text())
         assert report["teacher_placement"] == placement
         assert report["teacher_partitioned"] is (placement == "zero3")
@@ -147,8 +147,8 @@ def test_zero3_run_killed_and_resumed_follows_the_uninterrupted_one(tmp_path):
     assert last.is_dir(), "a ZeRO-3 checkpoint is a directory of shards"
     launch(killed, "ckpt_path=last")
 
-    expected = step_losses(trace_runs(read_trace(full / "trace.jsonl"))[0])
-    first, resumed = trace_runs(read_trace(killed / "trace.jsonl"))
+    expected = step_losses(trace_runs(full / "trace.jsonl")[0])
+    first, resumed = trace_runs(killed / "trace.jsonl")
     assert resumed[0]["global_step"] == 3 and resumed[0]["ckpt_path"].endswith("last.ckpt")
     got = {**step_losses(first), **step_losses(resumed)}
     assert sorted(got) == list(range(steps))

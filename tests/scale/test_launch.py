@@ -14,7 +14,7 @@ from zebra.launch.submitit import resolve_resources
 from zebra.launch.trainer import LaunchError, cluster_plugins
 from zebra.stages.config import register_resolvers
 
-from scale_helpers import REPO, read_trace, subprocess_env, tiny_data, trace_runs, train
+from scale_helpers import REPO, subprocess_env, tiny_data, trace_runs, train
 
 register_resolvers()
 LAUNCH_VARS = ("TORCHELASTIC_RUN_ID", "RANK", "LOCAL_RANK", "WORLD_SIZE", "GROUP_RANK", "LOCAL_WORLD_SIZE",
@@ -130,7 +130,7 @@ def test_submitit_local_starts_one_process_per_device(tmp_path):
            "ilkd.seq_len=32", "ilkd.batch_size=1", "ilkd.max_steps=2", "ilkd.checkpoint_every_n_steps=0",
            "+callbacks.trace._target_=zebra.launch.trainer.StepTrace", f"+callbacks.trace.path={trace}"],
           cwd=tmp_path, env=env, timeout=240)
-    (run,) = trace_runs(read_trace(trace))
+    (run,) = trace_runs(trace)
     assert run[0]["world_size"] == 2
     assert [r["step"] for r in run if r["event"] == "step"] == [0, 1]
     assert (root / "tiny" / "ilkd" / "mla" / "model" / "config.json").is_file()

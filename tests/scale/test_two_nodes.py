@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from scale_helpers import TRAIN, finish, read_trace, start, step_losses, subprocess_env, tiny_data, trace_runs
+from scale_helpers import TRAIN, finish, start, step_losses, subprocess_env, tiny_data, trace_runs
 
 pytestmark = pytest.mark.slow
 
@@ -57,7 +57,7 @@ def test_two_launcher_groups_match_one_node(tmp_path):
     for proc in groups:
         finish(proc, timeout=600)
 
-    a, b = trace_runs(read_trace(one / "trace.jsonl")), trace_runs(read_trace(two / "trace.jsonl"))
+    a, b = trace_runs(one / "trace.jsonl"), trace_runs(two / "trace.jsonl")
     assert len(a) == len(b) == 1 and a[0][0]["world_size"] == b[0][0]["world_size"] == 2
     la, lb = step_losses(a[0]), step_losses(b[0])
     assert sorted(la) == sorted(lb) == list(range(STEPS))

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from scale_helpers import TRAIN, read_trace, subprocess_env, tiny_data, trace_runs
+from scale_helpers import TRAIN, subprocess_env, tiny_data, trace_runs
 
 pytestmark = pytest.mark.slurm
 
@@ -103,7 +103,7 @@ def test_requeued_job_resumes_from_its_checkpoint(slurm, tmp_path):
     def attempt_trained(n: int, steps: int):
         """The start record of attempt n once it has trained `steps` steps and saved a checkpoint after them."""
         def check():
-            runs = trace_runs(read_trace(trace)) if trace.is_file() else []
+            runs = trace_runs(trace)
             if len(runs) <= n or len(steps_of(runs[n])) < steps or not ckpt.exists():
                 return None
             return runs[n][0]
@@ -129,7 +129,7 @@ def test_requeued_job_resumes_from_its_checkpoint(slurm, tmp_path):
                       f"job {job} to complete")
     assert info["Restarts"] == "2", info
 
-    runs = trace_runs(read_trace(trace))
+    runs = trace_runs(trace)
     assert len(runs) == 3, f"expected three attempts\n{out[-3000:]}\n{job_logs(tmp_path)}"
     for n, (attempt, before) in enumerate(zip((second, third), runs[:2]), start=1):
         assert attempt["slurm_job_id"] == first["slurm_job_id"], "requeued, not resubmitted as a new job"

@@ -319,26 +319,6 @@ def measure_matmul_rate(device, smoke: bool) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ kd
-def kd_loss_from_teacher(module, batch: dict, t, timer=None):
-    """`KDModule.kd_loss` after its teacher forward: the same calls with the same arguments (the benchmark
-    checks the two give the same loss), so that the teacher forward can be timed on its own. `timer` marks
-    the student's forward (phase "student_forward") before the loss."""
-    from zebra.stages import common
-    from zebra.stages.kd import next_token_labels
-    from zebra.stages.losses import chunked_kd_loss
-
-    student, teacher = module.student, module.frozen("teacher")
-    hs = common.student_hidden(student, batch)
-    if timer is not None:
-        timer.mark("student_forward")
-    return chunked_kd_loss(hs, t.last_hidden_state, common.lm_head_weight(student), common.lm_head_weight(teacher),
-                           mask=batch["loss_mask"].bool(),
-                           labels=next_token_labels(batch) if module.ce_weight else None,
-                           temperature=module.temperature, kl_weight=module.kl_weight, ce_weight=module.ce_weight,
-                           reduction=module.reduction, num_sequences=batch["input_ids"].shape[0],
-                           chunk_size=module.chunk_size)
-
-
 KD_STUDENT_PHASES = ("student_forward", "kd_loss", "student_backward")
 
 
@@ -356,7 +336,7 @@ def kd_split_step(module, opt, batch, device, precision, timer=None):
         t = common.teacher_forward(teacher, batch["input_ids"], batch["position_ids"], batch.get("attention_mask"))
     timer.mark("teacher_forward")
     with autocast(device, precision):
-        loss, _ = kd_loss_from_teacher(module, batch, t, timer)
+        loss, _ = module.kd_loss_from_teacher(batch, t, lambda: timer.mark("student_forward"))
     timer.mark("kd_loss")
     del t
     loss.backward()
@@ -456,7 +436,7 @@ def run_kd(args, shapes, device, peak, report, save, log):
         ref = module.kd_loss(batch)[0].float().item()
         from zebra.stages import common
         t = common.teacher_forward(teacher, batch["input_ids"], batch["position_ids"], batch["attention_mask"])
-        ours = kd_loss_from_teacher(module, batch, t)[0].float().item()
+        ours = module.kd_loss_from_teacher(batch, t)[0].float().item()
     out["loss_check"] = {"kd_module_loss": ref, "benchmark_loss": ours, "equal": ref == ours,
                          "abs_diff": abs(ref - ours)}
     del t, batch

@@ -183,6 +183,24 @@ class StepTrace(pl.Callback):
         self._write(trainer, {"event": "end", "global_step": int(trainer.global_step)})
 
 
+def read_step_trace(path: str | Path) -> list[list[dict]]:
+    """A StepTrace file split at each `start` record: one list of records per fit (a stage, or a resumed
+    attempt); empty when the file does not exist."""
+    path = Path(path)
+    runs: list[list[dict]] = []
+    if not path.is_file():
+        return runs
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        record = json.loads(line)
+        if record["event"] == "start":
+            runs.append([])
+        if runs:
+            runs[-1].append(record)
+    return runs
+
+
 class Throttle(pl.Callback):
     """Makes every training batch last at least `seconds` (drills only: lets a tiny run live long enough to be
     preempted and requeued in a test)."""

@@ -102,14 +102,20 @@ class KDModule(StageModule):
         config = self.student.config if self.student is not None else self.spec.config
         return kd_step_flops(config, self.frozen("teacher").config, self.seq_len)["total"]
 
-    def kd_loss(self, batch: dict, student: nn.Module | None = None):
-        student = student or self.student
-        teacher = self.frozen("teacher")
-        t = common.teacher_forward(teacher, batch["input_ids"], batch["position_ids"], batch.get("attention_mask"))
-        hs = common.student_hidden(student, batch)
-        teacher_head = common.lm_head_weight(teacher)
+    def kd_loss(self, batch: dict):
+        t = common.teacher_forward(self.frozen("teacher"), batch["input_ids"], batch["position_ids"],
+                                   batch.get("attention_mask"))
+        return self.kd_loss_from_teacher(batch, t)
+
+    def kd_loss_from_teacher(self, batch: dict, t: common.TeacherOutputs, after_student_forward=None):
+        """The loss given the teacher's forward `t` (split from `kd_loss` so that benchmarks time the teacher on
+        its own; `after_student_forward()` is called between the student's forward and the loss)."""
+        hs = common.student_hidden(self.student, batch)
+        if after_student_forward is not None:
+            after_student_forward()
+        teacher_head = common.lm_head_weight(self.frozen("teacher"))
         with zero.gathered([teacher_head]):  # a teacher partitioned in its own ZeRO-3 engine (no-op otherwise)
-            return chunked_kd_loss(hs, t.last_hidden_state, common.lm_head_weight(student), teacher_head,
+            return chunked_kd_loss(hs, t.last_hidden_state, common.lm_head_weight(self.student), teacher_head,
                                    mask=batch["loss_mask"].bool(),
                                    labels=next_token_labels(batch) if self.ce_weight else None,
                                    temperature=self.temperature, kl_weight=self.kl_weight, ce_weight=self.ce_weight,
