@@ -91,8 +91,8 @@ def test_non_finite_loss_stops_without_export(make_cfg, tmp_path, monkeypatch, i
     shutil.copytree(ild_root, root)
     real = KDModule.kd_loss
 
-    def poisoned(self, batch, student=None):
-        loss, stats = real(self, batch, student)
+    def poisoned(self, batch):
+        loss, stats = real(self, batch)
         return (loss * float("nan") if self.global_step == 2 else loss), stats
 
     monkeypatch.setattr(KDModule, "kd_loss", poisoned)
