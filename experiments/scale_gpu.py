@@ -57,14 +57,18 @@ def wait(proc: subprocess.Popen, timeout: float):
         return "timeout"
 
 
-def run(cmd: list[str], log: Path, env: dict | None = None, timeout: float | None = None) -> dict:
-    t0 = time.perf_counter()
-    rc = wait(start(cmd, log, env), timeout or LAUNCH_TIMEOUT)
+def finish(proc: subprocess.Popen, t0: float, log: Path, timeout: float | None = None) -> dict:
+    rc = wait(proc, timeout or LAUNCH_TIMEOUT)
     out = {"rc": rc, "seconds": round(time.perf_counter() - t0, 1), "log": str(log)}
     if rc != 0:
         out["tail"] = log.read_text()[-3000:]
-        print(f"FAILED ({rc}): {' '.join(cmd[:6])} ... see {log}\n{out['tail'][-1500:]}", flush=True)
+        print(f"FAILED ({rc}): {' '.join(proc.args[:6])} ... see {log}\n{out['tail'][-1500:]}", flush=True)
     return out
+
+
+def run(cmd: list[str], log: Path, env: dict | None = None, timeout: float | None = None) -> dict:
+    t0 = time.perf_counter()
+    return finish(start(cmd, log, env), t0, log, timeout)
 
 
 def train_cmd(args: list[str], nproc: int) -> list[str]:
@@ -122,16 +126,35 @@ def equivalence_cmd(args, work: Path, data: Path, tokenizer: str, strategy: str,
     return train_cmd(cmd, world)
 
 
-def equivalence(args, work: Path, data: Path, tokenizer: str, strategies: list[str]) -> dict:
-    """For each strategy, the one-GPU run then the two-GPU run, one after another (runs side by side raced on
-    the datasets cache and oversubscribed the CPU in the students' SVD init)."""
+def equivalence(args, work: Path, data: Path, tokenizer: str, strategies: list[str], save=lambda r: None) -> dict:
+    """The one-GPU runs of every strategy side by side, each on its own GPU with its own tokenised-data cache and
+    its share of the cores (last session's side-by-side runs raced on one datasets cache and each took every core
+    for the students' SVD init), then each strategy's two-GPU run."""
+    import torch
+
     model, seq, steps, global_batch, mix_n = EQ_MODEL[args.smoke]
     results = {s: {"strategy": s, "model": model, "seq_len": seq, "steps": steps, "global_batch": global_batch}
                for s in strategies}
+    gpus = torch.cuda.device_count()
+    side_by_side = not args.smoke and gpus >= len(strategies)
+    cores = len(os.sched_getaffinity(0))
+    threads = max(1, cores // len(strategies)) if side_by_side else cores
+    launches = {}
+    for i, strategy in enumerate(strategies):
+        env = env_for(None if args.smoke else str(i if side_by_side else 0))
+        env["ZEBRA_CACHE"] = str(work / f"cache-{strategy}")
+        cmd = equivalence_cmd(args, work, data, tokenizer, strategy, 1) + [f"num_threads={threads}"]
+        t0 = time.perf_counter()
+        launches[strategy] = (start(cmd, LOGS / f"{strategy}-ws1.log", env), t0)
+        if not side_by_side:
+            proc, t0 = launches[strategy]
+            results[strategy]["ws1_run"] = finish(proc, t0, LOGS / f"{strategy}-ws1.log")
+    if side_by_side:
+        for strategy, (proc, t0) in launches.items():
+            results[strategy]["ws1_run"] = finish(proc, t0, LOGS / f"{strategy}-ws1.log")
     for strategy in strategies:
         out = results[strategy]
-        out["ws1_run"] = run(equivalence_cmd(args, work, data, tokenizer, strategy, 1), LOGS / f"{strategy}-ws1.log",
-                             env_for(None if args.smoke else "0"))
+        save(results)  # what is known so far survives a timeout of the whole call
         out["ws2_run"] = run(equivalence_cmd(args, work, data, tokenizer, strategy, 2), LOGS / f"{strategy}-ws2.log",
                              env_for(None))
         traces = {w: read_step_trace(work / f"{strategy}-ws{w}" / "trace.jsonl") for w in (1, 2)}
@@ -237,13 +260,13 @@ def twonode(args, work: Path, data: Path, tokenizer: str) -> dict:
     import socket
 
     steps, seq, per_gpu = 10, 2048, 2
-    extra = [f"kd.seq_len={seq}", f"kd.batch_size={per_gpu}", f"kd.max_steps={steps}", "export_check=true"]
+    extra = [f"kd.seq_len={seq}", f"kd.batch_size={per_gpu}", f"kd.max_steps={steps}"]
     out: dict = {"model": "zebra_1b", "teacher": "8B-shaped random", "seq_len": seq, "micro_batch": per_gpu,
                  "global_batch": 4 * per_gpu, "steps": steps}
     one = work / "twonode-one"
-    out["one_node_run"] = run(train_cmd(kd_overrides("zebra_1b", tokenizer, data, one,
-                                                     extra + ["trainer.devices=4"]), 4), LOGS / "twonode-one.log",
-                              env_for(None))
+    # the reference run exports nothing: the two-node run's export is the one gathered and checked
+    one_cmd = kd_overrides("zebra_1b", tokenizer, data, one, extra + ["trainer.devices=4", "export=false"])
+    out["one_node_run"] = run(train_cmd(one_cmd, 4), LOGS / "twonode-one.log", env_for(None))
     out["one_node"] = kd_result(one, "zebra_1b", 4)
     two = work / "twonode-two"
     with socket.socket() as sock:
@@ -253,7 +276,8 @@ def twonode(args, work: Path, data: Path, tokenizer: str) -> dict:
     for node_rank, gpus in ((0, "0,1"), (1, "2,3")):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={node_rank}",
                "--nproc-per-node=2", "--master-addr=127.0.0.1", f"--master-port={port}", "train.py",
-               *kd_overrides("zebra_1b", tokenizer, data, two, extra + ["trainer.devices=2", "trainer.num_nodes=2"])]
+               *kd_overrides("zebra_1b", tokenizer, data, two, extra + ["trainer.devices=2", "trainer.num_nodes=2",
+                                                                     "export_check=true"])]
         procs.append(start(cmd, LOGS / f"twonode-node{node_rank}.log", env_for(gpus)))
     t0 = time.perf_counter()
     out["two_node_rc"] = [wait(p, LAUNCH_TIMEOUT) for p in procs]
@@ -338,7 +362,10 @@ def main() -> None:
         elif part == "paper8b":
             result["paper8b"] = paper8b(args, work, data, args.tokenizer)
         elif part == "equivalence":
-            result["equivalence"] = equivalence(args, work, data, args.tokenizer, args.strategies.split(","))
+            def save(partial):
+                write_json_atomic(out, dict(result, equivalence=partial))
+
+            result["equivalence"] = equivalence(args, work, data, args.tokenizer, args.strategies.split(","), save)
         write_json_atomic(out, result)
         print(json.dumps(result, indent=1, default=str)[-6000:], flush=True)
 
