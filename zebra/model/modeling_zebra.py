@@ -247,7 +247,8 @@ class ZebraForCausalLM(ZebraPreTrainedModel, GenerationMixin):
         hidden = out.last_hidden_state
         # Prefill must not materialise full-vocab logits for every position (67 GB at 8 x 32k x 128k).
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden[:, keep, :])
+        # in the head's dtype: a mixed-precision run may hold a bf16 (frozen) head after fp32 (trained) layers
+        logits = self.lm_head(hidden[:, keep, :].to(self.lm_head.weight.dtype))
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)

@@ -464,7 +464,7 @@ class StageModule(pl.LightningModule):
             return
         after = self._trainable_state()
         if after is not None and self._start_state is not None:
-            self.weights_moved = weights_moved(self._start_state, after)
+            self.weights_moved = dict(weights_moved(self._start_state, after), compared=self._moved_source)
             if self.weights_moved["unchanged"]:
                 msg = (f"{type(self).__name__}: {len(self.weights_moved['unchanged'])} trained tensors never changed "
                        f"(e.g. {self.weights_moved['unchanged'][:3]}): their gradients never reached the optimizer")
@@ -473,11 +473,18 @@ class StageModule(pl.LightningModule):
         self._start_state = None
 
     def _trainable_state(self) -> dict | None:
-        """CPU copies of the trained tensors on rank 0 (None elsewhere), gathered from ZeRO-3 shards."""
+        """CPU copies of the trained tensors on rank 0 (None elsewhere): DeepSpeed's fp32 master weights where
+        its optimiser holds them (the bf16 module copies of weights near 1.0 may not move for many steps), else
+        the module's parameters, gathered from ZeRO-3 shards. Collective."""
         from zebra.stages import zero
 
         rank = self.trainer.global_rank
-        names = {n for n, p in self.named_parameters() if p.requires_grad}
+        trained = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        available, master = zero.master_state_cpu(trained, rank)
+        self._moved_source = "fp32 master weights" if available else "module parameters"
+        if available:
+            return master
+        names = {n for n, _ in trained}
         state = zero.state_dict_cpu(self, rank, dtype=torch.float32)
         return None if state is None else {n: t for n, t in state.items() if n in names}
 
@@ -740,6 +747,26 @@ def fit(trainer: pl.Trainer, module: pl.LightningModule, datamodule, ckpt_path: 
         finish_loggers(trainer)
     if trainer.interrupted:
         raise StageError("training was interrupted; no export written (resume with ckpt_path=last)")
+    restore_placement(trainer, module)
+
+
+def restore_placement(trainer: pl.Trainer, module: nn.Module) -> None:
+    """Put the trained module back where it trained. Lightning's teardown at the end of `fit` moves it to the
+    CPU; the export, its probe forward and the KD held-out pass after fit expect it on the training device.
+    Under ZeRO-3 the partitions never left the GPU, only the buffers (MLA's RoPE inverse frequencies) moved:
+    a probe forward then mixed CUDA activations with CPU frequencies."""
+    from zebra.stages import zero
+
+    device = trainer.strategy.root_device
+    if device.type == "cpu":
+        return
+    if not zero.partitioned(module):
+        module.to(device)
+        return
+    for sub in module.modules():
+        for name, buf in sub._buffers.items():
+            if buf is not None and buf.device != device:
+                sub._buffers[name] = buf.to(device)
 
 
 def finish_loggers(trainer: pl.Trainer) -> None:
@@ -946,33 +973,63 @@ def probe_ids(batch: dict | None, vocab_size: int, length: int = 128) -> torch.T
     return (torch.arange(length) * 7919 % vocab_size)[None]
 
 
+def model_device(model) -> torch.device:
+    """Where `model` computes: its partitions' device under ZeRO-3 (the parameters themselves are empty
+    placeholders there), else its embedding's."""
+    for p in model.parameters():
+        if hasattr(p, "ds_tensor"):
+            return p.ds_tensor.device
+        break
+    return model.get_input_embeddings().weight.device
+
+
 @torch.no_grad()
 def model_logits(model, ids: torch.Tensor) -> torch.Tensor:
     was = model.training
     model.eval()
     try:
-        device = model.get_input_embeddings().weight.device
-        return model(input_ids=ids.to(device), use_cache=False).logits.float().cpu()
+        return model(input_ids=ids.to(model_device(model)), use_cache=False).logits.float().cpu()
     finally:
         model.train(was)
 
 
+def param_dtypes(model) -> dict[str, torch.dtype]:
+    return {n: p.dtype for n, p in model.named_parameters(remove_duplicate=False)}
+
+
 def compare_export(dst: Path | str, ids: torch.Tensor, reference: torch.Tensor, model) -> dict:
-    """Load the export at `dst` like a user would and compare its logits on `ids` with `reference`."""
+    """Load the export at `dst` with `from_pretrained` and compare its logits on `ids` with `reference` (the
+    in-memory model's).
+
+    The loaded copy is given the in-memory model's dtype of every tensor, so that both compute alike: a
+    mixed-precision run holds its trained weights in fp32 beside bf16 frozen ones (DeepSpeed's ZeRO-1/2 casts
+    only the frozen parameters to bf16), which no single `dtype=` reproduces. `equal` is bitwise equality;
+    `match` allows the rounding of one dtype conversion (1e-3 of the logits' scale) with identical argmax."""
     from transformers import AutoModelForCausalLM
 
-    weight = model.get_input_embeddings().weight
-    loaded = AutoModelForCausalLM.from_pretrained(str(dst), dtype=weight.dtype).to(weight.device)
+    dtypes = param_dtypes(model)
+    loaded = AutoModelForCausalLM.from_pretrained(str(dst), dtype=torch.float32).to(model_device(model))
+    with torch.no_grad():
+        for name, p in loaded.named_parameters(remove_duplicate=False):
+            if name in dtypes and p.dtype != dtypes[name]:
+                p.data = p.data.to(dtypes[name])
     logits = model_logits(loaded, ids)
     del loaded
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     diff = (logits - reference).abs()
-    return {"tokens": int(ids.numel()), "dtype": str(weight.dtype).replace("torch.", ""),
-            "max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()),
-            "reference_abs_max": float(reference.abs().max()),
-            "argmax_agreement": float((logits.argmax(-1) == reference.argmax(-1)).float().mean()),
-            "equal": bool(torch.equal(logits, reference))}
+    counts: dict[str, int] = {}
+    for dt in dtypes.values():
+        key = str(dt).replace("torch.", "")
+        counts[key] = counts.get(key, 0) + 1
+    out = {"tokens": int(ids.numel()), "dtype": max(counts, key=counts.get), "tensor_dtypes": counts,
+           "max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()),
+           "reference_abs_max": float(reference.abs().max()),
+           "argmax_agreement": float((logits.argmax(-1) == reference.argmax(-1)).float().mean()),
+           "equal": bool(torch.equal(logits, reference))}
+    out["match"] = out["equal"] or (out["argmax_agreement"] == 1.0
+                                    and out["max_abs_diff"] <= 1e-3 * max(1.0, out["reference_abs_max"]))
+    return out
 
 
 def dataset_description(data_cfg, key: str) -> str:

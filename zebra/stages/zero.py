@@ -144,6 +144,32 @@ def state_dict_cpu(model: nn.Module, rank: int, dtype: torch.dtype | None = None
     return out
 
 
+@torch.no_grad()
+def master_state_cpu(named: list[tuple[str, torch.nn.Parameter]], rank: int) -> tuple[bool, dict | None]:
+    """(available, state): the fp32 master copies that DeepSpeed's ZeRO optimiser holds for `named` (trainable)
+    parameters, whole, as CPU tensors on rank 0 (state None elsewhere). Under bf16 the module's own parameters
+    are rounded copies of these: an Adam step of 3e-4 on a weight near 1.0 (norms, A_log, D) is below bf16's
+    resolution there, so the module copy may not move for many steps while the master does.
+
+    Collective under ZeRO (each parameter is gathered from the ranks' partitions); available is False, the same
+    on every rank, when some parameter has no master copy (no DeepSpeed optimiser: DDP, one device)."""
+    try:
+        from deepspeed.utils import safe_get_full_fp32_param
+    except ImportError:
+        return False, None
+    if not named or not all(hasattr(p, "ds_id") or hasattr(p, "_hp_mapping") for _, p in named):
+        return False, None
+    out: dict[str, torch.Tensor] | None = {} if rank == 0 else None
+    for name, p in named:
+        full = safe_get_full_fp32_param(p)
+        if full is None:
+            return False, None
+        if out is not None:
+            out[name] = full.detach().to("cpu", dtype=torch.float32, copy=True)
+        del full
+    return True, out
+
+
 def consolidated_model(model: nn.Module, state: Mapping[str, torch.Tensor]) -> nn.Module:
     """A CPU model of `model`'s class and config holding `state` (from `state_dict_cpu`), for export.
 
