@@ -753,8 +753,9 @@ def fit(trainer: pl.Trainer, module: pl.LightningModule, datamodule, ckpt_path: 
 def restore_placement(trainer: pl.Trainer, module: nn.Module) -> None:
     """Put the trained module back where it trained. Lightning's teardown at the end of `fit` moves it to the
     CPU; the export, its probe forward and the KD held-out pass after fit expect it on the training device.
-    Under ZeRO-3 the partitions never left the GPU, only the buffers (MLA's RoPE inverse frequencies) moved:
-    a probe forward then mixed CUDA activations with CPU frequencies."""
+    Under ZeRO-3 the partitions (`ds_tensor`) never left the GPU, but the buffers (MLA's RoPE inverse
+    frequencies) and the persistent small parameters did: a probe forward then mixed CUDA activations with CPU
+    tensors."""
     from zebra.stages import zero
 
     device = trainer.strategy.root_device
@@ -763,6 +764,11 @@ def restore_placement(trainer: pl.Trainer, module: nn.Module) -> None:
     if not zero.partitioned(module):
         module.to(device)
         return
+    # Small parameters below DeepSpeed's persistence threshold (norm weights) are held whole by every rank in
+    # `param.data`, which the teardown moved too; the others' `data` are empty placeholders (free to move).
+    for p in module.parameters():
+        if p.data.device != device:
+            p.data = p.data.to(device)
     for sub in module.modules():
         for name, buf in sub._buffers.items():
             if buf is not None and buf.device != device:
