@@ -769,6 +769,8 @@ def main(argv=None) -> dict:
         os.environ["ZEBRA_MAMBA_KERNELS"] = args.kernels
     device = torch.device(args.device)
     if device.type == "cuda":
+        if device.index is None:  # "cuda": the current device (CUDA_VISIBLE_DEVICES picks the card)
+            device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
     t0 = time.perf_counter()
 
