@@ -72,7 +72,7 @@ SMOKE_PRESET = {
                 mla_rope="pairs", mamba_chunk_size=16),
     "paper_mla_layers": [0, 2],
 }
-SMOKE_ARGS = dict(contexts="16,40", batch=2, chunk=16, warmup=1, iters=3, max_batch_cap=6, slack=16,
+SMOKE_ARGS = dict(kernels="matmul,sdpa", contexts="16,40", batch=2, chunk=16, warmup=1, iters=3, max_batch_cap=6, slack=16,
                   check_prompt=12, check_steps=4, bandwidth_mib=16)
 
 
@@ -462,7 +462,7 @@ class Bench:
 
     def log(self, model: str, what: str, rec: dict):
         keys = [k for k in ("context", "batch", "kernel", "tokens_per_s", "step_ms", "seconds", "peak_gib",
-                            "roofline_fraction", "rel_err", "token_agreement", "per_token", "fits", "error")
+                            "roofline_fraction", "rel_err", "eager_rel_err", "token_agreement", "per_token", "fits", "error")
                 if k in rec and rec[k] is not None]
         parts = []
         for k in keys:
@@ -475,6 +475,8 @@ class Bench:
 
     # ---- (0) the graph path against the ordinary decode
     def check(self, runner) -> dict:
+        """Each decode-attention kernel's graphed static-cache step against transformers' / our eager decode over
+        the same forced tokens; `pass` when every kernel's does."""
         a, dev = self.args, self.dev
         b, p, n = 2, a.check_prompt, a.check_steps
         g = torch.Generator(device="cpu").manual_seed(a.seed + 1)
@@ -482,7 +484,21 @@ class Bench:
         prompt = torch.randint(0, vocab, (b, p), generator=g).to(dev.device)
         forced = [torch.randint(0, vocab, (b, 1), generator=g).to(dev.device) for _ in range(n)]
         runner.set_kernel(a.kernels[0])
-        ref = runner.reference_decode(prompt, forced)
+        ref = torch.cat(runner.reference_decode(prompt, forced), 1).float()
+        per_kernel = {}
+        for kernel in a.kernels:
+            runner.set_kernel(kernel)
+            per_kernel[kernel] = self._check_kernel(runner, prompt, forced, ref)
+        first = per_kernel[a.kernels[0]]
+        out = {"batch": b, "prompt": p, "steps": n, "graph": dev.cuda, "kernel": a.kernels[0],
+               "rel_err": first["rel_err"], "token_agreement": first["token_agreement"], "kernels": per_kernel,
+               "pass": all(r["pass"] for r in per_kernel.values())}
+        runner.set_kernel(a.kernels[0])
+        return out
+
+    def _check_kernel(self, runner, prompt, forced, ref_l) -> dict:
+        a, dev = self.args, self.dev
+        b, p, n = prompt.shape[0], prompt.shape[1], len(forced)
         cache = runner.new_cache(b, p + n + a.warmup + 4)
         ids = forced[0].clone()
         pos = torch.full((1,), p, dtype=torch.long, device=dev.device)
@@ -507,15 +523,13 @@ class Bench:
         for t in forced:
             ids.copy_(t)
             eager.append(eager_fn().clone())
-        ref_l, got_l, eager_l = (torch.cat(x, 1).float() for x in (ref, got, eager))
+        got_l, eager_l = torch.cat(got, 1).float(), torch.cat(eager, 1).float()
 
         def rel(x):
             return ((x - ref_l).norm() / ref_l.norm()).item()
 
-        agree = (got_l.argmax(-1) == ref_l.argmax(-1)).float().mean().item()
-        out = {"batch": b, "prompt": p, "steps": n, "kernel": a.kernels[0], "graph": dev.cuda,
-               "rel_err": rel(got_l), "token_agreement": agree, "eager_rel_err": rel(eager_l),
-               "finite": bool(torch.isfinite(got_l).all())}
+        out = {"rel_err": rel(got_l), "token_agreement": (got_l.argmax(-1) == ref_l.argmax(-1)).float().mean().item(),
+               "eager_rel_err": rel(eager_l), "finite": bool(torch.isfinite(got_l).all())}
         out["pass"] = out["finite"] and out["rel_err"] <= CHECK_REL_ERR
         del cache
         dev.free()
@@ -728,7 +742,8 @@ class Bench:
 
             def check():
                 model_res["check"] = rec = self.check(runner)
-                self.log(name, "check", rec)
+                for kernel, r in rec["kernels"].items():
+                    self.log(name, "check", dict(r, kernel=kernel))
 
             def cache():
                 model_res["cache"] = rec = self.cache_bytes(runner)
@@ -1007,7 +1022,7 @@ def parse_args(argv=None):
     ap.add_argument("--chunk", type=int, default=4096, help="prefill chunk (tokens per forward)")
     ap.add_argument("--warmup", type=int, default=3, help="eager decode steps before the capture")
     ap.add_argument("--iters", type=int, default=10, help="timed decode steps (median)")
-    ap.add_argument("--kernels", default="matmul,sdpa", help=f"decode attention kernels to time, of {DECODE_KERNELS}")
+    ap.add_argument("--kernels", default="matmul,sdpa,triton", help=f"decode attention kernels to time, of {DECODE_KERNELS}")
     ap.add_argument("--max-batch-context", type=int, default=None, help="default: the longest context")
     ap.add_argument("--max-batch-cap", type=int, default=4096)
     ap.add_argument("--skip-max-batch", action="store_true")

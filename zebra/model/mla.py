@@ -68,7 +68,7 @@ def static_attention_mask(cache_position: torch.Tensor, s: int,
     return (visible[None, None] & attention_mask.bool()[:, None, None, :]) | own
 
 
-DECODE_KERNELS = ("matmul", "sdpa")
+DECODE_KERNELS = ("matmul", "sdpa", "triton")
 DECODE_SPLITS, DECODE_SPLIT_MIN = 16, 4096  # "matmul": key ranges of the values GEMM, from this many keys
 
 
@@ -85,9 +85,15 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
       transformers' eager attention). The scores GEMM spreads the long key axis over the whole GPU; the
       probabilities x values GEMM reduces over it, so for long S it is split into DECODE_SPLITS key ranges
       (more, smaller GEMMs in one batch) whose partial outputs are summed.
+    - "triton": zebra.model.flash_decode, split-key attention with an online softmax that reads the keys and
+      values once (CUDA; on CPU only under Triton's interpreter).
     """
     if kernel == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    if kernel == "triton":
+        from zebra.model.flash_decode import flash_decode
+
+        return flash_decode(q, k, v, mask, scale)
     if kernel != "matmul":
         raise ValueError(f"decode attention kernel must be one of {DECODE_KERNELS}, got {kernel!r}")
     scores = torch.matmul(q * scale, k.transpose(-1, -2))

@@ -1,0 +1,86 @@
+"""The Triton split-key decode attention against a float64 reference written from the definition, run on CPU
+tensors under Triton's interpreter (the same kernel source that runs on the GPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+@pytest.fixture
+def flash(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    from zebra.model import flash_decode
+
+    return flash_decode.flash_decode
+
+
+def reference(q, k, v, mask, scale):
+    """softmax(scale q k^T) v over the allowed keys, in float64."""
+    q, k, v = q.double(), k.double(), v.double()
+    scores = scale * q @ k.transpose(-1, -2)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores, dim=-1) @ v
+
+
+def rand(*shape, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g)
+
+
+@pytest.mark.parametrize("splits", [None, 1, 5])
+def test_gqa_decode_over_static_slots(flash, splits):
+    """The base's decode: 4 query heads per KV head, a [1, 1, 1, S] mask over the written slots of a static cache
+    (the last 40 slots are unwritten garbage), split into key ranges of which the last see no key at all."""
+    b, g, nq, s, d = 2, 2, 4, 300, 128
+    q, k, v = rand(b, g, nq, d, seed=0), rand(b, g, s, d, seed=1), rand(b, g, s, d, seed=2)
+    k[:, :, 260:] = 1e4  # unwritten slots: must not leak through the mask
+    mask = (torch.arange(s) < 260)[None, None, None, :]
+    got = flash(q, k, v, mask, d ** -0.5, splits=splits)
+    want = reference(q, k, v, mask, d ** -0.5)
+    assert got.shape == (b, g, nq, d) and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=2e-5, atol=2e-5)
+
+
+def test_mla_absorbed_shapes_value_is_a_prefix_of_the_key(flash):
+    """MLA's absorbed attention: one KV head, heads x tokens as query rows (more than one block of rows), keys of
+    r_kv + d_rope columns (not a multiple of the column block), values a prefix view of the keys, a causal mask
+    over the last tokens, no padding."""
+    b, heads, t, s, r, d_rope = 2, 20, 4, 150, 48, 24
+    entries = rand(b, s, r + d_rope, seed=3)
+    k, v = entries[:, None], entries[:, None, :, :r]
+    q = rand(b, 1, heads * t, r + d_rope, seed=4)
+    causal = torch.ones(t, s, dtype=torch.bool).tril(s - t)  # token i sees keys up to s - t + i
+    mask = causal[None, None].expand(b, heads, t, s).reshape(b, 1, heads * t, s)
+    got = flash(q, k, v, mask, 0.1)
+    want = reference(q, k, v, mask, 0.1)
+    assert got.shape == (b, 1, heads * t, r)
+    torch.testing.assert_close(got.double(), want, rtol=2e-5, atol=2e-5)
+
+
+def test_no_mask_and_half_precision(flash):
+    b, g, nq, s, d, dv = 1, 3, 2, 97, 64, 32
+    q, k, v = rand(b, g, nq, d, seed=5), rand(b, g, s, d, seed=6), rand(b, g, s, dv, seed=7)
+    got = flash(q.half(), k.half(), v.half(), None, 0.125)
+    assert got.dtype == torch.float16
+    torch.testing.assert_close(got.double(), reference(q.half(), k.half(), v.half(), None, 0.125),
+                               rtol=2e-3, atol=2e-3)
+
+
+def test_decode_attention_takes_the_triton_kernel(flash):
+    from zebra.model.mla import DECODE_KERNELS, decode_attention
+
+    assert "triton" in DECODE_KERNELS
+    q, k, v = rand(1, 2, 4, 32, seed=8), rand(1, 2, 50, 32, seed=9), rand(1, 2, 50, 32, seed=10)
+    mask = (torch.arange(50) < 33)[None, None, None]
+    torch.testing.assert_close(decode_attention(q, k, v, mask, 0.2, "triton"),
+                               decode_attention(q, k, v, mask, 0.2, "matmul"), rtol=1e-5, atol=1e-5)
+
+
+def test_refuses_cpu_tensors_outside_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    from zebra.model.flash_decode import flash_decode
+
+    with pytest.raises(ValueError, match="CUDA"):
+        flash_decode(torch.zeros(1, 1, 1, 8), torch.zeros(1, 1, 4, 8), torch.zeros(1, 1, 4, 8), None, 1.0)

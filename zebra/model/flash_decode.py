@@ -1,0 +1,165 @@
+"""Split-key ("flash-decoding") attention for a few query rows against a long cache, in Triton.
+
+Decode attention reads the whole cache once per step and does almost no arithmetic on it, so its speed is the
+fraction of the memory bandwidth it reaches. The two-GEMM form (`decode_attention(kernel="matmul")`) reads the
+keys in one batched GEMM with 4-32 rows, writes the scores, reads them back for the softmax and again for the
+values GEMM; torch's SDPA with a mask gives each (batch, head) one thread block, too few for a long cache at small
+batch. Here the keys of every (batch, KV head) are cut into `splits` ranges, one program per range: it streams
+its keys and values once, keeps a running (online) softmax in registers, and writes one partial output per range;
+the ranges are then combined with their softmax weights (a few small torch ops).
+
+q [B, G, Q, D], k [B, G, S, D], v [B, G, S, Dv]: G key/value heads, each read by Q query rows (GQA query heads
+folded into rows; MLA's absorbed attention has G = 1, Q = heads x tokens, D = r_kv + d_rope and v a prefix view of
+k, whose second read comes from L2). mask: bool broadcastable to [B, G, Q, S], True = attend.
+
+Runs on CUDA, and on CPU tensors under Triton's interpreter (`TRITON_INTERPRET=1`, how the tests check it).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import torch
+
+BLOCK_D = 64  # key columns per scores MMA (D is looped over in chunks of this)
+MAX_BLOCK_Q = 64  # query rows per program (more rows: more programs along the query axis)
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=2)
+def _kernel(interpret: bool):
+    """The jitted kernel (built on first use, so that TRITON_INTERPRET set by a caller takes effect)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def split_attention(q_ptr, k_ptr, v_ptr, m_ptr, out_ptr, mx_ptr, l_ptr,
+                        sqb, sqg, sqq, sqd, skb, skg, sks, skd, svb, svg, svs, svd, smb, smg, smq, sms,
+                        sob, sog, sop, soq, sod, slb, slg, slp, slq,
+                        G, NQ, S, D, DV, scale,
+                        N_BLOCKS: tl.constexpr, HAS_MASK: tl.constexpr, D_CHUNKS: tl.constexpr, BLOCK_Q: tl.constexpr,
+                        BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+        bg = tl.program_id(0)
+        split = tl.program_id(1)
+        qb = tl.program_id(2)
+        b = bg // G
+        g = bg % G
+        rows = qb * BLOCK_Q + tl.arange(0, BLOCK_Q)
+        row_ok = rows < NQ
+        offs_s = tl.arange(0, BLOCK_S)
+        offs_d = tl.arange(0, BLOCK_D)
+        offs_dv = tl.arange(0, BLOCK_DV)
+        dv_ok = offs_dv < DV
+        q_base = q_ptr + b * sqb + g * sqg
+        k_base = k_ptr + b * skb + g * skg
+        v_base = v_ptr + b * svb + g * svg
+        start = split * (N_BLOCKS * BLOCK_S)
+        end = tl.minimum(start + N_BLOCKS * BLOCK_S, S)
+
+        m_i = tl.full([BLOCK_Q], -1.0e30, tl.float32)
+        l_i = tl.zeros([BLOCK_Q], tl.float32)
+        acc = tl.zeros([BLOCK_Q, BLOCK_DV], tl.float32)
+        for i in range(0, N_BLOCKS):
+            cols = start + i * BLOCK_S + offs_s
+            col_ok = cols < end
+            scores = tl.zeros([BLOCK_Q, BLOCK_S], tl.float32)
+            for c in tl.static_range(D_CHUNKS):
+                d = c * BLOCK_D + offs_d
+                d_ok = d < D
+                q = tl.load(q_base + rows[:, None] * sqq + d[None, :] * sqd, mask=row_ok[:, None] & d_ok[None, :],
+                            other=0.0)
+                k = tl.load(k_base + cols[None, :] * sks + d[:, None] * skd, mask=d_ok[:, None] & col_ok[None, :],
+                            other=0.0)  # [BLOCK_D, BLOCK_S]: keys as columns
+                scores += tl.dot(q, k)
+            scores = scores * scale
+            valid = row_ok[:, None] & col_ok[None, :]
+            if HAS_MASK:
+                keep = tl.load(m_ptr + b * smb + g * smg + rows[:, None] * smq + cols[None, :] * sms, mask=valid,
+                               other=0)
+                valid = valid & (keep != 0)
+            scores = tl.where(valid, scores, -1.0e30)
+            m_new = tl.maximum(m_i, tl.max(scores, 1))
+            p = tl.where(valid, tl.exp(scores - m_new[:, None]), 0.0)
+            alpha = tl.exp(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_base + cols[:, None] * svs + offs_dv[None, :] * svd, mask=col_ok[:, None] & dv_ok[None, :],
+                        other=0.0)  # [BLOCK_S, BLOCK_DV]
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+
+        o_base = out_ptr + b * sob + g * sog + split * sop
+        tl.store(o_base + rows[:, None] * soq + offs_dv[None, :] * sod, acc, mask=row_ok[:, None] & dv_ok[None, :])
+        ml = b * slb + g * slg + split * slp + rows * slq
+        tl.store(mx_ptr + ml, m_i, mask=row_ok)
+        tl.store(l_ptr + ml, l_i, mask=row_ok)
+
+    return split_attention
+
+
+def _next_pow2(n: int, lo: int = 16) -> int:
+    return max(lo, 1 << (max(1, n) - 1).bit_length())
+
+
+def _target_programs(device: torch.device) -> int:
+    if device.type == "cuda":
+        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 8
+
+
+def split_count(batch_heads: int, q_blocks: int, keys: int, block_s: int, device: torch.device,
+                splits: int | None = None) -> int:
+    """Key ranges per (batch, KV head): enough programs to fill the GPU about four times over, none empty."""
+    most = max(1, math.ceil(keys / block_s))
+    if splits is None:
+        splits = math.ceil(_target_programs(device) / max(1, batch_heads * q_blocks))
+    return max(1, min(int(splits), most))
+
+
+def flash_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
+                 splits: int | None = None) -> torch.Tensor:
+    """softmax(scale * q k^T, masked) v -> [B, G, Q, Dv] in q's dtype (see the module docstring)."""
+    if q.device.type != "cuda" and not interpreting():
+        raise ValueError("flash_decode runs on CUDA tensors (or on CPU under TRITON_INTERPRET=1); use "
+                         "decode_attention's 'matmul' or 'sdpa' kernel here")
+    b, g, nq, d = q.shape
+    s, dv = k.shape[2], v.shape[3]
+    if k.shape[:2] != (b, g) or v.shape[:3] != (b, g, s) or k.shape[3] != d:
+        raise ValueError(f"flash_decode: shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not "
+                         "match [B, G, Q, D], [B, G, S, D], [B, G, S, Dv]")
+    block_q = min(MAX_BLOCK_Q, _next_pow2(nq))
+    block_dv = _next_pow2(dv)
+    block_s = 64 if block_q * block_dv <= 32 * 128 else 32  # keep the fp32 accumulator within the registers
+    q_blocks = math.ceil(nq / block_q)
+    n_split = split_count(b * g, q_blocks, s, block_s, q.device, splits)
+    # key blocks per range, a power of two: a compile-time loop count (Triton's interpreter takes no runtime loop
+    # bound), so a growing cache recompiles the kernel only when the count doubles
+    n_blocks = _next_pow2(math.ceil(math.ceil(s / n_split) / block_s), lo=1)
+    n_split = math.ceil(s / (n_blocks * block_s))
+
+    out = torch.empty(b, g, n_split, nq, dv, device=q.device, dtype=torch.float32)
+    mx = torch.empty(b, g, n_split, nq, device=q.device, dtype=torch.float32)
+    lsum = torch.empty_like(mx)
+    if mask is not None:
+        if mask.dtype != torch.bool:
+            raise ValueError(f"flash_decode: mask must be bool (True = attend), got {mask.dtype}")
+        m = mask.expand(b, g, nq, s).view(torch.uint8)
+        m_strides = m.stride()
+    else:
+        m, m_strides = q, (0, 0, 0, 0)  # unused pointer
+    kernel = _kernel(interpreting())
+    grid = (b * g, n_split, q_blocks)
+    kernel[grid](q, k, v, m, out, mx, lsum, *q.stride(), *k.stride(), *v.stride(), *m_strides, *out.stride(),
+                 *mx.stride(), g, nq, s, d, dv, float(scale),
+                 N_BLOCKS=n_blocks, HAS_MASK=mask is not None, D_CHUNKS=math.ceil(d / BLOCK_D), BLOCK_Q=block_q, BLOCK_S=block_s,
+                 BLOCK_D=BLOCK_D, BLOCK_DV=block_dv, num_warps=8 if block_q * block_dv > 32 * 128 else 4)
+    # combine the ranges: each partial output carries its range's max score and softmax sum
+    top = mx.amax(dim=2, keepdim=True)
+    w = torch.exp(mx - top)  # [B, G, splits, Q]; 0 for ranges that saw no key
+    num = (out * w[..., None]).sum(2)
+    den = (lsum * w).sum(2)[..., None]
+    return (num / den).to(q.dtype)
