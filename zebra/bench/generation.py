@@ -717,6 +717,48 @@ class Bench:
                 res.setdefault("decode_failures", []).extend(recs)
         return res
 
+    # ---- (e) where a decode step's time goes: the eager step under the profiler
+    def profile_step(self, runner, context: int, batch: int, kernel: str, steps: int = 3) -> dict:
+        """Kernels launched per decode step and the device time of each kind (the graphed step runs the same
+        kernels without the launch gaps): the numbers that say which fusion would pay."""
+        from torch.profiler import ProfilerActivity, profile
+
+        a, dev = self.args, self.dev
+        cache = None
+        try:
+            dev.free()
+            cache = runner.new_cache(batch, context + a.slack)
+            runner.fill_random(cache, context)
+            runner.set_kernel(kernel)
+            ids = torch.randint(0, runner.config.vocab_size, (batch, 1), device=dev.device)
+            pos = torch.zeros(1, dtype=torch.long, device=dev.device)
+            runner.set_position(cache, pos, context)
+            step = runner.make_step(cache, ids, pos)
+            for _ in range(2):
+                step()
+            dev.sync()
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.cuda else [])
+            with profile(activities=activities) as prof:
+                for _ in range(steps):
+                    step()
+                dev.sync()
+            rows = []
+            for ev in prof.key_averages():
+                t = getattr(ev, "device_time_total", None) if dev.cuda else ev.self_cpu_time_total
+                if dev.cuda and (getattr(ev, "device_type", None) is None or str(ev.device_type).endswith("CPU")):
+                    continue  # CPU-side operators: only the kernels count on the GPU
+                if not t:
+                    continue
+                rows.append({"name": ev.key[:120], "calls_per_step": ev.count / steps, "us_per_step": t / steps})
+            rows.sort(key=lambda r: -r["us_per_step"])
+            total = sum(r["us_per_step"] for r in rows)
+            return {"context": context, "batch": batch, "kernel": kernel, "eager": True,
+                    "launches_per_step": sum(r["calls_per_step"] for r in rows), "device_us_per_step": total,
+                    "top": rows[:25]}
+        finally:
+            cache = None
+            dev.free()
+
     # ---- one model, start to end
     def run_model(self, name: str):
         a, dev = self.args, self.dev
@@ -771,6 +813,17 @@ class Bench:
                 section("cache", cache)
                 section("prefill", prefill)
                 section("decode", decode)
+                if a.profile:
+                    def prof():
+                        model_res["profile"] = rec = self.profile_step(runner, a.max_batch_context, a.batch,
+                                                                       a.kernels[0])
+                        print(f"[{name:5s}] profile   context={rec['context']} batch={rec['batch']} "
+                              f"kernel={rec['kernel']} launches/step={rec['launches_per_step']:.0f} "
+                              f"device_ms/step={rec['device_us_per_step'] / 1e3:.3f}", flush=True)
+                        for r in rec["top"][:12]:
+                            print(f"          {r['us_per_step']:9.1f} us {r['calls_per_step']:6.1f}x  {r['name']}",
+                                  flush=True)
+                    section("profile", prof)
                 if not a.skip_max_batch:
                     section("max_batch", lambda: self.max_batch(runner, a.max_batch_context, model_res))
         finally:
@@ -1026,6 +1079,8 @@ def parse_args(argv=None):
     ap.add_argument("--max-batch-context", type=int, default=None, help="default: the longest context")
     ap.add_argument("--max-batch-cap", type=int, default=4096)
     ap.add_argument("--skip-max-batch", action="store_true")
+    ap.add_argument("--profile", action="store_true",
+                    help="profile one eager decode step at the max-batch context (kernels per step, time per kind)")
     ap.add_argument("--prefill-targets", default="16384,32768", help="contexts where prefill must match the base")
     ap.add_argument("--cache-lengths", default="4096,32768", help="the two static lengths of the cache measurement")
     ap.add_argument("--slack", type=int, default=64, help="static slots past the context for the decode steps")
