@@ -126,6 +126,8 @@ def equivalence_cmd(args, work: Path, data: Path, tokenizer: str, strategy: str,
         f"+callbacks.trace.path={root / 'trace.jsonl'}",
     ]
     cmd.append("trainer=ddp_cpu" if args.smoke and world == 2 else "trainer=cpu" if args.smoke else "trainer=gpu")
+    if args.precision:
+        cmd.append(f"trainer.precision={args.precision}")
     return train_cmd(cmd, world)
 
 
@@ -136,8 +138,8 @@ def equivalence(args, work: Path, data: Path, tokenizer: str, strategies: list[s
     import torch
 
     model, seq, steps, global_batch, mix_n = EQ_MODEL[args.smoke]
-    results = {s: {"strategy": s, "model": model, "seq_len": seq, "steps": steps, "global_batch": global_batch}
-               for s in strategies}
+    results = {s: {"strategy": s, "model": model, "seq_len": seq, "steps": steps, "global_batch": global_batch,
+                   "precision": args.precision or ("32-true" if args.smoke else "bf16-mixed")} for s in strategies}
     gpus = torch.cuda.device_count()
     side_by_side = not args.smoke and gpus >= len(strategies)
     cores = len(os.sched_getaffinity(0))
@@ -338,6 +340,9 @@ def main() -> None:
     ap.add_argument("--logs", default=None, help="where each launch's log goes (default: --work)")
     ap.add_argument("--launch-timeout", type=float, default=900)
     ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--precision", default=None,
+                    help="equivalence runs' trainer.precision (default: the trainer's, bf16-mixed on GPUs); 32-true "
+                         "separates sharding errors from bf16 rounding")
     args = ap.parse_args()
     global LOGS, LAUNCH_TIMEOUT
     LOGS = Path(args.logs or args.work)
