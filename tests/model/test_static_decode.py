@@ -143,8 +143,8 @@ def test_cache_position_needs_a_static_cache():
 @pytest.mark.parametrize("s", [100, DECODE_SPLIT_MIN + 3 * DECODE_SPLITS])
 @pytest.mark.parametrize("kernel", DECODE_KERNELS)
 def test_decode_attention_kernels(s, kernel):
-    """Both kernels (the split values GEMM for long S included) against the definition, with the values a
-    strided view of the keys as MLA passes its latents."""
+    """Every kernel (the split values GEMM for long S included; Triton's interpreted on CPU) against the
+    definition, with the values a strided view of the keys as MLA passes its latents."""
     torch.manual_seed(0)
     q = torch.randn(2, 3, 4, 16, dtype=torch.float64)
     k = torch.randn(2, 3, s, 16, dtype=torch.float64)
@@ -153,4 +153,5 @@ def test_decode_attention_kernels(s, kernel):
     mask[..., 0] = True
     scores = (q @ k.transpose(-1, -2)) * 0.25
     ref = torch.softmax(scores.masked_fill(~mask, float("-inf")), -1) @ v
-    assert rel(decode_attention(q, k, v, mask, 0.25, kernel), ref) < 1e-12
+    # the Triton kernel keeps its scores and running softmax in fp32 whatever the inputs (as on the GPU)
+    assert rel(decode_attention(q, k, v, mask, 0.25, kernel), ref) < (1e-6 if kernel == "triton" else 1e-12)
