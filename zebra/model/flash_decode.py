@@ -34,8 +34,11 @@ def interpreting() -> bool:
 @functools.lru_cache(maxsize=2)
 def _kernel(interpret: bool):
     """The jitted kernel (built on first use, so that TRITON_INTERPRET set by a caller takes effect)."""
-    import triton
-    import triton.language as tl
+    try:  # (in a try block: transformers' remote-code loader then does not require Triton to load an export)
+        import triton
+        import triton.language as tl
+    except ImportError as err:
+        raise RuntimeError("this kernel needs Triton (on GPUs it comes with torch)") from err
 
     @triton.jit
     def split_attention(q_ptr, k_ptr, v_ptr, m_ptr, out_ptr, mx_ptr, l_ptr,

@@ -25,8 +25,11 @@ def interpreting() -> bool:
 
 @functools.lru_cache(maxsize=2)
 def _kernel(interpret: bool):
-    import triton
-    import triton.language as tl
+    try:  # (in a try block: transformers' remote-code loader then does not require Triton to load an export)
+        import triton
+        import triton.language as tl
+    except ImportError as err:
+        raise RuntimeError("this kernel needs Triton (on GPUs it comes with torch)") from err
 
     @triton.jit
     def conv_step(x_ptr, state_ptr, w_ptr, b_ptr, out_ptr, D,

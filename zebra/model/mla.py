@@ -91,7 +91,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     if kernel == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     if kernel == "triton":
-        from zebra.model.flash_decode import flash_decode
+        from .flash_decode import flash_decode
 
         return flash_decode(q, k, v, mask, scale)
     if kernel != "matmul":

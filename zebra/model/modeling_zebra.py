@@ -18,6 +18,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from .cache import HybridCache
 from .configuration_zebra import ZebraConfig
+from .fused_norm import enabled as fused_kernels_enabled, fused_rms_norm
 from .mamba2 import Mamba2Mixer, is_partitioned
 from .mla import MultiHeadLatentAttention
 from .packing import doc_ids_from_position_ids, is_packed
@@ -30,9 +31,18 @@ class ZebraRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Llama's numerics: x * rsqrt(mean(x^2) + eps) computed in fp32 for bf16/fp16 inputs (torch's rms_norm
-        # upcasts them; one fused kernel on CUDA), rounded to x's dtype, then scaled by the weight.
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """`weight * rms_norm(x)`; with `residual`, (`weight * rms_norm(residual + x)`, `residual + x`).
+
+        Llama's numerics: x * rsqrt(mean(x^2) + eps) computed in fp32 for bf16/fp16 inputs (torch's rms_norm
+        upcasts them), rounded to x's dtype, then scaled by the weight. For inference on CUDA one Triton kernel
+        does the add and the norm (zebra.model.fused_norm: three kernels become one)."""
+        fused = x.is_cuda and not torch.is_grad_enabled() and fused_kernels_enabled()
+        if fused and not is_partitioned(self.weight):
+            return fused_rms_norm(x, self.weight, self.eps, residual)
+        if residual is not None:
+            summed = residual + x
+            return self.weight * F.rms_norm(summed, (summed.shape[-1],), eps=self.eps), summed
         return self.weight * F.rms_norm(x, (x.shape[-1],), eps=self.eps)
 
 
@@ -68,8 +78,8 @@ class ZebraDecoderLayer(GradientCheckpointingLayer):
             position_ids = torch.arange(t, device=hidden_states.device).expand(b, t)
         mixed = self.mixer(self.input_layernorm(hidden_states), position_ids=position_ids, doc_ids=doc_ids,
                            attention_mask=attention_mask, cache=cache, cache_position=cache_position)
-        hidden_states = hidden_states + mixed
-        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+        normed, hidden_states = self.post_attention_layernorm(mixed, residual=hidden_states)  # h + mixed, normed
+        return hidden_states + self.mlp(normed)
 
 
 class ZebraPreTrainedModel(PreTrainedModel):

@@ -31,6 +31,8 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
+from .fused_norm import enabled as fused_kernels_enabled
+
 logger = logging.getLogger(__name__)
 
 
@@ -355,8 +357,9 @@ def conv_update(x, conv_state, weight, bias=None, activation=True, backend="torc
     k = _causal_conv1d_kernels() if backend == "mamba_ssm" else None
     if k is not None and conv_state.dtype == x.dtype and conv_state.shape[-1] >= weight.shape[-1] - 1:
         return k.update(x, conv_state, weight, bias, activation="silu" if activation else None)
-    if backend == "mamba_ssm" and x.is_cuda:  # no causal-conv1d: one Triton kernel instead of eight torch ones
-        from zebra.model.fused_conv_step import fused_conv_update
+    if backend == "mamba_ssm" and x.is_cuda and fused_kernels_enabled():
+        # no causal-conv1d: one Triton kernel instead of eight torch ones
+        from .fused_conv_step import fused_conv_update
 
         return fused_conv_update(x, conv_state, weight, bias, activation)
     out, new_state = conv_step(x, conv_state, weight, bias, activation)
