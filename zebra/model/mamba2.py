@@ -16,6 +16,8 @@ from torch import nn
 
 from .cache import MambaLayerCache
 from .configuration_zebra import ZebraConfig
+from .fused_norm import enabled as fused_kernels_enabled
+from .fused_state_update import fused_state_update
 from .ssd import chunk_scan, conv1d, conv_update, gated_rmsnorm, select_backend, state_update
 
 # Kept in (at least) fp32 whatever the module is cast to, and excluded from weight decay.
@@ -173,6 +175,28 @@ class Mamba2Mixer(nn.Module):
                 self._store_conv_state(cache, pre_conv, doc_ids)
         x, B, C = xBC.split([self.d_xb, self.d_xb, self.nheads * self.d_state], dim=-1)
 
+        if decode and keep is None and backend == "mamba_ssm" and not torch.is_grad_enabled() \
+                and fused_kernels_enabled():
+            # inference on a GPU: decay, softplus, the per-head copies of x and B and the update in one kernel
+            # (with a padding mask `_ssm` zeroes the pads' steps)
+            y = fused_state_update(cache.ssm_state, x[:, 0].reshape(b, self.n_xb_groups, self.headdim), dt[:, 0],
+                                   self.A_log, B[:, 0].reshape(b, self.n_xb_groups, self.d_state),
+                                   C[:, 0].reshape(b, self.nheads, self.d_state), self.D,
+                                   dt_bias=self.dt_bias)[:, None]
+        else:
+            y = self._ssm(x, B, C, dt, keep, cache, decode, has_past, doc_ids, backend)
+        if cache is not None:
+            cache.length += t
+
+        y = y.reshape(b, t, self.d_inner)
+        if self.use_gated_norm:
+            y = self.norm(y, z)
+        return self.out_proj(y.to(self.out_proj.weight.dtype))
+
+    def _ssm(self, x, B, C, dt, keep, cache, decode, has_past, doc_ids, backend) -> torch.Tensor:
+        """The eager SSM: decay and step sizes, per-head x and B, then the state update (decode) or the chunked
+        scan -> y [B, T, H, P]."""
+        b, t = x.shape[:2]
         # Step sizes and decay in (at least) fp32, from the fp32 parameters.
         # At least fp32 even when a wrapper (DeepSpeed bf16) has cast the parameters themselves to bf16.
         cd = torch.promote_types(torch.promote_types(dt.dtype, self.dt_bias.dtype), torch.float32)
@@ -201,13 +225,7 @@ class Mamba2Mixer(nn.Module):
                                         seq_idx=doc_ids, backend=backend)
             if cache is not None:
                 cache.ssm_state.copy_(final_state)
-        if cache is not None:
-            cache.length += t
-
-        y = y.reshape(b, t, self.d_inner)
-        if self.use_gated_norm:
-            y = self.norm(y, z)
-        return self.out_proj(y.to(self.out_proj.weight.dtype))
+        return y
 
     def _store_conv_state(self, cache: MambaLayerCache, xBC: torch.Tensor, doc_ids: torch.Tensor | None) -> None:
         """The last d_conv pre-conv inputs (older cached ones first when the chunk is short), for decode.
