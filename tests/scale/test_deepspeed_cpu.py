@@ -155,3 +155,35 @@ def test_zero3_run_killed_and_resumed_follows_the_uninterrupted_one(tmp_path):
     for s in range(steps):
         assert got[s] == pytest.approx(expected[s], rel=1e-6), (s, got, expected)
     assert (killed / "tiny" / "paper" / "kd" / "model" / "model.safetensors").is_file()
+
+
+def test_dpo_under_zero3_partitioned_head_and_reference(tmp_path):
+    """DPO under ZeRO-3 with every parameter partitioned (persistence threshold 0, as the LM head of any real
+    vocabulary is): the loss reads the policy's head directly (registered with the engine) and, with
+    `teacher_placement=zero3`, the frozen reference sits in its own ZeRO-3 engine (its head gathered for the
+    loss). Same losses as the replicated reference, every policy tensor trained, the export equal to the
+    in-memory model."""
+    data = tiny_data(tmp_path / "data", n=300)
+    losses, reports = {}, {}
+    for placement in ("replicated", "zero3"):
+        root = tmp_path / placement
+        finish(start(["stage=pipeline", "stage.order=[ilkd,kd,dpo]", "model=tiny", "mix=uniform", "mix.n_mla=2",
+                      "logger=none", "strategy=deepspeed_zero3", "trainer=ddp_cpu", f"paths.root={root}",
+                      "num_threads=1", "trainer.enable_progress_bar=false", f"data.sft.sources=[{{path: '{data}'}}]",
+                      f"ilkd.seq_len={SEQ}", "ilkd.max_steps=1", "ilkd.checkpoint_every_n_steps=0",
+                      f"kd.seq_len={SEQ}", "kd.max_steps=1", "kd.checkpoint_every_n_steps=0", "kd.heldout_batches=0",
+                      f"dpo.max_steps={STEPS}", "dpo.optimizer.lr=1e-4", f"teacher_placement={placement}",
+                      "strategy.config.zero_optimization.stage3_param_persistence_threshold=0",
+                      "check_weights_moved=true", "export_check=true",
+                      "+callbacks.trace._target_=zebra.launch.trainer.StepTrace",
+                      f"+callbacks.trace.path={root / 'trace.jsonl'}"], nproc=2), timeout=900)
+        losses[placement] = step_losses(trace_runs(root / "trace.jsonl")[-1])
+        reports[placement] = json.loads((root / "tiny" / "2mla-uniform" / "dpo" / "report.json").read_text())
+    assert reports["zero3"]["reference_placement"] == "zero3"
+    assert sorted(losses["zero3"]) == list(range(STEPS))
+    for s in losses["replicated"]:
+        assert losses["zero3"][s] == pytest.approx(losses["replicated"][s], rel=1e-6)
+    for report in reports.values():
+        moved = report["weights_moved"]
+        assert moved["unchanged"] == [] and moved["compared"] == "fp32 master weights", moved
+        assert report["export_check"]["equal"], report["export_check"]

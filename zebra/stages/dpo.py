@@ -7,6 +7,8 @@ rejected run through each model in one batched forward.
 
 from __future__ import annotations
 
+import contextlib
+
 import copy
 import logging
 import math
@@ -18,7 +20,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import nn
 
-from zebra.stages import common
+from zebra.stages import common, zero
 from zebra.stages.common import MissingArtifactError, StageError, StageModule
 from zebra.stages.losses import dpo_sigmoid_loss, sequence_logps
 
@@ -33,8 +35,9 @@ def stacked(batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 class DPOModule(StageModule):
     def __init__(self, policy: nn.Module, reference: nn.Module, beta: float = 0.01, label_smoothing: float = 0.0,
-                 gradient_checkpointing: bool = False, seq_len: int = 0, optimizer=None, scheduler=None):
-        super().__init__(optimizer, scheduler)
+                 gradient_checkpointing: bool = False, seq_len: int = 0, optimizer=None, scheduler=None,
+                 check_weights_moved: bool = False):
+        super().__init__(optimizer, scheduler, check_weights_moved=check_weights_moved)
         self.policy = policy
         self.add_frozen("reference", reference)
         self.beta, self.label_smoothing, self.seq_len = float(beta), float(label_smoothing), seq_len
@@ -46,10 +49,21 @@ class DPOModule(StageModule):
 
         return 4.0 * forward_flops_per_token(self.policy, self.seq_len)  # policy fwd + bwd (3x), reference fwd
 
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        # The loss reads the policy's LM head weight directly; under ZeRO-3 the engine's root module must gather
+        # it for the training step and reduce its gradient (as in KD; zebra.stages.zero.register_external).
+        engine = self.trainer.strategy.model
+        zero.register_external(getattr(engine, "module", engine), [common.lm_head_weight(self.policy)])
+
     @staticmethod
     def logps(model: nn.Module, ids, attn, loss_mask) -> torch.Tensor:
         hidden = model.model(input_ids=ids, attention_mask=attn, use_cache=False).last_hidden_state
-        return sequence_logps(hidden, common.lm_head_weight(model), ids, loss_mask)
+        head = common.lm_head_weight(model)
+        with zero.gathered([head]) if not torch.is_grad_enabled() else contextlib.nullcontext():
+            # (the frozen reference in its own ZeRO-3 engine, teacher_placement=zero3: its head is gathered here;
+            # the policy's is registered with the training engine above)
+            return sequence_logps(hidden, head, ids, loss_mask)
 
     def dpo_loss(self, batch: dict):
         ids, attn, lm = stacked(batch)
@@ -92,6 +106,11 @@ def run(cfg: DictConfig) -> dict:
     sc = cfg.dpo
     start = time.perf_counter()
     out_dir = Path(cfg.paths.dpo_dir)
+    accumulate = int(sc.get("accumulate_grad_batches", 1) or 1)
+    trainer = common.build_trainer(cfg, "dpo", out_dir, max_steps=1, stage_cfg=sc, accumulate_grad_batches=accumulate)
+    # the frozen reference is placed like the other stages' teachers (replicated, or in its own ZeRO-3 engine);
+    # checked before any model loads
+    placement = common.teacher_placement(cfg, trainer)
     policy, tokenizer = load_kd_export(cfg)
     if cfg.data.get("preference") is None:
         raise StageError(f"data config {cfg.data.get('name')!r} has no `preference` section")
@@ -106,9 +125,9 @@ def run(cfg: DictConfig) -> dict:
         p.requires_grad_(True)
     module = DPOModule(policy, reference, beta=sc.beta, label_smoothing=sc.label_smoothing,
                        gradient_checkpointing=sc.gradient_checkpointing, seq_len=int(sc.max_length),
-                       optimizer=instantiate(sc.optimizer), scheduler=instantiate(sc.scheduler))
-    accumulate = int(sc.get("accumulate_grad_batches", 1) or 1)
-    trainer = common.build_trainer(cfg, "dpo", out_dir, max_steps=1, stage_cfg=sc, accumulate_grad_batches=accumulate)
+                       optimizer=instantiate(sc.optimizer), scheduler=instantiate(sc.scheduler),
+                       check_weights_moved=bool(cfg.get("check_weights_moved")))
+    module.frozen_placement = placement
     world = trainer.world_size
     if sc.get("max_steps"):
         steps = int(sc.max_steps)
@@ -123,6 +142,7 @@ def run(cfg: DictConfig) -> dict:
     report = {"stage": "dpo", "config_hash": common.stage_hash("dpo", cfg), "model": cfg.model.name,
               "mix": cfg.mix.name, "params": common.count_params(policy), "kv_fraction": common.kv_fraction(policy.config),
               "beta": sc.beta, "pairs_seen": steps * int(sc.batch_size) * accumulate * world,
+              "reference_placement": placement,
               **common.stage_summary(trainer, module, wall)}
     policy.eval()
     card = common.model_card(
