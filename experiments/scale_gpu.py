@@ -32,7 +32,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests" / "stages"))
 
 from zebra.export import write_json_atomic  # noqa: E402
 from zebra.launch.trainer import read_step_trace  # noqa: E402
@@ -349,7 +348,7 @@ def main() -> None:
     LOGS.mkdir(parents=True, exist_ok=True)
     LAUNCH_TIMEOUT = args.launch_timeout
     import torch
-    from stage_helpers import write_sft
+    from zebra.data.synthetic import write_sft
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[2]
 TRAIN = str(REPO / "train.py")
 sys.path.insert(0, str(REPO / "tests" / "stages"))
 
-from stage_helpers import write_sft  # noqa: E402
+from zebra.data.synthetic import write_sft  # noqa: E402
 
 from zebra.launch.trainer import read_step_trace  # noqa: E402
 

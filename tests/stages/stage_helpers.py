@@ -5,48 +5,17 @@
 
 from __future__ import annotations
 
-import json
-import random
 from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_dir
 
+from zebra.data.synthetic import write_preferences, write_sft  # noqa: F401  (re-exported for the tests)
 from zebra.stages.config import register_resolvers
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 register_resolvers()
 torch.set_num_threads(2)
-
-_TOPICS = ["the sea", "a red bicycle", "prime numbers", "bread", "the moon", "rain", "chess", "a small garden",
-           "trains", "coffee", "maps", "owls", "winter", "music", "rivers", "glass"]
-
-
-def _conversation(rng: random.Random, i: int) -> dict:
-    topic = rng.choice(_TOPICS)
-    n = rng.randint(4, 14)
-    answer = " ".join(rng.choice(["It", "is", "a", "thing", "about", topic, "that", "we", "like", "and", "see",
-                                  "every", "day", "."]) for _ in range(n))
-    return {"messages": [{"role": "user", "content": f"Tell me about {topic} ({i})."},
-                         {"role": "assistant", "content": answer}]}
-
-
-def write_sft(path: Path, n: int = 80, seed: int = 0) -> Path:
-    rng = random.Random(seed)
-    path.write_text("\n".join(json.dumps(_conversation(rng, i)) for i in range(n)) + "\n")
-    return path
-
-
-def write_preferences(path: Path, n: int = 24, seed: int = 0) -> Path:
-    rng = random.Random(seed)
-    rows = []
-    for i in range(n):
-        topic = rng.choice(_TOPICS)
-        rows.append({"prompt": f"Say something kind about {topic}.",
-                     "chosen": f"{topic.capitalize()} is lovely and I like it a lot.",
-                     "rejected": f"No. {topic} ? ? ? bad bad"})
-    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    return path
 
 
 def tiny_overrides(root: Path, data_files: dict, extra: list[str] | None = None) -> list[str]:
