@@ -19,7 +19,7 @@ MODEL_DIR = Path(__file__).resolve().parent / "model"
 # loader follows.
 MODEL_FILES = ("configuration_zebra.py", "modeling_zebra.py", "cache.py", "mla.py", "rope.py", "mamba2.py",
                "ssd.py", "packing.py", "flash_decode.py", "fused_conv_step.py", "fused_norm.py",
-               "fused_state_update.py")
+               "fused_state_update.py", "triton_util.py")
 AUTO_MAP = {
     "AutoConfig": "configuration_zebra.ZebraConfig",
     "AutoModelForCausalLM": "modeling_zebra.ZebraForCausalLM",

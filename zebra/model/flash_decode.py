@@ -19,26 +19,18 @@ from __future__ import annotations
 
 import functools
 import math
-import os
-
 import torch
+
+from .triton_util import import_triton, interpreting, require_kernel_device
 
 BLOCK_D = 64  # key columns per scores MMA (D is looped over in chunks of this)
 MAX_BLOCK_Q = 64  # query rows per program (more rows: more programs along the query axis)
 
 
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 @functools.lru_cache(maxsize=2)
 def _kernel(interpret: bool):
     """The jitted kernel (built on first use, so that TRITON_INTERPRET set by a caller takes effect)."""
-    try:  # (in a try block: transformers' remote-code loader then does not require Triton to load an export)
-        import triton
-        import triton.language as tl
-    except ImportError as err:
-        raise RuntimeError("this kernel needs Triton (on GPUs it comes with torch)") from err
+    triton, tl = import_triton()
 
     @triton.jit
     def split_attention(q_ptr, k_ptr, v_ptr, m_ptr, out_ptr, mx_ptr, l_ptr,
@@ -126,9 +118,7 @@ def split_count(batch_heads: int, q_blocks: int, keys: int, block_s: int, device
 def flash_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
                  splits: int | None = None) -> torch.Tensor:
     """softmax(scale * q k^T, masked) v -> [B, G, Q, Dv] in q's dtype (see the module docstring)."""
-    if q.device.type != "cuda" and not interpreting():
-        raise ValueError("flash_decode runs on CUDA tensors (or on CPU under TRITON_INTERPRET=1); use "
-                         "decode_attention's 'matmul' or 'sdpa' kernel here")
+    require_kernel_device(q, "flash_decode")
     b, g, nq, d = q.shape
     s, dv = k.shape[2], v.shape[3]
     if k.shape[:2] != (b, g) or v.shape[:3] != (b, g, s) or k.shape[3] != d:

@@ -12,24 +12,16 @@ Runs on CUDA, and on CPU tensors under Triton's interpreter (`TRITON_INTERPRET=1
 from __future__ import annotations
 
 import functools
-import os
-
 import torch
+
+from .triton_util import import_triton, interpreting, require_kernel_device
 
 BLOCK_D = 256  # channels per program
 
 
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 @functools.lru_cache(maxsize=2)
 def _kernel(interpret: bool):
-    try:  # (in a try block: transformers' remote-code loader then does not require Triton to load an export)
-        import triton
-        import triton.language as tl
-    except ImportError as err:
-        raise RuntimeError("this kernel needs Triton (on GPUs it comes with torch)") from err
+    triton, tl = import_triton()
 
     @triton.jit
     def conv_step(x_ptr, state_ptr, w_ptr, b_ptr, out_ptr, D,
@@ -65,8 +57,7 @@ def fused_conv_update(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.T
                       bias: torch.Tensor | None = None, activation: bool = True) -> torch.Tensor:
     """As `zebra.model.ssd.conv_update` with the torch step: x [B, D], conv_state [B, D, WS] (updated in place),
     weight [D, W] with W <= WS, bias [D] -> [B, D] in x's dtype (arithmetic in fp32)."""
-    if x.device.type != "cuda" and not interpreting():
-        raise ValueError("fused_conv_update runs on CUDA tensors (or on CPU under TRITON_INTERPRET=1)")
+    require_kernel_device(x, "fused_conv_update")
     b, d = x.shape
     ws, w = conv_state.shape[-1], weight.shape[-1]
     if conv_state.shape[:2] != (b, d) or weight.shape[0] != d or w > ws:

@@ -13,28 +13,14 @@ Inference only (no autograd); `ZebraRMSNorm` takes it for CUDA tensors when grad
 from __future__ import annotations
 
 import functools
-import os
-
 import torch
 
-
-def enabled() -> bool:
-    """The fused inference kernels (this norm, zebra.model.fused_conv_step): on unless ZEBRA_FUSED_KERNELS=0,
-    which gives the eager path for before/after measurements."""
-    return os.environ.get("ZEBRA_FUSED_KERNELS", "1") != "0"
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+from .triton_util import import_triton, interpreting, require_kernel_device
 
 
 @functools.lru_cache(maxsize=2)
 def _kernel(interpret: bool):
-    try:  # (in a try block: transformers' remote-code loader then does not require Triton to load an export)
-        import triton
-        import triton.language as tl
-    except ImportError as err:
-        raise RuntimeError("this kernel needs Triton (on GPUs it comes with torch)") from err
+    triton, tl = import_triton()
 
     @triton.jit
     def add_rms_norm(x_ptr, res_ptr, w_ptr, out_ptr, sum_ptr, H, eps,
@@ -64,8 +50,7 @@ def _next_pow2(n: int) -> int:
 def fused_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
                    residual: torch.Tensor | None = None):
     """`weight * rms_norm(x)`; with `residual`, (`weight * rms_norm(residual + x)`, `residual + x`)."""
-    if x.device.type != "cuda" and not interpreting():
-        raise ValueError("fused_rms_norm runs on CUDA tensors (or on CPU under TRITON_INTERPRET=1)")
+    require_kernel_device(x, "fused_rms_norm")
     h = x.shape[-1]
     if weight.shape != (h,) or (residual is not None and residual.shape != x.shape):
         raise ValueError(f"fused_rms_norm: x {tuple(x.shape)}, weight {tuple(weight.shape)}, residual "

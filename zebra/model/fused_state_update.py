@@ -15,24 +15,16 @@ Arithmetic in fp32 (fp64 for fp64 inputs). Runs on CUDA, and on CPU tensors unde
 from __future__ import annotations
 
 import functools
-import os
-
 import torch
+
+from .triton_util import import_triton, interpreting, require_kernel_device
 
 BLOCK_P = 16  # head-dim rows per program
 
 
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 @functools.lru_cache(maxsize=2)
 def _kernel(interpret: bool):
-    try:  # (in a try block: transformers' remote-code loader then does not require Triton to load an export)
-        import triton
-        import triton.language as tl
-    except ImportError as err:
-        raise RuntimeError("this kernel needs Triton (on GPUs it comes with torch)") from err
+    triton, tl = import_triton()
 
     @triton.jit
     def state_update(state_ptr, x_ptr, dt_ptr, alog_ptr, b_ptr, c_ptr, d_ptr, dtb_ptr, y_ptr,
@@ -78,8 +70,7 @@ def fused_state_update(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A
                        dt_bias: torch.Tensor | None = None) -> torch.Tensor:
     """state [B, H, P, N] (updated in place), x [B, Gx, P], dt [B, H] (raw with `dt_bias` [H], else final),
     A_log [H], B [B, Gb, N], C [B, Gc, N], D [H] -> y [B, H, P] in x's dtype."""
-    if state.device.type != "cuda" and not interpreting():
-        raise ValueError("fused_state_update runs on CUDA tensors (or on CPU under TRITON_INTERPRET=1)")
+    require_kernel_device(state, "fused_state_update")
     b, h, p, n = state.shape
     gx, gb, gc = x.shape[1], B.shape[1], C.shape[1]
     if (x.shape != (b, gx, p) or B.shape != (b, gb, n) or C.shape != (b, gc, n) or dt.shape != (b, h)

@@ -16,9 +16,9 @@ from torch import nn
 
 from .cache import MambaLayerCache
 from .configuration_zebra import ZebraConfig
-from .fused_norm import enabled as fused_kernels_enabled
 from .fused_state_update import fused_state_update
 from .ssd import chunk_scan, conv1d, conv_update, gated_rmsnorm, select_backend, state_update
+from .triton_util import fused_kernels_enabled
 
 # Kept in (at least) fp32 whatever the module is cast to, and excluded from weight decay.
 FP32_PARAMS = ("A_log", "D", "dt_bias")

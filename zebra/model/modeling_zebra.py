@@ -18,7 +18,8 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from .cache import HybridCache
 from .configuration_zebra import ZebraConfig
-from .fused_norm import enabled as fused_kernels_enabled, fused_rms_norm
+from .fused_norm import fused_rms_norm
+from .triton_util import fused_kernels_enabled
 from .mamba2 import Mamba2Mixer, is_partitioned
 from .mla import MultiHeadLatentAttention
 from .packing import doc_ids_from_position_ids, is_packed

@@ -31,7 +31,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from .fused_norm import enabled as fused_kernels_enabled
+from .triton_util import fused_kernels_enabled
 
 logger = logging.getLogger(__name__)
 
