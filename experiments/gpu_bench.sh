@@ -26,5 +26,5 @@ else
   timeout 240 python3 -m zebra.bench.training $extra $TRAIN_ARGS --out "$OUT/training_bench.json" > "$OUT/training_bench.log" 2>&1
   timeout 300 python3 -m zebra.bench.generation $extra $GEN_ARGS --out "$OUT/generation_bench.json" > "$OUT/generation_bench.log" 2>&1
 fi
-[ "${SMOKE:-0}" = "1" ] || [ "${SKIP_GPU_TESTS:-0}" = "1" ] || timeout 120 python3 -m pytest -q -m gpu tests/gpu/test_generation_graphs.py tests/bench > "$OUT/gpu_tests.log" 2>&1
+[ "${SMOKE:-0}" = "1" ] || [ "${SKIP_GPU_TESTS:-0}" = "1" ] || timeout 120 python3 -m pytest -q -m gpu tests/gpu/test_generation_graphs.py tests/gpu/test_fused_kernels.py tests/bench > "$OUT/gpu_tests.log" 2>&1
 tail -n 25 "$OUT/training_bench.log" "$OUT/generation_bench.log" "$OUT/gpu_tests.log"

@@ -1,0 +1,77 @@
+"""The fused inference kernels on the GPU (pytest -m gpu): decode of a small hybrid with them (the default for
+inference with the GPU kernels) against the same decode with ZEBRA_FUSED_KERNELS=0 (eager add + RMSNorm, torch
+conv step, eager decay and mamba_ssm's state update), in fp32 and bf16; and each kernel against its reference on
+CUDA tensors."""
+
+import pytest
+import torch
+
+from zebra.model import ZebraConfig, ZebraForCausalLM
+from zebra.model.flash_decode import flash_decode
+from zebra.model.fused_conv_step import fused_conv_update
+from zebra.model.fused_norm import fused_rms_norm
+from zebra.model.fused_state_update import fused_state_update
+from zebra.model.ssd import conv_step, ssd_step
+
+pytestmark = pytest.mark.gpu
+DEV = "cuda"
+
+
+def small_hybrid(dtype):
+    torch.manual_seed(0)
+    cfg = ZebraConfig(vocab_size=500, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                      num_attention_heads=8, num_key_value_heads=2, head_dim=32, q_lora_rank=128, kv_lora_rank=64,
+                      qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=32, mamba_chunk_size=64,
+                      layer_types=["mla", "mamba", "mamba", "mla"])
+    return ZebraForCausalLM(cfg).to(DEV, dtype).eval()
+
+
+def decode(model, ids, steps=6):
+    cache = model.make_cache(ids.shape[0])
+    with torch.inference_mode():
+        out = [model(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1].float()]
+        tok = out[-1].argmax(-1, keepdim=True)
+        for _ in range(steps):
+            out.append(model(input_ids=tok, past_key_values=cache, use_cache=True).logits[:, -1].float())
+            tok = out[-1].argmax(-1, keepdim=True)
+    return torch.stack(out, 1)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 5e-2)])
+def test_fused_decode_equals_eager_decode(monkeypatch, dtype, tol):
+    model = small_hybrid(dtype)
+    ids = torch.randint(0, 500, (3, 40), device=DEV, generator=torch.Generator(DEV).manual_seed(1))
+    fused = decode(model, ids)
+    monkeypatch.setenv("ZEBRA_FUSED_KERNELS", "0")
+    eager = decode(model, ids)
+    rel = ((fused - eager).norm() / eager.norm()).item()
+    assert rel < tol, rel
+
+
+def test_kernels_on_cuda_against_references():
+    g = torch.Generator(DEV).manual_seed(2)
+    x, res, w = (torch.randn(4, 1, 512, device=DEV, generator=g) for _ in range(3))
+    normed, summed = fused_rms_norm(x, w[0, 0], 1e-5, res)
+    want_sum = res + x
+    torch.testing.assert_close(summed, want_sum)
+    torch.testing.assert_close(normed, w[0, 0] * torch.nn.functional.rms_norm(want_sum, (512,), eps=1e-5),
+                               rtol=1e-5, atol=1e-5)
+    state = torch.randn(2, 300, 4, device=DEV, generator=g)
+    xs, wt, b = torch.randn(2, 300, device=DEV, generator=g), torch.randn(300, 4, device=DEV, generator=g), \
+        torch.randn(300, device=DEV, generator=g)
+    want, want_state = conv_step(xs, state.clone(), wt, b)
+    torch.testing.assert_close(fused_conv_update(xs, state, wt, b), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(state, want_state)
+    st = torch.randn(2, 8, 64, 64, device=DEV, generator=g)
+    xg, B, C = (torch.randn(2, 2, 64, device=DEV, generator=g), torch.randn(2, 2, 64, device=DEV, generator=g),
+                torch.randn(2, 8, 64, device=DEV, generator=g))
+    dt, a_log, D, dtb = (torch.randn(2, 8, device=DEV, generator=g), torch.rand(8, device=DEV, generator=g),
+                         torch.randn(8, device=DEV, generator=g), torch.randn(8, device=DEV, generator=g))
+    want_y, want_st = ssd_step(st.clone(), xg.repeat_interleave(4, 1), dt, -torch.exp(a_log), B, C, D, dt_bias=dtb)
+    torch.testing.assert_close(fused_state_update(st, xg, dt, a_log, B, C, D, dt_bias=dtb), want_y, rtol=1e-4,
+                               atol=1e-4)
+    torch.testing.assert_close(st, want_st, rtol=1e-4, atol=1e-4)
+    q, k = torch.randn(2, 8, 4, 128, device=DEV, generator=g), torch.randn(2, 8, 5000, 128, device=DEV, generator=g)
+    mask = (torch.arange(5000, device=DEV) < 4700)[None, None, None]
+    ref = torch.softmax((q @ k.transpose(-1, -2) / 11.3).masked_fill(~mask, float("-inf")), -1) @ k
+    torch.testing.assert_close(flash_decode(q, k, k, mask, 1 / 11.3), ref, rtol=2e-4, atol=2e-4)
