@@ -1014,11 +1014,18 @@ def compare_export(dst: Path | str, ids: torch.Tensor, reference: torch.Tensor, 
     from transformers import AutoModelForCausalLM
 
     dtypes = param_dtypes(model)
-    loaded = AutoModelForCausalLM.from_pretrained(str(dst), dtype=torch.float32).to(model_device(model))
-    with torch.no_grad():
-        for name, p in loaded.named_parameters(remove_duplicate=False):
-            if name in dtypes and p.dtype != dtypes[name]:
-                p.data = p.data.to(dtypes[name])
+
+    def as_in_memory(m):
+        with torch.no_grad():
+            for name, p in m.named_parameters(remove_duplicate=False):
+                if name in dtypes and p.dtype != dtypes[name]:
+                    p.data = p.data.to(dtypes[name])
+        return m
+
+    # read in fp32 on the CPU, cast tensor by tensor, then moved (the GPU never holds an fp32 copy of a bf16
+    # model); cast again after the move, whose module hooks keep the SSM parameters in >= fp32
+    loaded = as_in_memory(as_in_memory(AutoModelForCausalLM.from_pretrained(str(dst), dtype=torch.float32))
+                          .to(model_device(model)))
     logits = model_logits(loaded, ids)
     del loaded
     if torch.cuda.is_available():
