@@ -13,10 +13,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 TRAIN = str(REPO / "train.py")
-sys.path.insert(0, str(REPO / "tests" / "stages"))
-
 from zebra.data.synthetic import write_sft  # noqa: E402
-
 from zebra.launch.trainer import read_step_trace  # noqa: E402
 
 

@@ -21,7 +21,7 @@ import functools
 import math
 import torch
 
-from .triton_util import import_triton, interpreting, require_kernel_device
+from .triton_util import import_triton, interpreting, next_pow2, require_kernel_device
 
 BLOCK_D = 64  # key columns per scores MMA (D is looped over in chunks of this)
 MAX_BLOCK_Q = 64  # query rows per program (more rows: more programs along the query axis)
@@ -96,10 +96,6 @@ def _kernel(interpret: bool):
     return split_attention
 
 
-def _next_pow2(n: int, lo: int = 16) -> int:
-    return max(lo, 1 << (max(1, n) - 1).bit_length())
-
-
 def _target_programs(device: torch.device) -> int:
     if device.type == "cuda":
         return 4 * torch.cuda.get_device_properties(device).multi_processor_count
@@ -124,14 +120,14 @@ def flash_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.
     if k.shape[:2] != (b, g) or v.shape[:3] != (b, g, s) or k.shape[3] != d:
         raise ValueError(f"flash_decode: shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not "
                          "match [B, G, Q, D], [B, G, S, D], [B, G, S, Dv]")
-    block_q = min(MAX_BLOCK_Q, _next_pow2(nq))
-    block_dv = _next_pow2(dv)
+    block_q = min(MAX_BLOCK_Q, next_pow2(nq, lo=16))
+    block_dv = next_pow2(dv, lo=16)
     block_s = 64 if block_q * block_dv <= 32 * 128 else 32  # keep the fp32 accumulator within the registers
     q_blocks = math.ceil(nq / block_q)
     n_split = split_count(b * g, q_blocks, s, block_s, q.device, splits)
     # key blocks per range, a power of two: a compile-time loop count (Triton's interpreter takes no runtime loop
     # bound), so a growing cache recompiles the kernel only when the count doubles
-    n_blocks = _next_pow2(math.ceil(math.ceil(s / n_split) / block_s), lo=1)
+    n_blocks = next_pow2(math.ceil(math.ceil(s / n_split) / block_s))
     n_split = math.ceil(s / (n_blocks * block_s))
 
     out = torch.empty(b, g, n_split, nq, dv, device=q.device, dtype=torch.float32)

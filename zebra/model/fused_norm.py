@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 import torch
 
-from .triton_util import import_triton, interpreting, require_kernel_device
+from .triton_util import import_triton, interpreting, next_pow2, require_kernel_device
 
 
 @functools.lru_cache(maxsize=2)
@@ -43,10 +43,6 @@ def _kernel(interpret: bool):
     return add_rms_norm
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << (max(1, n) - 1).bit_length()
-
-
 def fused_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
                    residual: torch.Tensor | None = None):
     """`weight * rms_norm(x)`; with `residual`, (`weight * rms_norm(residual + x)`, `residual + x`)."""
@@ -61,7 +57,7 @@ def fused_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     # without a residual the kernel reads its dtypes from x (passed as the sum) and writes no sum
     summed = torch.empty(x2.shape, dtype=sum_dtype, device=x.device) if residual is not None else x2
     out = torch.empty(x2.shape, dtype=torch.promote_types(weight.dtype, sum_dtype), device=x.device)
-    block = max(16, _next_pow2(h))
+    block = next_pow2(h, lo=16)
     _kernel(interpreting())[(x2.shape[0],)](x2, res2, weight, out, summed, h, float(eps),
                                             HAS_RES=residual is not None, F64=out.dtype == torch.float64,
                                             BLOCK=block,

@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 import torch
 
-from .triton_util import import_triton, interpreting, require_kernel_device
+from .triton_util import import_triton, interpreting, next_pow2, require_kernel_device
 
 BLOCK_P = 16  # head-dim rows per program
 
@@ -61,10 +61,6 @@ def _kernel(interpret: bool):
     return state_update
 
 
-def _next_pow2(n: int) -> int:
-    return max(16, 1 << (max(1, n) - 1).bit_length())
-
-
 def fused_state_update(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A_log: torch.Tensor,
                        B: torch.Tensor, C: torch.Tensor, D: torch.Tensor | None = None,
                        dt_bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -85,5 +81,5 @@ def fused_state_update(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A
         state, x, dt, A_log, B, C, D if D is not None else A_log, dt_bias if dt_bias is not None else A_log, y,
         h, p, n, h // gx, h // gb, h // gc,
         *state.stride(), *x.stride(), *dt.stride(), *B.stride(), *C.stride(), *y.stride(),
-        HAS_D=D is not None, HAS_DT_BIAS=dt_bias is not None, F64=f64, BLOCK_P=BLOCK_P, BLOCK_N=_next_pow2(n))
+        HAS_D=D is not None, HAS_DT_BIAS=dt_bias is not None, F64=f64, BLOCK_P=BLOCK_P, BLOCK_N=next_pow2(n, lo=16))
     return y

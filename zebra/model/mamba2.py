@@ -18,7 +18,7 @@ from .cache import MambaLayerCache
 from .configuration_zebra import ZebraConfig
 from .fused_state_update import fused_state_update
 from .ssd import chunk_scan, conv1d, conv_update, gated_rmsnorm, select_backend, state_update
-from .triton_util import fused_kernels_enabled
+from .triton_util import fused_inference
 
 # Kept in (at least) fp32 whatever the module is cast to, and excluded from weight decay.
 FP32_PARAMS = ("A_log", "D", "dt_bias")
@@ -175,8 +175,7 @@ class Mamba2Mixer(nn.Module):
                 self._store_conv_state(cache, pre_conv, doc_ids)
         x, B, C = xBC.split([self.d_xb, self.d_xb, self.nheads * self.d_state], dim=-1)
 
-        if decode and keep is None and backend == "mamba_ssm" and not torch.is_grad_enabled() \
-                and fused_kernels_enabled():
+        if decode and keep is None and backend == "mamba_ssm" and fused_inference():
             # inference on a GPU: decay, softplus, the per-head copies of x and B and the update in one kernel
             # (with a padding mask `_ssm` zeroes the pads' steps)
             y = fused_state_update(cache.ssm_state, x[:, 0].reshape(b, self.n_xb_groups, self.headdim), dt[:, 0],

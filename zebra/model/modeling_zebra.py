@@ -19,11 +19,11 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from .cache import HybridCache
 from .configuration_zebra import ZebraConfig
 from .fused_norm import fused_rms_norm
-from .triton_util import fused_kernels_enabled
 from .mamba2 import Mamba2Mixer, is_partitioned
 from .mla import MultiHeadLatentAttention
 from .packing import doc_ids_from_position_ids, is_packed
 from .rope import MLARotaryEmbedding
+from .triton_util import fused_inference
 
 
 class ZebraRMSNorm(nn.Module):
@@ -38,8 +38,7 @@ class ZebraRMSNorm(nn.Module):
         Llama's numerics: x * rsqrt(mean(x^2) + eps) computed in fp32 for bf16/fp16 inputs (torch's rms_norm
         upcasts them), rounded to x's dtype, then scaled by the weight. For inference on CUDA one Triton kernel
         does the add and the norm (zebra.model.fused_norm: three kernels become one)."""
-        fused = x.is_cuda and not torch.is_grad_enabled() and fused_kernels_enabled()
-        if fused and not is_partitioned(self.weight):
+        if fused_inference(x) and not is_partitioned(self.weight):
             return fused_rms_norm(x, self.weight, self.eps, residual)
         if residual is not None:
             summed = residual + x

@@ -31,7 +31,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from .triton_util import fused_kernels_enabled
+from .triton_util import fused_inference
 
 logger = logging.getLogger(__name__)
 
@@ -357,7 +357,7 @@ def conv_update(x, conv_state, weight, bias=None, activation=True, backend="torc
     k = _causal_conv1d_kernels() if backend == "mamba_ssm" else None
     if k is not None and conv_state.dtype == x.dtype and conv_state.shape[-1] >= weight.shape[-1] - 1:
         return k.update(x, conv_state, weight, bias, activation="silu" if activation else None)
-    if backend == "mamba_ssm" and x.is_cuda and not torch.is_grad_enabled() and fused_kernels_enabled():
+    if backend == "mamba_ssm" and fused_inference(x):
         # no causal-conv1d: one Triton kernel instead of eight torch ones
         from .fused_conv_step import fused_conv_update
 

@@ -14,6 +14,17 @@ def fused_kernels_enabled() -> bool:
     return os.environ.get("ZEBRA_FUSED_KERNELS", "1") != "0"
 
 
+def fused_inference(t: torch.Tensor | None = None) -> bool:
+    """Whether a step takes the fused Triton kernels: no autograd (the kernels have no backward), not switched
+    off, and `t` on CUDA (omitted where the caller has already chosen the GPU kernels, backend "mamba_ssm")."""
+    return (t is None or t.is_cuda) and not torch.is_grad_enabled() and fused_kernels_enabled()
+
+
+def next_pow2(n: int, lo: int = 1) -> int:
+    """The smallest power of two >= n and >= lo (Triton block sizes)."""
+    return max(lo, 1 << (max(1, n) - 1).bit_length())
+
+
 def interpreting() -> bool:
     """Triton's interpreter (TRITON_INTERPRET=1): kernels run on CPU tensors, how the tests check them."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"

@@ -444,15 +444,29 @@ class StageModule(pl.LightningModule):
         return self._frozen[name]
 
     def on_fit_start(self) -> None:
-        placement = getattr(self, "frozen_placement", "replicated")
+        self._place_frozen(partition=self.frozen_placement == "zero3" and self.trainer.world_size > 1)
+
+    def _place_frozen(self, partition: bool) -> None:
+        """Frozen models onto this rank's device, or (`partition`) each into its own ZeRO-3 inference engine;
+        models already in an engine stay there."""
         for name, m in self._frozen.items():
-            if placement == "zero3" and self.trainer.world_size > 1 and name not in self._frozen_engines:
+            if name in self._frozen_engines:
+                continue
+            if partition:
                 from zebra.stages import zero
 
-                dtype = next(m.parameters()).dtype
-                self._frozen_engines[name] = zero.inference_engine(m, self.device, dtype)
-            elif name not in self._frozen_engines:
+                self._frozen_engines[name] = zero.inference_engine(m, self.device, next(m.parameters()).dtype)
+            else:
                 m.to(self.device)
+
+    def register_with_engine(self, params: list[torch.nn.Parameter]) -> None:
+        """Parameters a training step reads outside their own module's forward (an LM head weight in a chunked
+        loss): under ZeRO-3 the engine's root module gathers them for the step and reduces their gradients
+        (zebra.stages.zero.register_external; a no-op otherwise). Call from on_train_start."""
+        from zebra.stages import zero
+
+        engine = self.trainer.strategy.model
+        zero.register_external(getattr(engine, "module", engine), params)
 
     # -------------------------------------------------------------------------------------- weights moved
     def on_train_start(self) -> None:
@@ -489,9 +503,7 @@ class StageModule(pl.LightningModule):
         return None if state is None else {n: t for n, t in state.items() if n in names}
 
     def on_validation_start(self) -> None:
-        for name, m in self._frozen.items():
-            if name not in self._frozen_engines:
-                m.to(self.device)
+        self._place_frozen(partition=False)
 
     def train(self, mode: bool = True):
         super().train(mode)

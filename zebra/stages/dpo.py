@@ -8,7 +8,6 @@ rejected run through each model in one batched forward.
 from __future__ import annotations
 
 import contextlib
-
 import copy
 import logging
 import math
@@ -51,18 +50,15 @@ class DPOModule(StageModule):
 
     def on_train_start(self) -> None:
         super().on_train_start()
-        # The loss reads the policy's LM head weight directly; under ZeRO-3 the engine's root module must gather
-        # it for the training step and reduce its gradient (as in KD; zebra.stages.zero.register_external).
-        engine = self.trainer.strategy.model
-        zero.register_external(getattr(engine, "module", engine), [common.lm_head_weight(self.policy)])
+        self.register_with_engine([common.lm_head_weight(self.policy)])  # the sequence log-probs read it directly
 
     @staticmethod
     def logps(model: nn.Module, ids, attn, loss_mask) -> torch.Tensor:
         hidden = model.model(input_ids=ids, attention_mask=attn, use_cache=False).last_hidden_state
         head = common.lm_head_weight(model)
-        with zero.gathered([head]) if not torch.is_grad_enabled() else contextlib.nullcontext():
-            # (the frozen reference in its own ZeRO-3 engine, teacher_placement=zero3: its head is gathered here;
-            # the policy's is registered with the training engine above)
+        # a frozen head (the reference in its own ZeRO-3 engine, teacher_placement=zero3) is gathered read-only;
+        # the policy's trained head is registered with the training engine (on_train_start)
+        with zero.gathered([head]) if not head.requires_grad else contextlib.nullcontext():
             return sequence_logps(hidden, head, ids, loss_mask)
 
     def dpo_loss(self, batch: dict):

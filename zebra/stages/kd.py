@@ -76,10 +76,7 @@ class KDModule(StageModule):
 
     def on_train_start(self) -> None:
         super().on_train_start()
-        # The loss reads the student's LM head weight directly; under ZeRO-3 the module whose forward runs the
-        # training step (the engine's root) must gather it (zebra.stages.zero.register_external).
-        engine = self.trainer.strategy.model
-        zero.register_external(getattr(engine, "module", engine), [common.lm_head_weight(self.student)])
+        self.register_with_engine([common.lm_head_weight(self.student)])  # the chunked loss reads it directly
         if self.kl_before is None:  # a resumed run keeps the value measured before its first step
             self.kl_before = self.measure_heldout()
 
