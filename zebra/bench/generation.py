@@ -52,6 +52,7 @@ from zebra.export import write_json_atomic
 from zebra.model import ZebraConfig, ZebraForCausalLM
 from zebra.model.cache import measure_cache_bytes
 from zebra.model.mla import DECODE_KERNELS, MultiHeadLatentAttention, decode_attention
+from zebra.model.triton_util import interpreting
 
 PRESET = Path(__file__).resolve().parents[2] / "conf" / "model" / "zebra_8b.yaml"
 ATTN_NAME = "zebra_bench"  # the base's attention implementation name (registered below)
@@ -74,7 +75,7 @@ SMOKE_PRESET = {
     "paper_mla_layers": [0, 2],
 }
 # the Triton kernel only where it can run: a GPU, or Triton's interpreter (set by the tests on CPU machines)
-SMOKE_ARGS = dict(kernels="matmul,sdpa,triton" if os.environ.get("TRITON_INTERPRET") == "1" else "matmul,sdpa",
+SMOKE_ARGS = dict(kernels="matmul,sdpa,triton" if interpreting() else "matmul,sdpa",
                   contexts="16,40", batch=2, chunk=16, warmup=1, iters=3, max_batch_cap=6, slack=16,
                   check_prompt=12, check_steps=4, bandwidth_mib=16)
 
@@ -506,11 +507,15 @@ class Bench:
         cache = runner.new_cache(b, p + n + a.warmup + 4)
         ids = forced[0].clone()
         pos = torch.full((1,), p, dtype=torch.long, device=dev.device)
+
+        def restart():  # the cache and position right after the prompt's prefill, in place
+            runner.reset(cache)
+            runner.prefill(cache, prompt, a.chunk)
+            runner.set_position(cache, pos, p)
+
         runner.prefill(cache, prompt, a.chunk)
         step = Step(dev, runner.make_step(cache, ids, pos, greedy=False), a.warmup)
-        runner.reset(cache)  # the warm-up (and capture) advanced it: prefill again in place
-        runner.prefill(cache, prompt, a.chunk)
-        runner.set_position(cache, pos, p)
+        restart()  # the warm-up (and capture) advanced it
         got = []
         for t in forced:
             ids.copy_(t)
@@ -519,9 +524,7 @@ class Bench:
         step.close()
         # the same static-cache step run eagerly (no graph): tells a capture problem (host values baked into the
         # graph) from a wrong static-cache path when the graphed step disagrees with the reference
-        runner.reset(cache)
-        runner.prefill(cache, prompt, a.chunk)
-        runner.set_position(cache, pos, p)
+        restart()
         eager_fn = runner.make_step(cache, ids, pos, greedy=False)
         eager = []
         for t in forced:
@@ -586,6 +589,14 @@ class Bench:
         return rec
 
     # ---- (c) decode over a random cache
+    def step_at(self, runner, cache, context: int, batch: int, kernel: str):
+        """A greedy decode step over `cache` (filled up to `context`) with `kernel`, from random tokens."""
+        runner.set_kernel(kernel)
+        ids = torch.randint(0, runner.config.vocab_size, (batch, 1), device=self.dev.device)
+        pos = torch.zeros(1, dtype=torch.long, device=self.dev.device)
+        runner.set_position(cache, pos, context)
+        return runner.make_step(cache, ids, pos)
+
     def decode(self, runner, context: int, batch: int, kernels, headroom_check=False) -> list[dict]:
         a, dev = self.args, self.dev
         recs, cache = [], None
@@ -599,11 +610,8 @@ class Bench:
                 step = None
                 try:
                     dev.reset_peak()  # the peak starts at what is held now: weights and this cache
-                    runner.set_kernel(kernel)
-                    ids = torch.randint(0, runner.config.vocab_size, (batch, 1), device=dev.device)
-                    pos = torch.zeros(1, dtype=torch.long, device=dev.device)
-                    runner.set_position(cache, pos, context)
-                    step = Step(dev, runner.make_step(cache, ids, pos), a.warmup, headroom_check=headroom_check)
+                    step = Step(dev, self.step_at(runner, cache, context, batch, kernel), a.warmup,
+                                headroom_check=headroom_check)
                     times = step.time_steps(a.iters)
                     t = statistics.median(times)
                     rec.update(step_ms=t * 1e3, step_ms_min=min(times) * 1e3, step_ms_max=max(times) * 1e3,
@@ -733,11 +741,7 @@ class Bench:
             dev.free()
             cache = runner.new_cache(batch, context + a.slack)
             runner.fill_random(cache, context)
-            runner.set_kernel(kernel)
-            ids = torch.randint(0, runner.config.vocab_size, (batch, 1), device=dev.device)
-            pos = torch.zeros(1, dtype=torch.long, device=dev.device)
-            runner.set_position(cache, pos, context)
-            step = runner.make_step(cache, ids, pos)
+            step = self.step_at(runner, cache, context, batch, kernel)
             for _ in range(2):
                 step()
             dev.sync()
