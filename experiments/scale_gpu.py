@@ -144,8 +144,11 @@ def equivalence(args, work: Path, data: Path, tokenizer: str, strategies: list[s
     cores = len(os.sched_getaffinity(0))
     threads = max(1, cores // len(strategies)) if side_by_side else cores
     launches = {}
+    # the i-th of this process's visible GPUs (CUDA_VISIBLE_DEVICES names physical cards: a driver confined to
+    # cards 2,3 must hand its one-GPU runs 2 and 3, not 0 and 1)
+    visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d] or [str(i) for i in range(gpus)]
     for i, strategy in enumerate(strategies):
-        env = env_for(None if args.smoke else str(i if side_by_side else 0))
+        env = env_for(None if args.smoke else visible[i if side_by_side else 0])
         env["ZEBRA_CACHE"] = str(work / f"cache-{strategy}")
         cmd = equivalence_cmd(args, work, data, tokenizer, strategy, 1) + [f"num_threads={threads}"]
         t0 = time.perf_counter()

@@ -75,3 +75,19 @@ def test_kernels_on_cuda_against_references():
     mask = (torch.arange(5000, device=DEV) < 4700)[None, None, None]
     ref = torch.softmax((q @ k.transpose(-1, -2) / 11.3).masked_fill(~mask, float("-inf")), -1) @ k
     torch.testing.assert_close(flash_decode(q, k, k, mask, 1 / 11.3), ref, rtol=2e-4, atol=2e-4)
+
+
+def test_flash_decode_batch_offsets_past_2_31_elements():
+    """The last batch row of a cache whose batch stride x batch passes 2**31 elements (the generation benchmark's
+    zebra_8b at 32k x 738 crashed with an illegal address before the kernels took 64-bit batch offsets)."""
+    torch.manual_seed(0)
+    s, d, b = 64, 64, 3
+    stride_b = 2**30 + 4096  # two batch steps pass 2**31 elements: 4 GiB of bf16 keys
+    buf = torch.empty(b * stride_b, device=DEV, dtype=torch.bfloat16)
+    k = buf.as_strided((b, 1, s, d), (stride_b, s * d, d, 1))
+    k.copy_(torch.randn(b, 1, s, d, device=DEV, dtype=torch.bfloat16))
+    v = torch.randn(b, 1, s, d, device=DEV, dtype=torch.bfloat16)
+    q = torch.randn(b, 1, 4, d, device=DEV, dtype=torch.bfloat16)
+    out = flash_decode(q, k, v, None, d**-0.5).float()
+    ref = torch.softmax(q.double() @ k.double().transpose(-1, -2) * d**-0.5, -1) @ v.double()
+    torch.testing.assert_close(out, ref.float(), atol=2e-2, rtol=2e-2)

@@ -39,7 +39,9 @@ def _kernel(interpret: bool):
                         G, NQ, S, D, DV, scale,
                         N_BLOCKS: tl.constexpr, HAS_MASK: tl.constexpr, D_CHUNKS: tl.constexpr, BLOCK_Q: tl.constexpr,
                         BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
-        bg = tl.program_id(0)
+        # int64: at a long context and a large batch, batch x batch-stride passes 2**31 elements (zebra_8b's
+        # latent cache at 32k x 738 is 14e9), and a 32-bit offset wraps into another allocation
+        bg = tl.program_id(0).to(tl.int64)
         split = tl.program_id(1)
         qb = tl.program_id(2)
         b = bg // G

@@ -28,7 +28,7 @@ def _kernel(interpret: bool):
                   sxb, sxd, ssb, ssd, ssw, swd, sww, sob, sod,
                   WS: tl.constexpr, W: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
                   BLOCK: tl.constexpr):
-        b = tl.program_id(0)
+        b = tl.program_id(0).to(tl.int64)  # 64-bit batch offsets: large batches pass 2**31 elements
         d = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         ok = d < D
         x = tl.load(x_ptr + b * sxb + d * sxd, mask=ok, other=0.0)

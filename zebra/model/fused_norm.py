@@ -25,7 +25,7 @@ def _kernel(interpret: bool):
     @triton.jit
     def add_rms_norm(x_ptr, res_ptr, w_ptr, out_ptr, sum_ptr, H, eps,
                      HAS_RES: tl.constexpr, F64: tl.constexpr, BLOCK: tl.constexpr):
-        row = tl.program_id(0)
+        row = tl.program_id(0).to(tl.int64)  # 64-bit row offsets: rows x H can pass 2**31 elements
         cols = tl.arange(0, BLOCK)
         ok = cols < H
         h = tl.load(x_ptr + row * H + cols, mask=ok, other=0.0)

@@ -32,7 +32,7 @@ def _kernel(interpret: bool):
                      s_b, s_h, s_p, s_n, x_b, x_g, x_p, dt_b, dt_h, b_b, b_g, b_n, c_b, c_g, c_n, y_b, y_h, y_p,
                      HAS_D: tl.constexpr, HAS_DT_BIAS: tl.constexpr, F64: tl.constexpr,
                      BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
-        bi = tl.program_id(0)
+        bi = tl.program_id(0).to(tl.int64)  # 64-bit batch offsets: large batches pass 2**31 elements
         h = tl.program_id(1)
         p = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
         n = tl.arange(0, BLOCK_N)

@@ -1,0 +1,59 @@
+"""Which setting makes the base's graphed decode step disagree? (generation benchmark, 2026-11-28: the graphed
+static-cache step of the Llama-3.1-8B-shaped base had rel_err 1.37 against transformers' eager decode for every
+attention kernel while the same step run eagerly agreed; llama_graph_probe.py at the smoke shapes, one warm-up
+step and a 12-token prompt replayed exactly.)
+
+This runs the benchmark's own check (`Bench.check`: reference decode, graphed step, eager step) over a grid of
+the settings that differ between the two: the preset (smoke / the real 8B shape), the warm-up steps before the
+capture (1 / 3) and the prompt length (12 / 256). One line each; one call, about a minute on one GPU:
+
+    source .gpu/bootstrap.sh && python experiments/llama_graph_grid.py [--out grid.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from zebra.bench import generation as G  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--kernels", default="matmul")
+    ap.add_argument("--presets", default="smoke,full")
+    ap.add_argument("--device", default="cuda")
+    cli = ap.parse_args()
+    rows = []
+    for name in cli.presets.split(","):
+        preset = G.SMOKE_PRESET if name == "smoke" else G.load_preset(G.PRESET)
+        runner = None
+        for warmup, prompt in itertools.product((1, 3), (12, 256)):
+            args = G.parse_args(["--device", cli.device, "--kernels", cli.kernels, "--warmup", str(warmup),
+                                 "--check-prompt", str(prompt), "--out", ""])
+            bench = G.Bench(args, {}, None)
+            if runner is None:
+                runner = G.RUNNERS["llama"](preset, cli.device, torch.bfloat16, 0)
+            res = bench.check(runner)
+            row = {"preset": name, "warmup": warmup, "prompt": prompt,
+                   **{k: {kk: res["kernels"][k][kk] for kk in ("rel_err", "eager_rel_err", "token_agreement")}
+                      for k in res["kernels"]}}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        del runner
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    if cli.out:
+        Path(cli.out).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
