@@ -69,3 +69,34 @@ def test_plots(smoke, tmp_path):
     out.write_text(json.dumps(smoke[1]))
     paths = gen.plot(out, tmp_path)
     assert len(paths) == 2 and all(Path(p).is_file() and Path(p).stat().st_size > 0 for p in paths)
+
+
+def test_sticky_device_error_stops_the_run_and_keeps_what_was_measured(tmp_path, monkeypatch):
+    """A CUDA error that poisons the context (illegal address at the hybrid's largest-batch decode, seen on an H200)
+    stops the benchmark with the error named, the JSON holding what came before, and the other model not started
+    (its every call would fail with the same error)."""
+    out = tmp_path / "g.json"
+    real_step, real_decode = gen.Step.__init__, gen.Bench.decode
+    armed = []
+
+    def step_init(self, dev, fn, warmup, headroom_check=False):
+        if armed:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        real_step(self, dev, fn, warmup, headroom_check=headroom_check)
+
+    def decode(self, runner, context, batch, kernels, headroom_check=False):
+        if headroom_check:  # the decode at the largest batch found (after the fit trials)
+            armed.append(True)
+        return real_decode(self, runner, context, batch, kernels, headroom_check=headroom_check)
+
+    monkeypatch.setattr(gen.Step, "__init__", step_init)
+    monkeypatch.setattr(gen.Bench, "decode", decode)
+    with pytest.raises(SystemExit, match="illegal memory access") as err:
+        gen.main(["--smoke", "--device", "cpu", "--contexts", "16", "--out", str(out)])
+    assert "zebra decode at context" in str(err.value)
+    saved = json.loads(out.read_text())
+    assert "illegal memory access" in saved["stopped"]
+    z = saved["models"]["zebra"]
+    assert z["decode"] and all("tokens_per_s" in r for r in z["decode"])  # measured before the error, kept
+    assert "illegal memory access" in z["errors"]["max_batch"]
+    assert "llama" not in saved["models"]

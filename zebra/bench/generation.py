@@ -391,6 +391,37 @@ def is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
 
 
+# CUDA errors that leave the context unusable: every later kernel of the process fails with them too
+STICKY_CUDA_ERRORS = ("illegal memory access", "misaligned address", "unspecified launch failure",
+                      "device-side assert", "CUBLAS_STATUS_EXECUTION_FAILED", "illegal instruction")
+
+
+class DeviceBroken(RuntimeError):
+    """A sticky CUDA error: the benchmark stops (what was measured is saved) instead of recording the same error
+    for every later measurement."""
+
+
+def is_sticky(e: BaseException) -> bool:
+    return not is_oom(e) and any(m.lower() in str(e).lower() for m in STICKY_CUDA_ERRORS)
+
+
+def raise_if_sticky(e: BaseException, where: str) -> None:
+    if is_sticky(e):
+        raise DeviceBroken(f"{where}: {type(e).__name__}: {str(e)[:300]}") from e
+
+
+def release(dev, step, collect: bool) -> None:
+    """Frees what a measurement held. After a sticky CUDA error these calls fail as well: that failure must not
+    replace the error being raised (the next device call reports it anyway)."""
+    try:
+        if step is not None:
+            step.close()
+        dev.free(collect=collect)
+    except Exception as e:
+        if not is_sticky(e):
+            raise
+
+
 def copy_bandwidth(dev: Device, mib: int, iters: int = 10) -> dict:
     """Device-to-device copy bandwidth: 2 x bytes / time of dst.copy_(src) (read + write), median."""
     n = mib * 2 ** 20
@@ -619,22 +650,24 @@ class Bench:
                                weights_bytes=self.weights, cache_read_bytes=read, cache_written_bytes=written)
                     self.add_roofline(rec, t)
                 except Exception as e:
+                    raise_if_sticky(e, f"{runner.name} decode at context {context}, batch {batch}, kernel {kernel}")
                     if not is_oom(e):
                         traceback.print_exc()
                     rec["error"] = f"{type(e).__name__}: {str(e)[:300]}"
                 finally:
-                    if step is not None:
-                        step.close()
+                    release(dev, step, collect="error" in rec)
                     step = None
-                    dev.free(collect="error" in rec)
                 recs.append(rec)
+        except DeviceBroken:
+            raise
         except Exception as e:  # the cache itself did not fit
+            raise_if_sticky(e, f"{runner.name} decode at context {context}, batch {batch}")
             if not is_oom(e):
                 traceback.print_exc()
             recs.append({"context": context, "batch": batch, "error": f"{type(e).__name__}: {str(e)[:300]}"})
         finally:
             cache = None
-            dev.free(collect=any("error" in r for r in recs))
+            release(dev, None, collect=any("error" in r for r in recs))
         return recs
 
     def add_roofline(self, rec, seconds):
@@ -664,14 +697,13 @@ class Bench:
             dev.sync()
             rec.update(fits=True, peak_gib=self.gib(dev.peak()))
         except Exception as e:
+            raise_if_sticky(e, f"{runner.name} fit at context {context}, batch {batch}")
             if not is_oom(e) and batch <= self.args.batch:
                 raise  # a failure at a batch that ought to fit is a bug, not memory
             rec.update(fits=False, peak_gib=self.gib(dev.peak()), error=f"{type(e).__name__}: {str(e)[:200]}")
         finally:
-            if step is not None:
-                step.close()
+            release(dev, step, collect=not rec.get("fits", False))
             cache = step = None
-            dev.free(collect=not rec.get("fits", False))
         return rec
 
     def max_batch(self, runner, context: int, model_res: dict) -> dict:
@@ -784,6 +816,12 @@ class Bench:
                 """Run one part; an exception is recorded under `errors` and the next part still runs."""
                 try:
                     fn()
+                except DeviceBroken as e:
+                    model_res.setdefault("errors", {})[key] = str(e)
+                    print(f"[{name:5s}] stopping: {e}", flush=True)
+                    self.results["stopped"] = f"the CUDA context is unusable after: {e}"
+                    self.save()
+                    raise
                 except Exception as e:
                     traceback.print_exc()
                     model_res.setdefault("errors", {})[key] = f"{type(e).__name__}: {str(e)[:500]}"
@@ -848,6 +886,11 @@ class Bench:
         for name in a.models:
             try:
                 self.run_model(name)
+            except DeviceBroken as e:  # nothing more can run in this process: save and stop, naming the cause
+                self.results["summary"] = summarize(self.results, a)
+                self.save()
+                raise SystemExit(f"generation benchmark stopped: {e}. What was measured is in {self.out}; run what "
+                                 "is left (--models, --contexts, --skip-max-batch) in a new process") from e
             except Exception as e:  # record, and still run the other model
                 traceback.print_exc()
                 self.results["models"].setdefault(name, {})["error"] = f"{type(e).__name__}: {str(e)[:500]}"
