@@ -9,7 +9,7 @@ This runs the benchmark's own LlamaRunner at small shapes on one GPU and prints,
 eager step: the cache length counter of layer 0, which slots of layer 0's keys hold data, and the logits'
 difference to the eager step from the same state. One call, seconds:
 
-    source .gpu/bootstrap.sh && python experiments/llama_graph_probe.py
+    source .gpu/bootstrap.sh && python experiments/llama_graph_probe.py [full]
 """
 
 from __future__ import annotations
@@ -30,7 +30,9 @@ def written_slots(layer) -> list[int]:
 
 def main() -> None:
     dev = torch.device("cuda")
-    runner = G.RUNNERS["llama"](G.SMOKE_PRESET, dev, torch.bfloat16, 0)
+    # `full`: the benchmark's 8B-shaped base instead of the smoke shapes (the grid's check fails at 8B)
+    preset = G.load_preset(G.PRESET) if "full" in sys.argv[1:] else G.SMOKE_PRESET
+    runner = G.RUNNERS["llama"](preset, dev, torch.bfloat16, 0)
     runner.set_kernel("matmul")
     b, p, n = 2, 12, 4
     g = torch.Generator().manual_seed(0)
