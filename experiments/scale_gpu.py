@@ -41,18 +41,59 @@ LOGS = Path("/tmp")
 LAUNCH_TIMEOUT = 900.0
 
 
+STARTED: list[subprocess.Popen] = []
+
+
 def start(cmd: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
     """A launch in its own process group, so that a timeout ends torchrun's workers too."""
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
                             start_new_session=True)
+    STARTED.append(proc)
+    return proc
+
+
+def on_terminate(signum, frame):
+    """`timeout` (SIGTERM) reaches only this driver: end the launches' process groups too (they run in their own
+    sessions and would go on holding the GPUs), then unwind so that main() saves what is known."""
+    for proc in STARTED:
+        if proc.poll() is None:
+            kill_tree(proc)
+    raise SystemExit(f"terminated by signal {signum}")
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (from /proc): torchrun starts its workers in sessions of their own, so killing
+    its process group leaves them running."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    for pid in [*descendants(proc.pid), proc.pid]:  # collected first: orphans are re-parented once a parent dies
+        for kill in (lambda p: os.killpg(p, signal.SIGKILL), lambda p: os.kill(p, signal.SIGKILL)):
+            try:
+                kill(pid)
+            except (ProcessLookupError, PermissionError):
+                pass
+    proc.wait()
 
 
 def wait(proc: subprocess.Popen, timeout: float):
     try:
         return proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        kill_tree(proc)
         return "timeout"
 
 
@@ -346,6 +387,9 @@ def main() -> None:
                     help="equivalence runs' trainer.precision (default: the trainer's, bf16-mixed on GPUs); 32-true "
                          "separates sharding errors from bf16 rounding")
     args = ap.parse_args()
+    unknown = [p for p in args.parts.split(",") if p not in PARTS]
+    if unknown:
+        ap.error(f"--parts: unknown {unknown} (of {', '.join(PARTS)})")
     global LOGS, LAUNCH_TIMEOUT
     LOGS = Path(args.logs or args.work)
     LOGS.mkdir(parents=True, exist_ok=True)
@@ -364,20 +408,30 @@ def main() -> None:
     except ImportError:
         pass
     out = Path(args.out)
+    signal.signal(signal.SIGTERM, on_terminate)
     for part in args.parts.split(","):
-        if part == "zebra8b":
-            result["zebra8b"] = zebra8b(args, work, data, args.tokenizer)
-        elif part == "twonode":
-            result["twonode"] = twonode(args, work, data, args.tokenizer)
-        elif part == "paper8b":
-            result["paper8b"] = paper8b(args, work, data, args.tokenizer)
-        elif part == "equivalence":
-            def save(partial):
-                write_json_atomic(out, dict(result, equivalence=partial))
-
-            result["equivalence"] = equivalence(args, work, data, args.tokenizer, args.strategies.split(","), save)
+        try:
+            run_part(part, args, work, data, result, out)
+        except SystemExit as stop:  # the call's timeout: keep the parts done and say which one was cut short
+            result.setdefault(part, {})["terminated"] = str(stop)
+            write_json_atomic(out, result)
+            raise
         write_json_atomic(out, result)
         print(json.dumps(result, indent=1, default=str)[-6000:], flush=True)
+
+
+PARTS = ("zebra8b", "equivalence", "twonode", "paper8b")
+
+
+def run_part(part: str, args, work: Path, data: Path, result: dict, out: Path) -> None:
+    if part == "equivalence":
+        def save(partial):  # what is known so far survives a timeout of the whole call
+            write_json_atomic(out, dict(result, equivalence=partial))
+
+        result[part] = equivalence(args, work, data, args.tokenizer, args.strategies.split(","), save)
+    else:
+        result[part] = {"zebra8b": zebra8b, "twonode": twonode, "paper8b": paper8b}[part](args, work, data,
+                                                                                        args.tokenizer)
 
 
 if __name__ == "__main__":
