@@ -180,6 +180,7 @@ def test_dpo_under_zero3_partitioned_head_and_reference(tmp_path):
         losses[placement] = step_losses(trace_runs(root / "trace.jsonl")[-1])
         reports[placement] = json.loads((root / "tiny" / "2mla-uniform" / "dpo" / "report.json").read_text())
     assert reports["zero3"]["reference_placement"] == "zero3"
+    assert all(r["policy_created"] == "sharded" for r in reports.values())
     assert sorted(losses["zero3"]) == list(range(STEPS))
     for s in losses["replicated"]:
         assert losses["zero3"][s] == pytest.approx(losses["replicated"][s], rel=1e-6)

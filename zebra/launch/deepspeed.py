@@ -14,11 +14,15 @@ from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.strategies.ddp import DDPStrategy
 from lightning.fabric.utilities.seed import reset_seed
 
+from zebra.launch.build_locks import check_build_locks
+
 
 class ZebraDeepSpeedStrategy(DeepSpeedStrategy):
     strategy_name = "zebra_deepspeed"
 
     def setup_environment(self) -> None:
+        # before DeepSpeed compiles any op: a lock left by a killed build would make it wait forever, silently
+        check_build_locks()
         if isinstance(self.accelerator, CPUAccelerator):
             DDPStrategy.setup_environment(self)  # skips only Lightning's CUDA-only check
             return

@@ -345,6 +345,17 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ste
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def prepare_trained(model: nn.Module, gradient_checkpointing: bool = False) -> nn.Module:
+    """A model every parameter of which trains (KD's hybrid, DPO's policy): train mode, gradients on, activation
+    checkpointing if asked."""
+    model.train()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
 def keep_ssm_params_fp32(model: nn.Module) -> None:
     """A_log, D and dt_bias stay fp32 whatever dtype the rest of the model is cast to (METHOD §4b)."""
     for name, p in model.named_parameters():
@@ -376,6 +387,7 @@ class StudentSpec:
     config: Any
     full: nn.Module | None = None
     random: bool = False  # no starting weights anywhere: the model's own random init
+    created: str | None = None  # how materialise made it: "whole" or "sharded" (created partitioned)
 
     def materialise(self, trainer: pl.Trainer) -> nn.Module:
         from zebra.model.modeling_zebra import ZebraForCausalLM
@@ -385,7 +397,7 @@ class StudentSpec:
             student = ZebraForCausalLM(self.config) if self.random else self.full
             if student is None:
                 raise StageError("the student's starting weights were not built on this rank")
-            self.full = None
+            self.full, self.created = None, "whole"
             return student
         rank = trainer.global_rank
         student = ZebraForCausalLM(self.config)  # partitioned as it is created (zero.Init is active)
@@ -398,7 +410,7 @@ class StudentSpec:
             if rank == 0 and self.full is None:
                 raise StageError("ZeRO-3: rank 0 has no starting weights for the student")
             zero.load_state(student, self.full.state_dict() if self.full is not None else None, rank)
-        self.full = None  # rank 0's CPU copy is no longer needed
+        self.full, self.created = None, "sharded"  # rank 0's CPU copy is no longer needed
         # zero.Init places parameters on the GPU and DeepSpeed then leaves the module where it is, so the buffers
         # (MLA's RoPE inverse frequencies) must be moved by hand
         device = trainer.strategy.root_device

@@ -8,7 +8,6 @@ rejected run through each model in one batched forward.
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import math
 import time
@@ -33,20 +32,28 @@ def stacked(batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 
 class DPOModule(StageModule):
-    def __init__(self, policy: nn.Module, reference: nn.Module, beta: float = 0.01, label_smoothing: float = 0.0,
-                 gradient_checkpointing: bool = False, seq_len: int = 0, optimizer=None, scheduler=None,
-                 check_weights_moved: bool = False):
+    """`policy`: the KD'd hybrid itself, or a `StudentSpec` that `configure_model` turns into it (created sharded
+    under ZeRO-3, filled from rank 0's copy: no rank but 0 ever holds the whole trained model)."""
+
+    def __init__(self, policy: nn.Module | common.StudentSpec, reference: nn.Module, beta: float = 0.01,
+                 label_smoothing: float = 0.0, gradient_checkpointing: bool = False, seq_len: int = 0,
+                 optimizer=None, scheduler=None, check_weights_moved: bool = False):
         super().__init__(optimizer, scheduler, check_weights_moved=check_weights_moved)
-        self.policy = policy
+        self.spec = policy if isinstance(policy, common.StudentSpec) else None
+        self.policy = None if self.spec is not None else common.prepare_trained(policy, gradient_checkpointing)
         self.add_frozen("reference", reference)
         self.beta, self.label_smoothing, self.seq_len = float(beta), float(label_smoothing), seq_len
-        if gradient_checkpointing:
-            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.gradient_checkpointing = gradient_checkpointing
+
+    def configure_model(self) -> None:
+        if self.policy is None:
+            self.policy = common.prepare_trained(self.spec.materialise(self.trainer), self.gradient_checkpointing)
 
     def flops_per_token(self) -> float:
         from zebra.flops import forward_flops_per_token
 
-        return 4.0 * forward_flops_per_token(self.policy, self.seq_len)  # policy fwd + bwd (3x), reference fwd
+        config = self.policy.config if self.policy is not None else self.spec.config
+        return 4.0 * forward_flops_per_token(config, self.seq_len)  # policy fwd + bwd (3x), reference fwd
 
     def on_train_start(self) -> None:
         super().on_train_start()
@@ -86,16 +93,18 @@ class DPOModule(StageModule):
         return loss
 
 
-def load_kd_export(cfg: DictConfig):
-    from transformers import AutoTokenizer
-
-    from zebra.model import ZebraForCausalLM
-
+def kd_export_dir(cfg: DictConfig) -> Path:
     path = Path(cfg.paths.kd_dir) / "model"
     if not (path / "config.json").is_file():
         raise MissingArtifactError(f"the KD'd hybrid is missing: {path} (run `python train.py stage=kd` first with "
                                    "the same model/mix/paths settings)")
-    return ZebraForCausalLM.from_pretrained(path, dtype=torch.float32), AutoTokenizer.from_pretrained(path)
+    return path
+
+
+def load_kd_export(path: Path, dtype: torch.dtype):
+    from zebra.model import ZebraForCausalLM
+
+    return ZebraForCausalLM.from_pretrained(path, dtype=dtype)  # A_log, D, dt_bias stay fp32 (the model says so)
 
 
 def run(cfg: DictConfig) -> dict:
@@ -107,19 +116,24 @@ def run(cfg: DictConfig) -> dict:
     # the frozen reference is placed like the other stages' teachers (replicated, or in its own ZeRO-3 engine);
     # checked before any model loads
     placement = common.teacher_placement(cfg, trainer)
-    policy, tokenizer = load_kd_export(cfg)
+    path = kd_export_dir(cfg)
+    from transformers import AutoTokenizer
+
+    from zebra.model import ZebraConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
     if cfg.data.get("preference") is None:
         raise StageError(f"data config {cfg.data.get('name')!r} has no `preference` section")
     dm = common.instantiate_plain(cfg.data.preference, tokenizer=tokenizer, max_length=int(sc.max_length),
                      max_prompt_length=int(sc.max_prompt_length), batch_size=int(sc.batch_size))
-    reference = copy.deepcopy(policy)
-    ref_dtype = common.teacher_dtype(cfg)
-    reference.to(ref_dtype)
-    common.keep_ssm_params_fp32(reference)
-    policy.train()
-    for p in policy.parameters():
-        p.requires_grad_(True)
-    module = DPOModule(policy, reference, beta=sc.beta, label_smoothing=sc.label_smoothing,
+    dm.num_batches(trainer.world_size)  # fails early, naming the data, when there is not one global batch
+    # The policy: under ZeRO-3 only rank 0 loads the whole fp32 copy (on CPU); configure_model creates it sharded
+    # and fills it from there. The frozen reference is loaded on every rank in its own dtype, like a teacher.
+    spec = common.StudentSpec(ZebraConfig.from_pretrained(path))
+    if common.zero_stage(trainer) != 3 or trainer.global_rank == 0:
+        spec.full = load_kd_export(path, torch.float32)
+    reference = load_kd_export(path, common.teacher_dtype(cfg))
+    module = DPOModule(spec, reference, beta=sc.beta, label_smoothing=sc.label_smoothing,
                        gradient_checkpointing=sc.gradient_checkpointing, seq_len=int(sc.max_length),
                        optimizer=instantiate(sc.optimizer), scheduler=instantiate(sc.scheduler),
                        check_weights_moved=bool(cfg.get("check_weights_moved")))
@@ -131,14 +145,16 @@ def run(cfg: DictConfig) -> dict:
         steps = max(1, math.ceil(float(sc.epochs) * dm.num_batches(world) / accumulate))
     else:
         steps = max(1, math.ceil(int(sc.pairs) / (int(sc.batch_size) * accumulate * world)))
-    dm.num_batches(world)  # fails early, naming the data, when there is not one global batch
     trainer.fit_loop.epoch_loop.max_steps = steps
     common.fit(trainer, module, dm, common.resolve_ckpt_path(cfg, out_dir / "checkpoints"))
+    policy = module.policy
     wall = time.perf_counter() - start
     report = {"stage": "dpo", "config_hash": common.stage_hash("dpo", cfg), "model": cfg.model.name,
               "mix": cfg.mix.name, "params": common.count_params(policy), "kv_fraction": common.kv_fraction(policy.config),
               "beta": sc.beta, "pairs_seen": steps * int(sc.batch_size) * accumulate * world,
               "reference_placement": placement,
+              # "sharded" under ZeRO-3: created partitioned (zero.Init), filled from rank 0's copy
+              "policy_created": spec.created,
               **common.stage_summary(trainer, module, wall)}
     policy.eval()
     card = common.model_card(

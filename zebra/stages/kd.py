@@ -53,20 +53,11 @@ class KDModule(StageModule):
         self.kl_before: float | None = None
         self.kl_after: float | None = None
         if self.student is not None:
-            self.prepare_student()
-
-    def prepare_student(self) -> None:
-        """Every hybrid parameter trains in KD."""
-        self.student.train()
-        for p in self.student.parameters():
-            p.requires_grad_(True)
-        if self.gradient_checkpointing:
-            self.student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            common.prepare_trained(self.student, gradient_checkpointing)
 
     def configure_model(self) -> None:
-        if self.student is None:
-            self.student = self.spec.materialise(self.trainer)
-            self.prepare_student()
+        if self.student is None:  # every hybrid parameter trains in KD
+            self.student = common.prepare_trained(self.spec.materialise(self.trainer), self.gradient_checkpointing)
 
     def measure_heldout(self) -> float | None:
         if not self.heldout:
