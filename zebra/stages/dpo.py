@@ -108,6 +108,10 @@ def load_kd_export(path: Path, dtype: torch.dtype):
 
 
 def run(cfg: DictConfig) -> dict:
+    from transformers import AutoTokenizer
+
+    from zebra.model import ZebraConfig
+
     sc = cfg.dpo
     start = time.perf_counter()
     out_dir = Path(cfg.paths.dpo_dir)
@@ -117,10 +121,6 @@ def run(cfg: DictConfig) -> dict:
     # checked before any model loads
     placement = common.teacher_placement(cfg, trainer)
     path = kd_export_dir(cfg)
-    from transformers import AutoTokenizer
-
-    from zebra.model import ZebraConfig
-
     tokenizer = AutoTokenizer.from_pretrained(path)
     if cfg.data.get("preference") is None:
         raise StageError(f"data config {cfg.data.get('name')!r} has no `preference` section")
