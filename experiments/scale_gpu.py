@@ -34,6 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from zebra.export import write_json_atomic  # noqa: E402
+from zebra.launch.proctree import kill_tree  # noqa: E402
 from zebra.launch.trainer import read_step_trace  # noqa: E402
 
 
@@ -59,34 +60,6 @@ def on_terminate(signum, frame):
         if proc.poll() is None:
             kill_tree(proc)
     raise SystemExit(f"terminated by signal {signum}")
-
-
-def descendants(pid: int) -> list[int]:
-    """Every process below `pid` (from /proc): torchrun starts its workers in sessions of their own, so killing
-    its process group leaves them running."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
-def kill_tree(proc: subprocess.Popen) -> None:
-    for pid in [*descendants(proc.pid), proc.pid]:  # collected first: orphans are re-parented once a parent dies
-        for kill in (lambda p: os.killpg(p, signal.SIGKILL), lambda p: os.kill(p, signal.SIGKILL)):
-            try:
-                kill(pid)
-            except (ProcessLookupError, PermissionError):
-                pass
-    proc.wait()
 
 
 def wait(proc: subprocess.Popen, timeout: float):

@@ -14,6 +14,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 TRAIN = str(REPO / "train.py")
 from zebra.data.synthetic import write_sft  # noqa: E402
+from zebra.launch.proctree import kill_tree  # noqa: E402
 from zebra.launch.trainer import read_step_trace  # noqa: E402
 
 
@@ -45,7 +46,7 @@ def finish(proc: subprocess.Popen, timeout: float = 300, check: bool = True) -> 
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        proc.kill()
+        kill_tree(proc)  # torchrun's workers too: they run in sessions of their own
         out, err = proc.communicate()
         raise AssertionError(f"{' '.join(proc.args)} did not finish within {timeout} s\n{out[-3000:]}\n{err[-5000:]}")
     if check and proc.returncode != 0:

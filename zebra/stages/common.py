@@ -356,13 +356,6 @@ def prepare_trained(model: nn.Module, gradient_checkpointing: bool = False) -> n
     return model
 
 
-def keep_ssm_params_fp32(model: nn.Module) -> None:
-    """A_log, D and dt_bias stay fp32 whatever dtype the rest of the model is cast to (METHOD §4b)."""
-    for name, p in model.named_parameters():
-        if name.rsplit(".", 1)[-1] in ("A_log", "D", "dt_bias") and p.dtype != torch.float32:
-            p.data = p.data.float()
-
-
 # ------------------------------------------------------------------------------------------------ sharded students
 def zero_stage(trainer: pl.Trainer | None) -> int:
     """The DeepSpeed ZeRO stage of the trainer's strategy (0 when it is not DeepSpeed). Readable before `fit`."""
@@ -470,6 +463,24 @@ class StageModule(pl.LightningModule):
                 self._frozen_engines[name] = zero.inference_engine(m, self.device, next(m.parameters()).dtype)
             else:
                 m.to(self.device)
+
+    # -------------------------------------------------------------------------------------- the trained model
+    def adopt_trained(self, model: nn.Module | StudentSpec, gradient_checkpointing: bool = False) -> nn.Module | None:
+        """The model a stage trains in full (KD's hybrid, DPO's policy). Given whole, it is made ready and returned;
+        a `StudentSpec` is kept for `materialise_trained` (from configure_model) and None is returned."""
+        self.spec = model if isinstance(model, StudentSpec) else None
+        self.gradient_checkpointing = gradient_checkpointing
+        return None if self.spec is not None else prepare_trained(model, gradient_checkpointing)
+
+    def materialise_trained(self, model: nn.Module | None) -> nn.Module:
+        """From configure_model: `model` when it was given whole, else the spec's (created sharded under ZeRO-3)."""
+        if model is not None:
+            return model
+        return prepare_trained(self.spec.materialise(self.trainer), self.gradient_checkpointing)
+
+    def trained_config(self, model: nn.Module | None):
+        """The trained model's config, also before configure_model has created it."""
+        return model.config if model is not None else self.spec.config
 
     def register_with_engine(self, params: list[torch.nn.Parameter]) -> None:
         """Parameters a training step reads outside their own module's forward (an LM head weight in a chunked

@@ -39,21 +39,17 @@ class DPOModule(StageModule):
                  label_smoothing: float = 0.0, gradient_checkpointing: bool = False, seq_len: int = 0,
                  optimizer=None, scheduler=None, check_weights_moved: bool = False):
         super().__init__(optimizer, scheduler, check_weights_moved=check_weights_moved)
-        self.spec = policy if isinstance(policy, common.StudentSpec) else None
-        self.policy = None if self.spec is not None else common.prepare_trained(policy, gradient_checkpointing)
+        self.policy = self.adopt_trained(policy, gradient_checkpointing)
         self.add_frozen("reference", reference)
         self.beta, self.label_smoothing, self.seq_len = float(beta), float(label_smoothing), seq_len
-        self.gradient_checkpointing = gradient_checkpointing
 
     def configure_model(self) -> None:
-        if self.policy is None:
-            self.policy = common.prepare_trained(self.spec.materialise(self.trainer), self.gradient_checkpointing)
+        self.policy = self.materialise_trained(self.policy)
 
     def flops_per_token(self) -> float:
         from zebra.flops import forward_flops_per_token
 
-        config = self.policy.config if self.policy is not None else self.spec.config
-        return 4.0 * forward_flops_per_token(config, self.seq_len)  # policy fwd + bwd (3x), reference fwd
+        return 4.0 * forward_flops_per_token(self.trained_config(self.policy), self.seq_len)  # policy fwd + bwd (3x), reference fwd
 
     def on_train_start(self) -> None:
         super().on_train_start()

@@ -43,21 +43,16 @@ class KDModule(StageModule):
                  chunk_size: int | None = None, gradient_checkpointing: bool = False, seq_len: int = 0,
                  optimizer=None, scheduler=None, heldout: list | None = None, check_weights_moved: bool = False):
         super().__init__(optimizer, scheduler, check_weights_moved)
-        self.spec = student if isinstance(student, common.StudentSpec) else None
-        self.student = None if self.spec is not None else student
+        self.student = self.adopt_trained(student, gradient_checkpointing)  # every hybrid parameter trains in KD
         self.add_frozen("teacher", teacher)
         self.temperature, self.kl_weight, self.ce_weight = float(temperature), float(kl_weight), float(ce_weight)
         self.reduction, self.chunk_size, self.seq_len = reduction, chunk_size, seq_len
-        self.gradient_checkpointing = gradient_checkpointing
         self.heldout = list(heldout or [])
         self.kl_before: float | None = None
         self.kl_after: float | None = None
-        if self.student is not None:
-            common.prepare_trained(self.student, gradient_checkpointing)
 
     def configure_model(self) -> None:
-        if self.student is None:  # every hybrid parameter trains in KD
-            self.student = common.prepare_trained(self.spec.materialise(self.trainer), self.gradient_checkpointing)
+        self.student = self.materialise_trained(self.student)
 
     def measure_heldout(self) -> float | None:
         if not self.heldout:
@@ -87,7 +82,7 @@ class KDModule(StageModule):
         """Teacher forward (body + logits in the loss) + student forward and backward (zebra.flops)."""
         from zebra.flops import kd_step_flops
 
-        config = self.student.config if self.student is not None else self.spec.config
+        config = self.trained_config(self.student)
         return kd_step_flops(config, self.frozen("teacher").config, self.seq_len)["total"]
 
     def kd_loss(self, batch: dict):
