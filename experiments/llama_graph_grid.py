@@ -5,7 +5,7 @@ step and a 12-token prompt replayed exactly.)
 
 This runs the benchmark's own check (`Bench.check`: reference decode, graphed step, eager step) over a grid of
 the settings that differ between the two: the preset (smoke / the real 8B shape), the warm-up steps before the
-capture (1 / 3) and the prompt length (12 / 256). One line each; one call, about a minute on one GPU:
+capture (1 / 3), the prompt length (12 / 256) and inference mode (on, as the benchmark runs / off, as the probe). One line each; one call, about a minute on one GPU:
 
     source .gpu/bootstrap.sh && python experiments/llama_graph_grid.py [--out grid.json]
 """
@@ -13,6 +13,7 @@ capture (1 / 3) and the prompt length (12 / 256). One line each; one call, about
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import sys
@@ -36,14 +37,15 @@ def main() -> None:
     for name in cli.presets.split(","):
         preset = G.SMOKE_PRESET if name == "smoke" else G.load_preset(G.PRESET)
         runner = None
-        for warmup, prompt in itertools.product((1, 3), (12, 256)):
+        for inference, warmup, prompt in itertools.product((True, False), (1, 3), (12, 256)):
             args = G.parse_args(["--device", cli.device, "--kernels", cli.kernels, "--warmup", str(warmup),
                                  "--check-prompt", str(prompt), "--out", ""])
             bench = G.Bench(args, {}, None)
             if runner is None:
                 runner = G.RUNNERS["llama"](preset, cli.device, torch.bfloat16, 0)
-            res = bench.check(runner)
-            row = {"preset": name, "warmup": warmup, "prompt": prompt,
+            with torch.inference_mode() if inference else contextlib.nullcontext():
+                res = bench.check(runner)
+            row = {"preset": name, "inference_mode": inference, "warmup": warmup, "prompt": prompt,
                    **{k: {kk: res["kernels"][k][kk] for kk in ("rel_err", "eager_rel_err", "token_agreement")}
                       for k in res["kernels"]}}
             rows.append(row)
