@@ -100,3 +100,26 @@ def test_sticky_device_error_stops_the_run_and_keeps_what_was_measured(tmp_path,
     assert z["decode"] and all("tokens_per_s" in r for r in z["decode"])  # measured before the error, kept
     assert "illegal memory access" in z["errors"]["max_batch"]
     assert "llama" not in saved["models"]
+
+
+def test_step_keeps_its_function_and_closure_alive_until_closed():
+    """A CUDA graph reads its inputs by address: a tensor held only by the step's closure (the base's slot indices)
+    must live as long as the graph, or its memory is reused and the replay reads garbage (seen on an H200: the
+    base's graphed step read a prefill's activations as its attention mask). Step holds the function until close."""
+    import gc
+    import weakref
+
+    import torch
+
+    def make():
+        slots = torch.arange(8)
+        return (lambda: (slots <= 3).sum()), weakref.ref(slots)
+
+    fn, slots_ref = make()
+    step = gen.Step(gen.Device("cpu"), fn, warmup=1)
+    del fn
+    gc.collect()
+    assert slots_ref() is not None and int(step.run()) == 4
+    step.close()
+    gc.collect()
+    assert slots_ref() is None

@@ -442,7 +442,10 @@ class Step:
     (`run` replays it); on CPU `run` calls it eagerly."""
 
     def __init__(self, dev: Device, fn, warmup: int, headroom_check: bool = False):
-        self.dev, self.graph, self.output = dev, None, None
+        # `fn` is kept for as long as the graph: a graph reads its inputs by address, and a tensor held only by the
+        # step's closure (the base's slot indices) would otherwise be freed after the capture and its memory handed
+        # to the next allocation (the base's graphed step read a prefill's activations as its mask: rel_err 1.37)
+        self.dev, self.fn, self.graph, self.output = dev, fn, None, None
         if not dev.cuda:
             for _ in range(warmup):
                 fn()
@@ -481,7 +484,7 @@ class Step:
     def close(self):
         if self.graph is not None:
             self.graph.reset()
-        self.graph = self.output = self.run = None
+        self.graph = self.output = self.run = self.fn = None
 
 
 # ------------------------------------------------------------------------------------------------ measurements
