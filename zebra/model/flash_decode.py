@@ -21,7 +21,7 @@ import functools
 import math
 import torch
 
-from .triton_util import import_triton, interpreting, next_pow2, require_kernel_device
+from .triton_util import import_triton, interpreting, next_pow2, prev_pow2, require_kernel_device
 
 BLOCK_D = 64  # key columns per scores MMA (D is looped over in chunks of this)
 MAX_BLOCK_Q = 64  # query rows per program (more rows: more programs along the query axis)
@@ -114,8 +114,10 @@ def split_count(batch_heads: int, q_blocks: int, keys: int, block_s: int, device
 
 
 def flash_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
-                 splits: int | None = None) -> torch.Tensor:
-    """softmax(scale * q k^T, masked) v -> [B, G, Q, Dv] in q's dtype (see the module docstring)."""
+                 splits: int | None = None, *, block_s: int | None = None, num_warps: int | None = None,
+                 num_stages: int | None = None) -> torch.Tensor:
+    """softmax(scale * q k^T, masked) v -> [B, G, Q, Dv] in q's dtype (see the module docstring). `block_s`,
+    `num_warps`, `num_stages` override the launch configuration (measurements: experiments/decode_large_batch.py)."""
     require_kernel_device(q, "flash_decode")
     b, g, nq, d = q.shape
     s, dv = k.shape[2], v.shape[3]
@@ -124,12 +126,14 @@ def flash_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.
                          "match [B, G, Q, D], [B, G, S, D], [B, G, S, Dv]")
     block_q = min(MAX_BLOCK_Q, next_pow2(nq, lo=16))
     block_dv = next_pow2(dv, lo=16)
-    block_s = 64 if block_q * block_dv <= 32 * 128 else 32  # keep the fp32 accumulator within the registers
+    if block_s is None:
+        block_s = 64 if block_q * block_dv <= 32 * 128 else 32  # keep the fp32 accumulator within the registers
     q_blocks = math.ceil(nq / block_q)
     n_split = split_count(b * g, q_blocks, s, block_s, q.device, splits)
     # key blocks per range, a power of two: a compile-time loop count (Triton's interpreter takes no runtime loop
-    # bound), so a growing cache recompiles the kernel only when the count doubles
-    n_blocks = next_pow2(math.ceil(math.ceil(s / n_split) / block_s))
+    # bound), so a growing cache recompiles the kernel only when the count doubles. Rounded down (and the ranges
+    # made more): rounded up, a range count of one at a large batch looped over up to twice the keys there are.
+    n_blocks = prev_pow2(math.ceil(math.ceil(s / n_split) / block_s))
     n_split = math.ceil(s / (n_blocks * block_s))
 
     out = torch.empty(b, g, n_split, nq, dv, device=q.device, dtype=torch.float32)
@@ -147,7 +151,9 @@ def flash_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.
     kernel[grid](q, k, v, m, out, mx, lsum, *q.stride(), *k.stride(), *v.stride(), *m_strides, *out.stride(),
                  *mx.stride(), g, nq, s, d, dv, float(scale),
                  N_BLOCKS=n_blocks, HAS_MASK=mask is not None, D_CHUNKS=math.ceil(d / BLOCK_D), BLOCK_Q=block_q, BLOCK_S=block_s,
-                 BLOCK_D=BLOCK_D, BLOCK_DV=block_dv, num_warps=8 if block_q * block_dv > 32 * 128 else 4)
+                 BLOCK_D=BLOCK_D, BLOCK_DV=block_dv,
+                 num_warps=num_warps or (8 if block_q * block_dv > 32 * 128 else 4),
+                 **({"num_stages": num_stages} if num_stages else {}))
     # combine the ranges: each partial output carries its range's max score and softmax sum
     top = mx.amax(dim=2, keepdim=True)
     w = torch.exp(mx - top)  # [B, G, splits, Q]; 0 for ranges that saw no key

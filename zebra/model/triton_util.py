@@ -25,6 +25,11 @@ def next_pow2(n: int, lo: int = 1) -> int:
     return max(lo, 1 << (max(1, n) - 1).bit_length())
 
 
+def prev_pow2(n: int) -> int:
+    """The largest power of two <= n (1 for n < 1)."""
+    return 1 << (max(1, n).bit_length() - 1)
+
+
 def interpreting() -> bool:
     """Triton's interpreter (TRITON_INTERPRET=1): kernels run on CPU tensors, how the tests check them."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"

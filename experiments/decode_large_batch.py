@@ -1,0 +1,104 @@
+"""Where the hybrid's decode step goes at its largest batch (generation benchmark, 2026-11-28 on an H200: zebra_8b
+at 32k x 739 took 137.6 ms with the matmul attention and 248 ms with the Triton one, 31% / 17% of its roofline,
+while the base at its own largest batch reached 65%).
+
+1. The absorbed MLA attention alone at that shape (q [B, 1, heads, r_kv + d_rope] against the latent cache, v a
+   prefix view of k, the static mask [1, 1, 1, S]): the matmul path and the Triton kernel over launch settings,
+   each timed (CUDA events, median) and as GB/s of cache read once.
+2. One eager decode step of the whole hybrid at that batch under the profiler: device time per kernel kind.
+
+    source .gpu/bootstrap.sh && python experiments/decode_large_batch.py --out $OUT/decode_large_batch.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from zebra.bench import generation as G  # noqa: E402
+from zebra.model.flash_decode import flash_decode  # noqa: E402
+from zebra.model.mla import decode_attention  # noqa: E402
+
+
+def timed(fn, iters=5):
+    for _ in range(2):
+        fn()
+    torch.cuda.synchronize()
+    out = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        out.append(a.elapsed_time(b) / 1e3)
+    return statistics.median(out)
+
+
+def attention(batch, context, heads=32, r=160, dr=64, slack=64):
+    s = context + slack
+    entries = torch.randn(batch, s, r + dr, device="cuda", dtype=torch.bfloat16)
+    q = torch.randn(batch, 1, heads, r + dr, device="cuda", dtype=torch.bfloat16)
+    k, v = entries[:, None], entries[:, None, :, :r]
+    mask = (torch.arange(s, device="cuda") <= context)[None, None, None, :]
+    scale = (128 + 64) ** -0.5
+    cache_bytes = entries.numel() * entries.element_size()
+    ref = decode_attention(q, k, v, mask, scale, "matmul").float()
+    rows = []
+
+    def add(name, fn, **cfg):
+        try:
+            out = fn().float()
+            err = ((out - ref).norm() / ref.norm()).item()
+            t = timed(fn)
+            rows.append({"kernel": name, **cfg, "ms": t * 1e3, "GBps": cache_bytes / t / 1e9, "rel_err": err})
+        except Exception as e:  # a launch setting that does not compile (registers / shared memory)
+            rows.append({"kernel": name, **cfg, "error": f"{type(e).__name__}: {str(e)[:160]}"})
+        print(json.dumps(rows[-1]), flush=True)
+
+    add("matmul", lambda: decode_attention(q, k, v, mask, scale, "matmul"))
+    add("triton-default", lambda: flash_decode(q, k, v, mask, scale))
+    for bs, nw, ns, sp in itertools.product((16, 32, 64), (4, 8), (2, 3), (None, 2, 4)):
+        add("triton", lambda: flash_decode(q, k, v, mask, scale, sp, block_s=bs, num_warps=nw, num_stages=ns),
+            block_s=bs, num_warps=nw, num_stages=ns, splits=sp)
+    return {"batch": batch, "context": context, "cache_bytes": cache_bytes, "rows": rows}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batch", type=int, default=739)
+    ap.add_argument("--context", type=int, default=32768)
+    ap.add_argument("--attention-batch", type=int, default=739, help="batch of the attention-only sweep")
+    ap.add_argument("--out", default=None)
+    cli = ap.parse_args()
+    res = {"device": torch.cuda.get_device_name()}
+    with torch.inference_mode():
+        res["attention"] = attention(cli.attention_batch, cli.context)
+        torch.cuda.empty_cache()
+        if cli.out:
+            Path(cli.out).write_text(json.dumps(res, indent=1))
+        args = G.parse_args(["--device", "cuda", "--kernels", "matmul", "--out", ""])
+        bench = G.Bench(args, {}, None)
+        runner = G.RUNNERS["zebra"](G.load_preset(G.PRESET), "cuda", torch.bfloat16, 0)
+        res["profile"] = {}
+        for kernel in ("matmul", "triton"):
+            rec = bench.profile_step(runner, cli.context, cli.batch, kernel, steps=2)
+            res["profile"][kernel] = rec
+            print(f"profile {kernel}: batch {rec['batch']} device ms/step {rec['device_us_per_step'] / 1e3:.1f} "
+                  f"launches {rec['launches_per_step']:.0f}", flush=True)
+            for r in rec["top"][:14]:
+                print(f"  {r['us_per_step'] / 1e3:8.2f} ms {r['calls_per_step']:6.1f}x  {r['name'][:110]}", flush=True)
+            if cli.out:
+                Path(cli.out).write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
