@@ -25,6 +25,7 @@ from .triton_util import import_triton, interpreting, next_pow2, prev_pow2, requ
 
 BLOCK_D = 64  # key columns per scores MMA (D is looped over in chunks of this)
 MAX_BLOCK_Q = 64  # query rows per program (more rows: more programs along the query axis)
+MIN_SPLITS = 4  # key ranges per (batch, KV head) at least (split_count)
 
 
 @functools.lru_cache(maxsize=2)
@@ -38,7 +39,8 @@ def _kernel(interpret: bool):
                         sob, sog, sop, soq, sod, slb, slg, slp, slq,
                         G, NQ, S, D, DV, scale,
                         N_BLOCKS: tl.constexpr, HAS_MASK: tl.constexpr, D_CHUNKS: tl.constexpr, BLOCK_Q: tl.constexpr,
-                        BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+                        BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                        PRECISION: tl.constexpr):
         # int64: at a long context and a large batch, batch x batch-stride passes 2**31 elements (zebra_8b's
         # latent cache at 32k x 738 is 14e9), and a 32-bit offset wraps into another allocation
         bg = tl.program_id(0).to(tl.int64)
@@ -72,7 +74,7 @@ def _kernel(interpret: bool):
                             other=0.0)
                 k = tl.load(k_base + cols[None, :] * sks + d[:, None] * skd, mask=d_ok[:, None] & col_ok[None, :],
                             other=0.0)  # [BLOCK_D, BLOCK_S]: keys as columns
-                scores += tl.dot(q, k)
+                scores += tl.dot(q, k, input_precision=PRECISION)
             scores = scores * scale
             valid = row_ok[:, None] & col_ok[None, :]
             if HAS_MASK:
@@ -86,7 +88,7 @@ def _kernel(interpret: bool):
             l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(v_base + cols[:, None] * svs + offs_dv[None, :] * svd, mask=col_ok[:, None] & dv_ok[None, :],
                         other=0.0)  # [BLOCK_S, BLOCK_DV]
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m_i = m_new
 
         o_base = out_ptr + b * sob + g * sog + split * sop
@@ -106,10 +108,12 @@ def _target_programs(device: torch.device) -> int:
 
 def split_count(batch_heads: int, q_blocks: int, keys: int, block_s: int, device: torch.device,
                 splits: int | None = None) -> int:
-    """Key ranges per (batch, KV head): enough programs to fill the GPU about four times over, none empty."""
+    """Key ranges per (batch, KV head): enough programs to fill the GPU about four times over and at least
+    MIN_SPLITS (at a large batch one range per row left each program a long serial loop: 4 ranges ran 2.2x faster
+    than 1 at zebra_8b's 32k x 739), none empty."""
     most = max(1, math.ceil(keys / block_s))
     if splits is None:
-        splits = math.ceil(_target_programs(device) / max(1, batch_heads * q_blocks))
+        splits = max(MIN_SPLITS, math.ceil(_target_programs(device) / max(1, batch_heads * q_blocks)))
     return max(1, min(int(splits), most))
 
 
@@ -126,8 +130,12 @@ def flash_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.
                          "match [B, G, Q, D], [B, G, S, D], [B, G, S, Dv]")
     block_q = min(MAX_BLOCK_Q, next_pow2(nq, lo=16))
     block_dv = next_pow2(dv, lo=16)
-    if block_s is None:
-        block_s = 64 if block_q * block_dv <= 32 * 128 else 32  # keep the fp32 accumulator within the registers
+    # 64 keys per block, 4 warps, 2 stages: at MLA's shape (32 rows x 160 value columns, the widest tile here) at
+    # 32k x 739 this ran in 7.3 ms against 25.8 ms for the earlier 32 keys / 8 warps, and 12.1 ms for the matmul
+    # path (H200, experiments/decode_large_batch.json)
+    block_s = block_s or 64
+    wide = block_q * block_dv > 32 * 128
+    num_stages = num_stages or (2 if wide else None)
     q_blocks = math.ceil(nq / block_q)
     n_split = split_count(b * g, q_blocks, s, block_s, q.device, splits)
     # key blocks per range, a power of two: a compile-time loop count (Triton's interpreter takes no runtime loop
@@ -152,7 +160,7 @@ def flash_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.
                  *mx.stride(), g, nq, s, d, dv, float(scale),
                  N_BLOCKS=n_blocks, HAS_MASK=mask is not None, D_CHUNKS=math.ceil(d / BLOCK_D), BLOCK_Q=block_q, BLOCK_S=block_s,
                  BLOCK_D=BLOCK_D, BLOCK_DV=block_dv,
-                 num_warps=num_warps or (8 if block_q * block_dv > 32 * 128 else 4),
+                 PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=num_warps or 4,
                  **({"num_stages": num_stages} if num_stages else {}))
     # combine the ranges: each partial output carries its range's max score and softmax sum
     top = mx.amax(dim=2, keepdim=True)
