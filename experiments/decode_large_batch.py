@@ -6,6 +6,8 @@ while the base at its own largest batch reached 65%).
    prefix view of k, the static mask [1, 1, 1, S]): the matmul path and the Triton kernel over launch settings,
    each timed (CUDA events, median) and as GB/s of cache read once.
 2. One eager decode step of the whole hybrid at that batch under the profiler: device time per kernel kind.
+0. (first) The Triton kernel's ranges combined by its combine kernel vs by torch ops, at batch 8, 64 and that
+   batch (--combine-only: just this).
 
     source .gpu/bootstrap.sh && python experiments/decode_large_batch.py --out $OUT/decode_large_batch.json
 """
@@ -72,15 +74,40 @@ def attention(batch, context, heads=32, r=160, dr=64, slack=64):
     return {"batch": batch, "context": context, "cache_bytes": cache_bytes, "rows": rows}
 
 
+def combine_ab(batch, context, heads=32, r=160, dr=64, slack=64):
+    """The Triton kernel with its ranges combined by the combine kernel vs by torch ops, same launch otherwise."""
+    s = context + slack
+    entries = torch.randn(batch, s, r + dr, device="cuda", dtype=torch.bfloat16)
+    q = torch.randn(batch, 1, heads, r + dr, device="cuda", dtype=torch.bfloat16)
+    k, v = entries[:, None], entries[:, None, :, :r]
+    mask = (torch.arange(s, device="cuda") <= context)[None, None, None, :]
+    scale = (128 + 64) ** -0.5
+    fused = timed(lambda: flash_decode(q, k, v, mask, scale), iters=20)
+    torch_ops = timed(lambda: flash_decode(q, k, v, mask, scale, torch_combine=True), iters=20)
+    diff = (flash_decode(q, k, v, mask, scale).float() - flash_decode(q, k, v, mask, scale, torch_combine=True)
+            .float()).abs().max().item()
+    rec = {"batch": batch, "context": context, "combine_kernel_ms": fused * 1e3, "torch_combine_ms": torch_ops * 1e3,
+           "max_abs_diff": diff}
+    print(json.dumps(rec), flush=True)
+    return rec
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=739)
     ap.add_argument("--context", type=int, default=32768)
     ap.add_argument("--attention-batch", type=int, default=739, help="batch of the attention-only sweep")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--combine-only", action="store_true", help="only the combine A/B (batch 8 and the largest)")
     cli = ap.parse_args()
     res = {"device": torch.cuda.get_device_name()}
     with torch.inference_mode():
+        res["combine"] = [combine_ab(b, cli.context) for b in (8, 64, cli.batch)]
+        torch.cuda.empty_cache()
+        if cli.out:
+            Path(cli.out).write_text(json.dumps(res, indent=1))
+        if cli.combine_only:
+            return
         res["attention"] = attention(cli.attention_batch, cli.context)
         torch.cuda.empty_cache()
         if cli.out:

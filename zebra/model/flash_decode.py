@@ -100,6 +100,36 @@ def _kernel(interpret: bool):
     return split_attention
 
 
+@functools.lru_cache(maxsize=2)
+def _combine_kernel(interpret: bool):
+    """The ranges' partial outputs weighted by their softmax maxima and sums, in one pass: one program per
+    (batch x KV head, query row, block of value columns)."""
+    triton, tl = import_triton()
+
+    @triton.jit
+    def combine(out_ptr, mx_ptr, l_ptr, res_ptr, sob, sog, sop, soq, sod, slb, slg, slp, slq, srb, srg, srq, srd,
+                G, P, DV, BLOCK_P: tl.constexpr, BLOCK_DV: tl.constexpr):
+        bg = tl.program_id(0).to(tl.int64)
+        row = tl.program_id(1)
+        cols = tl.program_id(2) * BLOCK_DV + tl.arange(0, BLOCK_DV)
+        b = bg // G
+        g = bg % G
+        p = tl.arange(0, BLOCK_P)
+        p_ok = p < P
+        col_ok = cols < DV
+        ml = b * slb + g * slg + p * slp + row * slq
+        m = tl.load(mx_ptr + ml, mask=p_ok, other=-1.0e30)
+        w = tl.where(p_ok, tl.exp(m - tl.max(m, 0)), 0.0)  # 0 for ranges that saw no key (their sum is 0 too)
+        den = tl.sum(tl.load(l_ptr + ml, mask=p_ok, other=0.0) * w, 0)
+        o = tl.load(out_ptr + b * sob + g * sog + p[:, None] * sop + row * soq + cols[None, :] * sod,
+                    mask=p_ok[:, None] & col_ok[None, :], other=0.0)
+        num = tl.sum(o * w[:, None], 0)
+        tl.store(res_ptr + b * srb + g * srg + row * srq + cols * srd, (num / den).to(res_ptr.dtype.element_ty),
+                 mask=col_ok)
+
+    return combine
+
+
 def _target_programs(device: torch.device) -> int:
     if device.type == "cuda":
         return 4 * torch.cuda.get_device_properties(device).multi_processor_count
@@ -117,11 +147,22 @@ def split_count(batch_heads: int, q_blocks: int, keys: int, block_s: int, device
     return max(1, min(int(splits), most))
 
 
+def combine_ranges_torch(out: torch.Tensor, mx: torch.Tensor, lsum: torch.Tensor, dtype) -> torch.Tensor:
+    """The key ranges' partial outputs out [B, G, P, Q, Dv] (fp32) combined with their maxima and softmax sums
+    [B, G, P, Q] in torch ops -> [B, G, Q, Dv] in `dtype` (the reference of the combine kernel)."""
+    top = mx.amax(dim=2, keepdim=True)
+    w = torch.exp(mx - top)  # 0 for ranges that saw no key
+    num = (out * w[..., None]).sum(2)
+    den = (lsum * w).sum(2)[..., None]
+    return (num / den).to(dtype)
+
+
 def flash_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
                  splits: int | None = None, *, block_s: int | None = None, num_warps: int | None = None,
-                 num_stages: int | None = None) -> torch.Tensor:
+                 num_stages: int | None = None, torch_combine: bool = False) -> torch.Tensor:
     """softmax(scale * q k^T, masked) v -> [B, G, Q, Dv] in q's dtype (see the module docstring). `block_s`,
-    `num_warps`, `num_stages` override the launch configuration (measurements: experiments/decode_large_batch.py)."""
+    `num_warps`, `num_stages` override the launch configuration, `torch_combine` combines the key ranges with torch
+    ops instead of the kernel (measurements: experiments/decode_large_batch.py)."""
     require_kernel_device(q, "flash_decode")
     b, g, nq, d = q.shape
     s, dv = k.shape[2], v.shape[3]
@@ -162,9 +203,15 @@ def flash_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.
                  BLOCK_D=BLOCK_D, BLOCK_DV=block_dv,
                  PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=num_warps or 4,
                  **({"num_stages": num_stages} if num_stages else {}))
-    # combine the ranges: each partial output carries its range's max score and softmax sum
-    top = mx.amax(dim=2, keepdim=True)
-    w = torch.exp(mx - top)  # [B, G, splits, Q]; 0 for ranges that saw no key
-    num = (out * w[..., None]).sum(2)
-    den = (lsum * w).sum(2)[..., None]
-    return (num / den).to(q.dtype)
+    if torch_combine:
+        return combine_ranges_torch(out, mx, lsum, q.dtype)
+    # combine the ranges in one kernel instead of combine_ranges_torch's six ops and its [B, G, splits, Q, Dv]
+    # temporary (the hybrid's decode at batch 8 and 32k has 129 ranges per row); before/after:
+    # experiments/decode_large_batch.py
+    res = torch.empty(b, g, nq, dv, device=q.device, dtype=q.dtype)
+    block_p = next_pow2(n_split)
+    block_c = max(16, min(next_pow2(dv), 8192 // block_p))  # the [ranges, columns] tile within 8k fp32 values
+    _combine_kernel(interpreting())[(b * g, nq, math.ceil(dv / block_c))](
+        out, mx, lsum, res, *out.stride(), *mx.stride(), *res.stride(), g, n_split, dv, BLOCK_P=block_p,
+        BLOCK_DV=block_c, num_warps=4)
+    return res
