@@ -1,6 +1,6 @@
 """Which setting makes the base's graphed decode step disagree? (generation benchmark, 2026-11-28: the graphed
 static-cache step of the Llama-3.1-8B-shaped base had rel_err 1.37 against transformers' eager decode for every
-attention kernel while the same step run eagerly agreed; llama_graph_probe.py at the smoke shapes, one warm-up
+attention kernel while the same step run eagerly agreed; a small-shape probe (since replaced by llama_graph_trace.py), one warm-up
 step and a 12-token prompt replayed exactly.)
 
 This runs the benchmark's own check (`Bench.check`: reference decode, graphed step, eager step) over a grid of
