@@ -45,14 +45,19 @@ def timed(fn, iters=5):
     return statistics.median(out)
 
 
-def attention(batch, context, heads=32, r=160, dr=64, slack=64):
+def mla_inputs(batch, context, heads=32, r=160, dr=64, slack=64):
+    """zebra_8b's absorbed MLA decode attention: q [B, 1, heads, r_kv + d_rope] against the latent cache entries
+    (k [B, 1, S, r_kv + d_rope], v its first r_kv columns, a view), the static mask over context + slack slots."""
     s = context + slack
     entries = torch.randn(batch, s, r + dr, device="cuda", dtype=torch.bfloat16)
     q = torch.randn(batch, 1, heads, r + dr, device="cuda", dtype=torch.bfloat16)
-    k, v = entries[:, None], entries[:, None, :, :r]
     mask = (torch.arange(s, device="cuda") <= context)[None, None, None, :]
-    scale = (128 + 64) ** -0.5
-    cache_bytes = entries.numel() * entries.element_size()
+    return q, entries[:, None], entries[:, None, :, :r], mask, (128 + 64) ** -0.5
+
+
+def attention(batch, context):
+    q, k, v, mask, scale = mla_inputs(batch, context)
+    cache_bytes = k.numel() * k.element_size()
     ref = decode_attention(q, k, v, mask, scale, "matmul").float()
     rows = []
 
@@ -74,14 +79,9 @@ def attention(batch, context, heads=32, r=160, dr=64, slack=64):
     return {"batch": batch, "context": context, "cache_bytes": cache_bytes, "rows": rows}
 
 
-def combine_ab(batch, context, heads=32, r=160, dr=64, slack=64):
+def combine_ab(batch, context):
     """The Triton kernel with its ranges combined by the combine kernel vs by torch ops, same launch otherwise."""
-    s = context + slack
-    entries = torch.randn(batch, s, r + dr, device="cuda", dtype=torch.bfloat16)
-    q = torch.randn(batch, 1, heads, r + dr, device="cuda", dtype=torch.bfloat16)
-    k, v = entries[:, None], entries[:, None, :, :r]
-    mask = (torch.arange(s, device="cuda") <= context)[None, None, None, :]
-    scale = (128 + 64) ** -0.5
+    q, k, v, mask, scale = mla_inputs(batch, context)
     fused = timed(lambda: flash_decode(q, k, v, mask, scale), iters=20)
     torch_ops = timed(lambda: flash_decode(q, k, v, mask, scale, torch_combine=True), iters=20)
     diff = (flash_decode(q, k, v, mask, scale).float() - flash_decode(q, k, v, mask, scale, torch_combine=True)
