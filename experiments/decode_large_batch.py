@@ -55,7 +55,7 @@ def mla_inputs(batch, context, heads=32, r=160, dr=64, slack=64):
     return q, entries[:, None], entries[:, None, :, :r], mask, (128 + 64) ** -0.5
 
 
-def attention(batch, context):
+def attention(batch, context, rows_file=None, grid=None):
     q, k, v, mask, scale = mla_inputs(batch, context)
     cache_bytes = k.numel() * k.element_size()
     ref = decode_attention(q, k, v, mask, scale, "matmul").float()
@@ -70,10 +70,13 @@ def attention(batch, context):
         except Exception as e:  # a launch setting that does not compile (registers / shared memory)
             rows.append({"kernel": name, **cfg, "error": f"{type(e).__name__}: {str(e)[:160]}"})
         print(json.dumps(rows[-1]), flush=True)
+        if rows_file:  # one line per setting as it is measured: a call stopped at its limit keeps what ran
+            with open(rows_file, "a") as f:
+                f.write(json.dumps(rows[-1]) + "\n")
 
     add("matmul", lambda: decode_attention(q, k, v, mask, scale, "matmul"))
     add("triton-default", lambda: flash_decode(q, k, v, mask, scale))
-    for bs, nw, ns, sp in itertools.product((16, 32, 64), (4, 8), (2, 3), (None, 2, 4)):
+    for bs, nw, ns, sp in grid or itertools.product((16, 32, 64), (4, 8), (2, 3), (None, 2, 4)):
         add("triton", lambda: flash_decode(q, k, v, mask, scale, sp, block_s=bs, num_warps=nw, num_stages=ns),
             block_s=bs, num_warps=nw, num_stages=ns, splits=sp)
     return {"batch": batch, "context": context, "cache_bytes": cache_bytes, "rows": rows}
@@ -99,8 +102,16 @@ def main() -> None:
     ap.add_argument("--attention-batch", type=int, default=739, help="batch of the attention-only sweep")
     ap.add_argument("--out", default=None)
     ap.add_argument("--combine-only", action="store_true", help="only the combine A/B (batch 8 and the largest)")
+    ap.add_argument("--small-batch-sweep", metavar="JSONL", default=None,
+                    help="only the attention sweep at --attention-batch over the small-batch grid (range counts 16-64 "
+                         "and the automatic one), one JSON line per setting appended to JSONL")
     cli = ap.parse_args()
     res = {"device": torch.cuda.get_device_name()}
+    if cli.small_batch_sweep:
+        grid = itertools.product((64, 32), (4, 8), (2, 3), (None, 64, 32, 16))
+        with torch.inference_mode():
+            attention(cli.attention_batch, cli.context, rows_file=cli.small_batch_sweep, grid=grid)
+        return
     with torch.inference_mode():
         res["combine"] = [combine_ab(b, cli.context) for b in (8, 64, cli.batch)]
         torch.cuda.empty_cache()
