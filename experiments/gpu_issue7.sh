@@ -2,6 +2,7 @@
 # Issue 7's generation measurements on one card (or the first card of a bigger machine), one part per call:
 #   source .gpu/bootstrap.sh && bash experiments/gpu_issue7.sh bench     (~8 min: the whole generation benchmark)
 #   source .gpu/bootstrap.sh && bash experiments/gpu_issue7.sh tests     (~5 min: the GPU tests)
+#   source .gpu/bootstrap.sh && bash experiments/gpu_issue7.sh compile   (not run yet: torch.compile'd steps, 32k x 8)
 # (carry .gpu; JSON + logs land in $OUT). The base runs first, so that a failure late in the hybrid's largest-batch
 # search cannot cost the base's figures; the decode-attention kernels timed are matmul and triton (sdpa was the
 # slowest for both models at every context, experiments/generation_bench.json of 2026-11-28 09:14).
@@ -15,10 +16,14 @@ case "${1:-bench}" in
     timeout "${BENCH_TIMEOUT:-540}" python3 -m zebra.bench.generation --profile --models llama,zebra \
       --kernels matmul,triton --out "$OUT/generation_bench.json" > "$OUT/generation_bench.log" 2>&1
     echo "generation benchmark rc=$?"; grep -v "^\s*$" "$OUT/generation_bench.log" | tail -n 80 | cut -c1-250 ;;
+  compile)  # both models' steps torch.compile'd before the capture, at 32k x 8 only (each new cache recompiles)
+    timeout "${BENCH_TIMEOUT:-540}" python3 -m zebra.bench.generation --compile --models llama,zebra --contexts 32768 \
+      --kernels triton --skip-max-batch --profile --out "$OUT/generation_compile.json" > "$OUT/generation_compile.log" 2>&1
+    echo "compiled generation benchmark rc=$?"; grep -v "^\s*$" "$OUT/generation_compile.log" | tail -n 40 | cut -c1-250 ;;
   tests)
     # SIGINT at the limit: pytest then still prints which tests failed and why
     timeout -s INT "${TESTS_TIMEOUT:-400}" python3 -m pytest -q -rf --tb=short -m gpu tests/gpu tests/bench \
       > "$OUT/gpu_tests.log" 2>&1
     echo "gpu tests rc=$?"; tail -n 40 "$OUT/gpu_tests.log" | cut -c1-250 ;;
-  *) echo "usage: gpu_issue7.sh bench|tests" >&2; exit 2 ;;
+  *) echo "usage: gpu_issue7.sh bench|compile|tests" >&2; exit 2 ;;
 esac

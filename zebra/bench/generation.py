@@ -25,7 +25,7 @@ Per model, in this order (the JSON is rewritten after every measurement, so a ti
             base is below 60% of its roofline.
 
 Both models run the same harness and the same capture: a manual torch.cuda.CUDAGraph of one decode step with
-static input buffers (warm-up on a side stream first). The base decodes through transformers' StaticCache
+static input buffers (warm-up on a side stream first); with --compile the step is torch.compile'd first (both). The base decodes through transformers' StaticCache
 (which writes at its own device-side length) with a prepared 4D mask over the slots; its attention function
 is registered with transformers' AttentionInterface: prefill goes to transformers' own SDPA attention, a
 one-token step to the same decode attention the hybrid's absorbed MLA uses (transformers' SDPA path would
@@ -441,7 +441,14 @@ class Step:
     """A decode step made replayable: on CUDA warmed up on a side stream and recorded in a CUDA graph
     (`run` replays it); on CPU `run` calls it eagerly."""
 
-    def __init__(self, dev: Device, fn, warmup: int, headroom_check: bool = False):
+    def __init__(self, dev: Device, fn, warmup: int, headroom_check: bool = False, compile: bool = False):
+        if compile:
+            # torch.compile (inductor) before the capture, so the graph records its fused kernels. Dynamic
+            # shapes: the hybrid's cache keeps host-side token counters that a static compile guards on, so it
+            # recompiled on every step (CPU, 2026-11-28); a fresh cache means new guards, so start each Step
+            # from a reset (a compile cache at its size limit silently falls back to the eager step).
+            torch.compiler.reset()
+            fn = torch.compile(fn, dynamic=True)
         # `fn` is kept for as long as the graph: a graph reads its inputs by address, and a tensor held only by the
         # step's closure (the base's slot indices) would otherwise be freed after the capture and its memory handed
         # to the next allocation (the base's graphed step read a prefill's activations as its mask: rel_err 1.37)
@@ -548,7 +555,7 @@ class Bench:
             runner.set_position(cache, pos, p)
 
         runner.prefill(cache, prompt, a.chunk)
-        step = Step(dev, runner.make_step(cache, ids, pos, greedy=False), a.warmup)
+        step = Step(dev, runner.make_step(cache, ids, pos, greedy=False), a.warmup, compile=a.compile)
         restart()  # the warm-up (and capture) advanced it
         got = []
         for t in forced:
@@ -645,7 +652,7 @@ class Bench:
                 try:
                     dev.reset_peak()  # the peak starts at what is held now: weights and this cache
                     step = Step(dev, self.step_at(runner, cache, context, batch, kernel), a.warmup,
-                                headroom_check=headroom_check)
+                                headroom_check=headroom_check, compile=a.compile)
                     times = step.time_steps(a.iters)
                     t = statistics.median(times)
                     rec.update(step_ms=t * 1e3, step_ms_min=min(times) * 1e3, step_ms_max=max(times) * 1e3,
@@ -695,7 +702,7 @@ class Bench:
             ids = torch.randint(0, runner.config.vocab_size, (batch, 1), device=dev.device)
             pos = torch.zeros(1, dtype=torch.long, device=dev.device)
             runner.set_position(cache, pos, context)
-            step = Step(dev, runner.make_step(cache, ids, pos), 1, headroom_check=True)
+            step = Step(dev, runner.make_step(cache, ids, pos), 1, headroom_check=True, compile=a.compile)
             step.run()
             dev.sync()
             rec.update(fits=True, peak_gib=self.gib(dev.peak()))
@@ -1133,6 +1140,9 @@ def parse_args(argv=None):
     ap.add_argument("--max-batch-context", type=int, default=None, help="default: the longest context")
     ap.add_argument("--max-batch-cap", type=int, default=4096)
     ap.add_argument("--skip-max-batch", action="store_true")
+    ap.add_argument("--compile", action="store_true",
+                    help="torch.compile each model's decode step (dynamic shapes) before its graph is captured; "
+                         "compiled anew for every cache: slow, use with few contexts / --skip-max-batch")
     ap.add_argument("--profile", action="store_true",
                     help="profile one eager decode step at the max-batch context (kernels per step, time per kind)")
     ap.add_argument("--prefill-targets", default="16384,32768", help="contexts where prefill must match the base")
