@@ -89,8 +89,8 @@ def test_refuses_cpu_tensors_outside_the_interpreter(monkeypatch):
 
 
 def test_split_count_keeps_several_ranges_per_row_at_a_large_batch():
-    """One range per (batch, head) at a large batch left each program a serial loop over the whole cache (2.2x
-    slower than 4 ranges at zebra_8b's 32k x 739 on an H200); a short cache still gets no empty range."""
+    """One range per (batch, head) at a large batch left each program a serial loop over the whole cache (12.3 ms
+    against 7.3 ms with 4 ranges at zebra_8b's 32k x 739 on an H200); a short cache still gets no empty range."""
     from zebra.model.flash_decode import MIN_SPLITS, split_count
 
     cpu = torch.device("cpu")
