@@ -79,10 +79,10 @@ def test_sticky_device_error_stops_the_run_and_keeps_what_was_measured(tmp_path,
     real_step, real_decode = gen.Step.__init__, gen.Bench.decode
     armed = []
 
-    def step_init(self, dev, fn, warmup, headroom_check=False):
+    def step_init(self, dev, fn, warmup, **options):
         if armed:
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
-        real_step(self, dev, fn, warmup, headroom_check=headroom_check)
+        real_step(self, dev, fn, warmup, **options)
 
     def decode(self, runner, context, batch, kernels, headroom_check=False):
         if headroom_check:  # the decode at the largest batch found (after the fit trials)
