@@ -31,18 +31,12 @@ from zebra.model.mla import decode_attention  # noqa: E402
 
 
 def timed(fn, iters=5):
+    """Median seconds of fn() after two warm-up calls (the benchmark's CUDA-event timer)."""
+    dev = G.Device("cuda")
     for _ in range(2):
         fn()
-    torch.cuda.synchronize()
-    out = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        out.append(a.elapsed_time(b) / 1e3)
-    return statistics.median(out)
+    dev.sync()
+    return statistics.median(dev.time(fn) for _ in range(iters))
 
 
 def mla_inputs(batch, context, heads=32, r=160, dr=64, slack=64):

@@ -1,11 +1,12 @@
 """Which setting makes the base's graphed decode step disagree? (generation benchmark, 2026-11-28: the graphed
 static-cache step of the Llama-3.1-8B-shaped base had rel_err 1.37 against transformers' eager decode for every
-attention kernel while the same step run eagerly agreed; a small-shape probe (since replaced by llama_graph_trace.py), one warm-up
-step and a 12-token prompt replayed exactly.)
+attention kernel while the same step run eagerly agreed; a small-shape probe (since replaced by
+llama_graph_trace.py) with one warm-up step and a 12-token prompt replayed exactly.)
 
 This runs the benchmark's own check (`Bench.check`: reference decode, graphed step, eager step) over a grid of
 the settings that differ between the two: the preset (smoke / the real 8B shape), the warm-up steps before the
-capture (1 / 3), the prompt length (12 / 256) and inference mode (on, as the benchmark runs / off, as the probe). One line each; one call, about a minute on one GPU:
+capture (1 / 3), the prompt length (12 / 256) and inference mode (on, as the benchmark runs / off, as the probe).
+One line each; one call, about a minute on one GPU:
 
     source .gpu/bootstrap.sh && python experiments/llama_graph_grid.py [--out grid.json]
 """

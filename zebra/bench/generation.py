@@ -25,7 +25,8 @@ Per model, in this order (the JSON is rewritten after every measurement, so a ti
             base is below 60% of its roofline.
 
 Both models run the same harness and the same capture: a manual torch.cuda.CUDAGraph of one decode step with
-static input buffers (warm-up on a side stream first); with --compile the step is torch.compile'd first (both). The base decodes through transformers' StaticCache
+static input buffers (warm-up on a side stream first; with --compile the step goes through torch.compile before
+it). The base decodes through transformers' StaticCache
 (which writes at its own device-side length) with a prepared 4D mask over the slots; its attention function
 is registered with transformers' AttentionInterface: prefill goes to transformers' own SDPA attention, a
 one-token step to the same decode attention the hybrid's absorbed MLA uses (transformers' SDPA path would
@@ -39,7 +40,6 @@ import gc
 import importlib.metadata
 import inspect
 import json
-import os
 import statistics
 import sys
 import time
@@ -579,7 +579,7 @@ class Bench:
         out = {"rel_err": rel(got_l), "token_agreement": (got_l.argmax(-1) == ref_l.argmax(-1)).float().mean().item(),
                "eager_rel_err": rel(eager_l), "finite": bool(torch.isfinite(got_l).all())}
         out["pass"] = out["finite"] and out["rel_err"] <= CHECK_REL_ERR
-        del cache
+        cache = None
         dev.free()
         return out
 
