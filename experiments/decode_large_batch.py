@@ -6,6 +6,8 @@ while the base at its own largest batch reached 65%).
    prefix view of k, the static mask [1, 1, 1, S]): the matmul path and the Triton kernel over launch settings,
    each timed (CUDA events, median) and as GB/s of cache read once.
 2. One eager decode step of the whole hybrid at that batch under the profiler: device time per kernel kind.
+3. (--latent-sweep) The latent kernel (values read inside the keys) over launch settings at batch 8 and the
+   largest batch, beside the matmul path and the general kernel.
 0. (first) The Triton kernel's ranges combined by its combine kernel vs by torch ops, at batch 8, 64 and that
    batch (--combine-only: just this).
 
@@ -49,7 +51,8 @@ def mla_inputs(batch, context, heads=32, r=160, dr=64, slack=64):
     return q, entries[:, None], entries[:, None, :, :r], mask, (128 + 64) ** -0.5
 
 
-def attention(batch, context, rows_file=None, grid=None):
+def attention(batch, context, rows_file=None, grid=None, latent=False):
+    """The matmul path, both Triton kernels at their defaults, then `latent` (or the general) kernel over `grid`."""
     q, k, v, mask, scale = mla_inputs(batch, context)
     cache_bytes = k.numel() * k.element_size()
     ref = decode_attention(q, k, v, mask, scale, "matmul").float()
@@ -60,19 +63,21 @@ def attention(batch, context, rows_file=None, grid=None):
             out = fn().float()
             err = ((out - ref).norm() / ref.norm()).item()
             t = timed(fn)
-            rows.append({"kernel": name, **cfg, "ms": t * 1e3, "GBps": cache_bytes / t / 1e9, "rel_err": err})
+            rows.append({"kernel": name, "batch": batch, **cfg, "ms": t * 1e3, "GBps": cache_bytes / t / 1e9, "rel_err": err})
         except Exception as e:  # a launch setting that does not compile (registers / shared memory)
-            rows.append({"kernel": name, **cfg, "error": f"{type(e).__name__}: {str(e)[:160]}"})
+            rows.append({"kernel": name, "batch": batch, **cfg, "error": f"{type(e).__name__}: {str(e)[:160]}"})
         print(json.dumps(rows[-1]), flush=True)
         if rows_file:  # one line per setting as it is measured: a call stopped at its limit keeps what ran
             with open(rows_file, "a") as f:
                 f.write(json.dumps(rows[-1]) + "\n")
 
     add("matmul", lambda: decode_attention(q, k, v, mask, scale, "matmul"))
-    add("triton-default", lambda: flash_decode(q, k, v, mask, scale))
+    add("triton-default", lambda: flash_decode(q, k, v, mask, scale, latent=False))
+    add("latent-default", lambda: flash_decode(q, k, v, mask, scale, latent=True))
+    name = "latent" if latent else "triton"
     for bs, nw, ns, sp in grid or itertools.product((16, 32, 64), (4, 8), (2, 3), (None, 2, 4)):
-        add("triton", lambda: flash_decode(q, k, v, mask, scale, sp, block_s=bs, num_warps=nw, num_stages=ns),
-            block_s=bs, num_warps=nw, num_stages=ns, splits=sp)
+        add(name, lambda: flash_decode(q, k, v, mask, scale, sp, block_s=bs, num_warps=nw, num_stages=ns,
+                                       latent=latent), block_s=bs, num_warps=nw, num_stages=ns, splits=sp)
     return {"batch": batch, "context": context, "cache_bytes": cache_bytes, "rows": rows}
 
 
@@ -99,8 +104,17 @@ def main() -> None:
     ap.add_argument("--small-batch-sweep", metavar="JSONL", default=None,
                     help="only the attention sweep at --attention-batch over the small-batch grid (range counts 16-64 "
                          "and the automatic one), one JSON line per setting appended to JSONL")
+    ap.add_argument("--latent-sweep", metavar="JSONL", default=None,
+                    help="only the latent kernel's launch sweep at batch 8 and --batch, one JSON line per setting")
     cli = ap.parse_args()
     res = {"device": torch.cuda.get_device_name()}
+    if cli.latent_sweep:
+        with torch.inference_mode():
+            for batch, splits in ((8, (None, 32)), (cli.batch, (None,))):
+                grid = itertools.product((32, 64, 128), (4, 8), (2, 3, 4), splits)
+                attention(batch, cli.context, rows_file=cli.latent_sweep, grid=grid, latent=True)
+                torch.cuda.empty_cache()
+        return
     if cli.small_batch_sweep:
         grid = itertools.product((64, 32), (4, 8), (2, 3), (None, 64, 32, 16))
         with torch.inference_mode():

@@ -110,3 +110,56 @@ def test_combine_kernel_equals_the_torch_combine(flash):
     fused = flash(*args, splits=9)
     torch.testing.assert_close(fused, flash(*args, splits=9, torch_combine=True), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(fused.double(), reference(*args), rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("r,d_rope,t,masked", [(160, 64, 1, "one_row"), (64, 32, 3, "per_row"), (40, 24, 1, None)])
+def test_latent_kernel_reads_values_inside_the_keys(flash, r, d_rope, t, masked):
+    """MLA's absorbed decode through the latent kernel (values = the entries' first r_kv columns, loaded once in
+    power-of-two pieces): zebra_8b's 160 + 64 columns (128 + 32 + 64), a power-of-two r_kv (cut in halves) with
+    several tokens and a per-row causal mask, and pieces padded to their power of two (40 -> 32 + 16, 24 -> 32),
+    against the float64 reference and the general kernel (the same call with latent=False)."""
+    from zebra.model.flash_decode import latent_pieces
+
+    b, heads, s = 2, 8, 333
+    entries = rand(b, s, r + d_rope, seed=13)
+    entries[:, 300:] = 1e4  # unwritten slots of a static cache: must not leak through the mask
+    k, v = entries[:, None], entries[:, None, :, :r]
+    q = rand(b, 1, heads * t, r + d_rope, seed=14)
+    mask = None
+    if masked == "one_row":
+        mask = (torch.arange(s) < 300)[None, None, None]
+    elif masked == "per_row":
+        causal = torch.ones(t, s, dtype=torch.bool).tril(300 - t)
+        mask = causal[None, None].expand(b, heads, t, s).reshape(b, 1, heads * t, s)
+    else:
+        entries[:, 300:] = rand(b, s - 300, r + d_rope, seed=15)  # no mask: every slot is a key
+    assert latent_pieces(r + d_rope, r) is not None
+    got = flash(q, k, v, mask, 0.07, splits=3, latent=True)
+    assert got.shape == (b, 1, heads * t, r)
+    torch.testing.assert_close(got.double(), reference(q, k, v, mask, 0.07), rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(got, flash(q, k, v, mask, 0.07, splits=3, latent=False), rtol=1e-5, atol=1e-5)
+
+
+def test_latent_pieces_and_when_the_kernel_is_taken(flash):
+    from zebra.model.flash_decode import latent_pieces, values_in_keys
+
+    assert latent_pieces(224, 160) == (128, 32, 64)  # zebra_8b: no padding at all
+    assert latent_pieces(96, 64) == (32, 32, 32)
+    assert latent_pieces(40, 24) is None  # too few value columns for two pieces
+    assert latent_pieces(64, 64) is None  # no key columns beyond the values
+    entries = rand(1, 10, 96, seed=16)
+    assert values_in_keys(entries[:, None], entries[:, None, :, :64])
+    assert not values_in_keys(entries[:, None], entries[:, None, :, 32:])  # not the first columns
+    assert not values_in_keys(entries[:, None], entries[:, None, :, :64].clone())  # a copy
+    with pytest.raises(ValueError, match="latent=True"):
+        flash(rand(1, 1, 4, 96, seed=17), entries[:, None], entries[:, None, :, :64].clone(), None, 1.0, latent=True)
+
+
+def test_latent_kernel_half_precision(flash):
+    b, heads, s, r, d_rope = 2, 16, 200, 160, 64
+    entries = rand(b, s, r + d_rope, seed=18).half()
+    q = rand(b, 1, heads, r + d_rope, seed=19).half()
+    got = flash(q, entries[:, None], entries[:, None, :, :r], None, 0.05, latent=True)
+    assert got.dtype == torch.float16
+    torch.testing.assert_close(got.double(), reference(q, entries[:, None], entries[:, None, :, :r], None, 0.05),
+                               rtol=3e-3, atol=3e-3)

@@ -871,8 +871,10 @@ class Bench:
                 section("decode", decode)
                 if a.profile:
                     def prof():
-                        model_res["profile"] = rec = self.profile_step(runner, a.max_batch_context, a.batch,
-                                                                       a.kernels[0])
+                        # the kernel the step is timed with: the fastest at this context and batch
+                        best = best_decode(model_res.get("decode"), a.max_batch_context, a.batch)
+                        kernel = best["kernel"] if best else a.kernels[0]
+                        model_res["profile"] = rec = self.profile_step(runner, a.max_batch_context, a.batch, kernel)
                         print(f"[{name:5s}] profile   context={rec['context']} batch={rec['batch']} "
                               f"kernel={rec['kernel']} launches/step={rec['launches_per_step']:.0f} "
                               f"device_ms/step={rec['device_us_per_step'] / 1e3:.3f}", flush=True)

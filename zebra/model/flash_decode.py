@@ -6,7 +6,12 @@ keys in one batched GEMM with 4-32 rows, writes the scores, reads them back for 
 values GEMM; torch's SDPA with a mask gives each (batch, head) one thread block, too few for a long cache at small
 batch. Here the keys of every (batch, KV head) are cut into `splits` ranges, one program per range: it streams
 its keys and values once, keeps a running (online) softmax in registers, and writes one partial output per range;
-the ranges are then combined with their softmax weights (a few small torch ops).
+the ranges are then combined with their softmax weights (one more small kernel).
+
+MLA's absorbed attention has its values inside its keys (v = the first r_kv columns of the latent cache entries).
+There a second kernel (`latent_attention`) loads each block of entries once, in power-of-two column pieces (zebra_8b:
+128 + 32 value columns, 64 RoPE columns), and uses the same registers for the scores and for the values: the
+general kernel reads the keys in 64-column chunks and then the values again, padded to a power of two (160 -> 256).
 
 q [B, G, Q, D], k [B, G, S, D], v [B, G, S, Dv]: G key/value heads, each read by Q query rows (GQA query heads
 folded into rows; MLA's absorbed attention has G = 1, Q = heads x tokens, D = r_kv + d_rope and v a prefix view of
@@ -26,6 +31,7 @@ from .triton_util import import_triton, interpreting, next_pow2, prev_pow2, requ
 BLOCK_D = 64  # key columns per scores MMA (D is looped over in chunks of this)
 MAX_BLOCK_Q = 64  # query rows per program (more rows: more programs along the query axis)
 MIN_SPLITS = 4  # key ranges per (batch, KV head) at least (split_count)
+MIN_PIECE = 16  # the smallest column piece of the latent kernel (tl.dot's smallest inner size)
 
 
 @functools.lru_cache(maxsize=2)
@@ -101,6 +107,101 @@ def _kernel(interpret: bool):
 
 
 @functools.lru_cache(maxsize=2)
+def _latent_kernel(interpret: bool):
+    """The kernel for values that are the first DV columns of the keys (MLA's latent cache): each block of keys is
+    loaded once as three column pieces, [0, DV_A) and [DV_A, DV) (the values) and [DV, D) (the rest of the key),
+    each a power of two wide (the last two masked to their true width); the query's pieces are loaded once per
+    program. Same outputs as `split_attention` (partial outputs, maxima and sums per key range)."""
+    triton, tl = import_triton()
+
+    @triton.jit
+    def latent_attention(q_ptr, e_ptr, m_ptr, out_ptr, mx_ptr, l_ptr,
+                         sqb, sqg, sqq, sqd, seb, seg, ses, sed, smb, smg, smq, sms,
+                         sob, sog, sop, soq, sod, slb, slg, slp, slq,
+                         G, NQ, S, D, DV, scale,
+                         N_BLOCKS: tl.constexpr, HAS_MASK: tl.constexpr, MASK_ONE_ROW: tl.constexpr,
+                         BLOCK_Q: tl.constexpr, BLOCK_S: tl.constexpr, DV_A: tl.constexpr, DV_B: tl.constexpr,
+                         D_R: tl.constexpr, PRECISION: tl.constexpr):
+        bg = tl.program_id(0).to(tl.int64)  # int64: see split_attention
+        split = tl.program_id(1)
+        qb = tl.program_id(2)
+        b = bg // G
+        g = bg % G
+        rows = qb * BLOCK_Q + tl.arange(0, BLOCK_Q)
+        row_ok = rows < NQ
+        offs_s = tl.arange(0, BLOCK_S)
+        ca = tl.arange(0, DV_A)
+        cb = DV_A + tl.arange(0, DV_B)
+        cr = DV + tl.arange(0, D_R)
+        cb_ok = cb < DV
+        cr_ok = cr < D
+        q_base = q_ptr + b * sqb + g * sqg + rows[:, None] * sqq
+        qa = tl.load(q_base + ca[None, :] * sqd, mask=row_ok[:, None], other=0.0)
+        qv = tl.load(q_base + cb[None, :] * sqd, mask=row_ok[:, None] & cb_ok[None, :], other=0.0)
+        qr = tl.load(q_base + cr[None, :] * sqd, mask=row_ok[:, None] & cr_ok[None, :], other=0.0)
+        e_base = e_ptr + b * seb + g * seg
+        start = split * (N_BLOCKS * BLOCK_S)
+        end = tl.minimum(start + N_BLOCKS * BLOCK_S, S)
+
+        m_i = tl.full([BLOCK_Q], -1.0e30, tl.float32)
+        l_i = tl.zeros([BLOCK_Q], tl.float32)
+        acc_a = tl.zeros([BLOCK_Q, DV_A], tl.float32)
+        acc_b = tl.zeros([BLOCK_Q, DV_B], tl.float32)
+        for i in range(0, N_BLOCKS):
+            cols = start + i * BLOCK_S + offs_s
+            col_ok = cols < end
+            rows_e = e_base + cols[:, None] * ses  # [BLOCK_S, 1]: one entry per key
+            ka = tl.load(rows_e + ca[None, :] * sed, mask=col_ok[:, None], other=0.0)
+            kb = tl.load(rows_e + cb[None, :] * sed, mask=col_ok[:, None] & cb_ok[None, :], other=0.0)
+            kr = tl.load(rows_e + cr[None, :] * sed, mask=col_ok[:, None] & cr_ok[None, :], other=0.0)
+            scores = tl.dot(qa, tl.trans(ka), input_precision=PRECISION)
+            scores = tl.dot(qv, tl.trans(kb), scores, input_precision=PRECISION)
+            scores = tl.dot(qr, tl.trans(kr), scores, input_precision=PRECISION) * scale
+            if HAS_MASK:
+                if MASK_ONE_ROW:  # the same mask for every query row: one byte per key
+                    keep = tl.load(m_ptr + b * smb + g * smg + cols * sms, mask=col_ok, other=0)
+                    valid = row_ok[:, None] & (col_ok & (keep != 0))[None, :]
+                else:
+                    valid = row_ok[:, None] & col_ok[None, :]
+                    keep = tl.load(m_ptr + b * smb + g * smg + rows[:, None] * smq + cols[None, :] * sms,
+                                   mask=valid, other=0)
+                    valid = valid & (keep != 0)
+            else:
+                valid = row_ok[:, None] & col_ok[None, :]
+            scores = tl.where(valid, scores, -1.0e30)
+            m_new = tl.maximum(m_i, tl.max(scores, 1))
+            p = tl.where(valid, tl.exp(scores - m_new[:, None]), 0.0)
+            alpha = tl.exp(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            p = p.to(ka.dtype)
+            acc_a = tl.dot(p, ka, acc_a * alpha[:, None], input_precision=PRECISION)
+            acc_b = tl.dot(p, kb, acc_b * alpha[:, None], input_precision=PRECISION)
+            m_i = m_new
+
+        o_base = out_ptr + b * sob + g * sog + split * sop + rows[:, None] * soq
+        tl.store(o_base + ca[None, :] * sod, acc_a, mask=row_ok[:, None])
+        tl.store(o_base + cb[None, :] * sod, acc_b, mask=row_ok[:, None] & cb_ok[None, :])
+        ml = b * slb + g * slg + split * slp + rows * slq
+        tl.store(mx_ptr + ml, m_i, mask=row_ok)
+        tl.store(l_ptr + ml, l_i, mask=row_ok)
+
+    return latent_attention
+
+
+def latent_pieces(d: int, dv: int) -> tuple[int, int, int] | None:
+    """(DV_A, DV_B, D_R): the latent kernel's column pieces for keys of d columns whose first dv are the values,
+    each a power of two of at least MIN_PIECE (zebra_8b: 160 + 64 -> 128, 32, 64); None where the pieces would pad
+    the entries by more than half (then the general kernel is as good)."""
+    if dv < 2 * MIN_PIECE or d <= dv:
+        return None
+    a = prev_pow2(dv - 1)  # a power-of-two dv is cut in two halves, so that both value pieces are real
+    b, r = next_pow2(dv - a, lo=MIN_PIECE), next_pow2(d - dv, lo=MIN_PIECE)
+    if a + b + r > 1.5 * d:
+        return None
+    return a, b, r
+
+
+@functools.lru_cache(maxsize=2)
 def _combine_kernel(interpret: bool):
     """The ranges' partial outputs weighted by their softmax maxima and sums, in one pass: one program per
     (batch x KV head, query row, block of value columns)."""
@@ -157,26 +258,42 @@ def combine_ranges_torch(out: torch.Tensor, mx: torch.Tensor, lsum: torch.Tensor
     return (num / den).to(dtype)
 
 
+def values_in_keys(k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether v is a view of k's first columns (MLA's absorbed attention: v = entries[..., :r_kv])."""
+    return (v.data_ptr() == k.data_ptr() and v.stride() == k.stride() and v.shape[:3] == k.shape[:3]
+            and v.shape[3] <= k.shape[3])
+
+
 def flash_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
                  splits: int | None = None, *, block_s: int | None = None, num_warps: int | None = None,
-                 num_stages: int | None = None, torch_combine: bool = False) -> torch.Tensor:
+                 num_stages: int | None = None, torch_combine: bool = False,
+                 latent: bool | None = None) -> torch.Tensor:
     """softmax(scale * q k^T, masked) v -> [B, G, Q, Dv] in q's dtype (see the module docstring). `block_s`,
     `num_warps`, `num_stages` override the launch configuration, `torch_combine` combines the key ranges with torch
-    ops instead of the kernel (measurements: experiments/decode_large_batch.py)."""
+    ops instead of the kernel, `latent` False keeps the general kernel where v is a prefix view of k (True requires
+    the latent one) (measurements: experiments/decode_large_batch.py)."""
     require_kernel_device(q, "flash_decode")
     b, g, nq, d = q.shape
     s, dv = k.shape[2], v.shape[3]
     if k.shape[:2] != (b, g) or v.shape[:3] != (b, g, s) or k.shape[3] != d:
         raise ValueError(f"flash_decode: shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not "
                          "match [B, G, Q, D], [B, G, S, D], [B, G, S, Dv]")
+    pieces = latent_pieces(d, dv) if latent is not False and values_in_keys(k, v) else None
+    if latent and pieces is None:
+        raise ValueError(f"flash_decode: latent=True needs v to be a view of k's first columns, with at least "
+                         f"{2 * MIN_PIECE} of them and some key columns beyond (d {d}, dv {dv})")
     block_q = min(MAX_BLOCK_Q, next_pow2(nq, lo=16))
-    block_dv = next_pow2(dv, lo=16)
-    # 64 keys per block, 4 warps, 2 stages: at MLA's shape (32 rows x 160 value columns, the widest tile here) at
-    # 32k x 739 this ran in 7.3 ms against 25.8 ms for the earlier 32 keys / 8 warps, and 12.1 ms for the matmul
-    # path (H200, experiments/decode_large_batch_h200.json)
-    block_s = block_s or 64
-    wide = block_q * block_dv > 32 * 128
-    num_stages = num_stages or (2 if wide else None)
+    if pieces is not None:
+        # TODO(measure): the latent kernel's launch, from decode_large_batch.py's sweep
+        block_s = block_s or 64
+        num_stages = num_stages or 2
+    else:
+        # 64 keys per block, 4 warps, 2 stages: at MLA's shape (32 rows x 160 value columns, the widest tile here)
+        # at 32k x 739 this ran in 7.3 ms against 25.8 ms for the earlier 32 keys / 8 warps, and 12.1 ms for the
+        # matmul path (H200, experiments/decode_large_batch_h200.json)
+        block_s = block_s or 64
+        wide = block_q * next_pow2(dv, lo=16) > 32 * 128
+        num_stages = num_stages or (2 if wide else None)
     q_blocks = math.ceil(nq / block_q)
     n_split = split_count(b * g, q_blocks, s, block_s, q.device, splits)
     # key blocks per range, a power of two: a compile-time loop count (Triton's interpreter takes no runtime loop
@@ -195,14 +312,20 @@ def flash_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.
         m_strides = m.stride()
     else:
         m, m_strides = q, (0, 0, 0, 0)  # unused pointer
-    kernel = _kernel(interpreting())
     grid = (b * g, n_split, q_blocks)
-    kernel[grid](q, k, v, m, out, mx, lsum, *q.stride(), *k.stride(), *v.stride(), *m_strides, *out.stride(),
-                 *mx.stride(), g, nq, s, d, dv, float(scale),
-                 N_BLOCKS=n_blocks, HAS_MASK=mask is not None, D_CHUNKS=math.ceil(d / BLOCK_D), BLOCK_Q=block_q, BLOCK_S=block_s,
-                 BLOCK_D=BLOCK_D, BLOCK_DV=block_dv,
-                 PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=num_warps or 4,
-                 **({"num_stages": num_stages} if num_stages else {}))
+    common = dict(N_BLOCKS=n_blocks, HAS_MASK=mask is not None, BLOCK_Q=block_q, BLOCK_S=block_s,
+                  PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=num_warps or 4,
+                  **({"num_stages": num_stages} if num_stages else {}))
+    if pieces is not None:
+        dv_a, dv_b, d_r = pieces
+        _latent_kernel(interpreting())[grid](
+            q, k, m, out, mx, lsum, *q.stride(), *k.stride(), *m_strides, *out.stride(), *mx.stride(), g, nq, s, d,
+            dv, float(scale), MASK_ONE_ROW=m_strides[2] == 0, DV_A=dv_a, DV_B=dv_b, D_R=d_r, **common)
+    else:
+        _kernel(interpreting())[grid](
+            q, k, v, m, out, mx, lsum, *q.stride(), *k.stride(), *v.stride(), *m_strides, *out.stride(),
+            *mx.stride(), g, nq, s, d, dv, float(scale), D_CHUNKS=math.ceil(d / BLOCK_D), BLOCK_D=BLOCK_D,
+            BLOCK_DV=next_pow2(dv, lo=16), **common)
     if torch_combine:
         return combine_ranges_torch(out, mx, lsum, q.dtype)
     # combine the ranges in one kernel instead of combine_ranges_torch's six ops and its [B, G, splits, Q, Dv]
