@@ -32,6 +32,7 @@ BLOCK_D = 64  # key columns per scores MMA (D is looped over in chunks of this)
 MAX_BLOCK_Q = 64  # query rows per program (more rows: more programs along the query axis)
 MIN_SPLITS = 4  # key ranges per (batch, KV head) at least (split_count)
 MIN_PIECE = 16  # the smallest column piece of the latent kernel (tl.dot's smallest inner size)
+LATENT_TRANSPOSED = False  # the latent kernel's form (flash_decode's `transposed`)
 
 
 @functools.lru_cache(maxsize=2)
@@ -188,6 +189,87 @@ def _latent_kernel(interpret: bool):
     return latent_attention
 
 
+@functools.lru_cache(maxsize=2)
+def _latent_kernel_t(interpret: bool):
+    """`latent_attention` computed transposed: scores^T = K q^T [keys, rows] and out^T = V^T p^T [columns, rows],
+    so that the MMAs' M side is the keys (64+) and the value columns (128) rather than MLA's 32 query rows
+    (Hopper's warpgroup MMA takes M >= 64; at 32 rows Triton falls back to the smaller MMA). Same outputs."""
+    triton, tl = import_triton()
+
+    @triton.jit
+    def latent_attention_t(q_ptr, e_ptr, m_ptr, out_ptr, mx_ptr, l_ptr,
+                           sqb, sqg, sqq, sqd, seb, seg, ses, sed, smb, smg, smq, sms,
+                           sob, sog, sop, soq, sod, slb, slg, slp, slq,
+                           G, NQ, S, D, DV, scale,
+                           N_BLOCKS: tl.constexpr, HAS_MASK: tl.constexpr, MASK_ONE_ROW: tl.constexpr,
+                           BLOCK_Q: tl.constexpr, BLOCK_S: tl.constexpr, DV_A: tl.constexpr, DV_B: tl.constexpr,
+                           D_R: tl.constexpr, PRECISION: tl.constexpr):
+        bg = tl.program_id(0).to(tl.int64)  # int64: see split_attention
+        split = tl.program_id(1)
+        qb = tl.program_id(2)
+        b = bg // G
+        g = bg % G
+        rows = qb * BLOCK_Q + tl.arange(0, BLOCK_Q)
+        row_ok = rows < NQ
+        offs_s = tl.arange(0, BLOCK_S)
+        ca = tl.arange(0, DV_A)
+        cb = DV_A + tl.arange(0, DV_B)
+        cr = DV + tl.arange(0, D_R)
+        cb_ok = cb < DV
+        cr_ok = cr < D
+        q_base = q_ptr + b * sqb + g * sqg + rows[None, :] * sqq  # the query pieces as columns: [piece, BLOCK_Q]
+        qa = tl.load(q_base + ca[:, None] * sqd, mask=row_ok[None, :], other=0.0)
+        qv = tl.load(q_base + cb[:, None] * sqd, mask=cb_ok[:, None] & row_ok[None, :], other=0.0)
+        qr = tl.load(q_base + cr[:, None] * sqd, mask=cr_ok[:, None] & row_ok[None, :], other=0.0)
+        e_base = e_ptr + b * seb + g * seg
+        start = split * (N_BLOCKS * BLOCK_S)
+        end = tl.minimum(start + N_BLOCKS * BLOCK_S, S)
+
+        m_i = tl.full([BLOCK_Q], -1.0e30, tl.float32)
+        l_i = tl.zeros([BLOCK_Q], tl.float32)
+        acc_a = tl.zeros([DV_A, BLOCK_Q], tl.float32)
+        acc_b = tl.zeros([DV_B, BLOCK_Q], tl.float32)
+        for i in range(0, N_BLOCKS):
+            cols = start + i * BLOCK_S + offs_s
+            col_ok = cols < end
+            rows_e = e_base + cols[:, None] * ses
+            ka = tl.load(rows_e + ca[None, :] * sed, mask=col_ok[:, None], other=0.0)
+            kb = tl.load(rows_e + cb[None, :] * sed, mask=col_ok[:, None] & cb_ok[None, :], other=0.0)
+            kr = tl.load(rows_e + cr[None, :] * sed, mask=col_ok[:, None] & cr_ok[None, :], other=0.0)
+            scores = tl.dot(ka, qa, input_precision=PRECISION)  # [BLOCK_S, BLOCK_Q]
+            scores = tl.dot(kb, qv, scores, input_precision=PRECISION)
+            scores = tl.dot(kr, qr, scores, input_precision=PRECISION) * scale
+            if HAS_MASK:
+                if MASK_ONE_ROW:
+                    keep = tl.load(m_ptr + b * smb + g * smg + cols * sms, mask=col_ok, other=0)
+                    valid = (col_ok & (keep != 0))[:, None] & row_ok[None, :]
+                else:
+                    valid = col_ok[:, None] & row_ok[None, :]
+                    keep = tl.load(m_ptr + b * smb + g * smg + rows[None, :] * smq + cols[:, None] * sms,
+                                   mask=valid, other=0)
+                    valid = valid & (keep != 0)
+            else:
+                valid = col_ok[:, None] & row_ok[None, :]
+            scores = tl.where(valid, scores, -1.0e30)
+            m_new = tl.maximum(m_i, tl.max(scores, 0))
+            p = tl.where(valid, tl.exp(scores - m_new[None, :]), 0.0)
+            alpha = tl.exp(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 0)
+            p = p.to(ka.dtype)
+            acc_a = tl.dot(tl.trans(ka), p, acc_a * alpha[None, :], input_precision=PRECISION)
+            acc_b = tl.dot(tl.trans(kb), p, acc_b * alpha[None, :], input_precision=PRECISION)
+            m_i = m_new
+
+        o_base = out_ptr + b * sob + g * sog + split * sop + rows[None, :] * soq
+        tl.store(o_base + ca[:, None] * sod, acc_a, mask=row_ok[None, :])
+        tl.store(o_base + cb[:, None] * sod, acc_b, mask=cb_ok[:, None] & row_ok[None, :])
+        ml = b * slb + g * slg + split * slp + rows * slq
+        tl.store(mx_ptr + ml, m_i, mask=row_ok)
+        tl.store(l_ptr + ml, l_i, mask=row_ok)
+
+    return latent_attention_t
+
+
 def latent_pieces(d: int, dv: int) -> tuple[int, int, int] | None:
     """(DV_A, DV_B, D_R): the latent kernel's column pieces for keys of d columns whose first dv are the values,
     each a power of two of at least MIN_PIECE (zebra_8b: 160 + 64 -> 128, 32, 64); None where the pieces would pad
@@ -231,20 +313,20 @@ def _combine_kernel(interpret: bool):
     return combine
 
 
-def _target_programs(device: torch.device) -> int:
+def _target_programs(device: torch.device, per_sm: int = 4) -> int:
     if device.type == "cuda":
-        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    return 8
+        return per_sm * torch.cuda.get_device_properties(device).multi_processor_count
+    return 2 * per_sm
 
 
 def split_count(batch_heads: int, q_blocks: int, keys: int, block_s: int, device: torch.device,
-                splits: int | None = None) -> int:
+                splits: int | None = None, per_sm: int = 4) -> int:
     """Key ranges per (batch, KV head): enough programs to fill the GPU about four times over and at least
     MIN_SPLITS (at a large batch one range per row left each program a long serial loop: at zebra_8b's 32k x 739
     on an H200, 4 ranges 7.3 ms, 2 ranges 9.1 ms, one requested (512 + 1 key blocks) 12.3 ms), none empty."""
     most = max(1, math.ceil(keys / block_s))
     if splits is None:
-        splits = max(MIN_SPLITS, math.ceil(_target_programs(device) / max(1, batch_heads * q_blocks)))
+        splits = max(MIN_SPLITS, math.ceil(_target_programs(device, per_sm) / max(1, batch_heads * q_blocks)))
     return max(1, min(int(splits), most))
 
 
@@ -267,11 +349,11 @@ def values_in_keys(k: torch.Tensor, v: torch.Tensor) -> bool:
 def flash_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
                  splits: int | None = None, *, block_s: int | None = None, num_warps: int | None = None,
                  num_stages: int | None = None, torch_combine: bool = False,
-                 latent: bool | None = None) -> torch.Tensor:
+                 latent: bool | None = None, transposed: bool = LATENT_TRANSPOSED) -> torch.Tensor:
     """softmax(scale * q k^T, masked) v -> [B, G, Q, Dv] in q's dtype (see the module docstring). `block_s`,
     `num_warps`, `num_stages` override the launch configuration, `torch_combine` combines the key ranges with torch
     ops instead of the kernel, `latent` False keeps the general kernel where v is a prefix view of k (True requires
-    the latent one) (measurements: experiments/decode_large_batch.py)."""
+    the latent one), `transposed` picks its transposed form (measurements: experiments/decode_large_batch.py)."""
     require_kernel_device(q, "flash_decode")
     b, g, nq, d = q.shape
     s, dv = k.shape[2], v.shape[3]
@@ -283,10 +365,12 @@ def flash_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.
         raise ValueError(f"flash_decode: latent=True needs v to be a view of k's first columns, with at least "
                          f"{2 * MIN_PIECE} of them and some key columns beyond (d {d}, dv {dv})")
     block_q = min(MAX_BLOCK_Q, next_pow2(nq, lo=16))
+    per_sm = 4
     if pieces is not None:
-        # TODO(measure): the latent kernel's launch, from decode_large_batch.py's sweep
-        block_s = block_s or 64
-        num_stages = num_stages or 2
+        # 64 keys per block, 4 warps, 3 stages, about two programs per SM: at zebra_8b's 32k x 8 (graph-timed, one
+        # H200) 72.5 us per call against 88.1 us with 2 stages and four programs per SM, and 80.0 us for the
+        # general kernel; at 32k x 739 6.59 ms against 7.14 ms (experiments/decode_latent_sweep_h200.jsonl)
+        block_s, num_stages, per_sm = block_s or 64, num_stages or 3, 2
     else:
         # 64 keys per block, 4 warps, 2 stages: at MLA's shape (32 rows x 160 value columns, the widest tile here)
         # at 32k x 739 this ran in 7.3 ms against 25.8 ms for the earlier 32 keys / 8 warps, and 12.1 ms for the
@@ -295,7 +379,7 @@ def flash_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.
         wide = block_q * next_pow2(dv, lo=16) > 32 * 128
         num_stages = num_stages or (2 if wide else None)
     q_blocks = math.ceil(nq / block_q)
-    n_split = split_count(b * g, q_blocks, s, block_s, q.device, splits)
+    n_split = split_count(b * g, q_blocks, s, block_s, q.device, splits, per_sm)
     # key blocks per range, a power of two: a compile-time loop count (Triton's interpreter takes no runtime loop
     # bound), so a growing cache recompiles the kernel only when the count doubles. Rounded down (and the ranges
     # made more): rounded up, a range count of one at a large batch looped over up to twice the keys there are.
@@ -308,7 +392,9 @@ def flash_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.
     if mask is not None:
         if mask.dtype != torch.bool:
             raise ValueError(f"flash_decode: mask must be bool (True = attend), got {mask.dtype}")
-        m = mask.expand(b, g, nq, s).view(torch.uint8)
+        # bytes for the kernel: a view where possible; inductor cannot lower a bool -> uint8 view (a conversion
+        # under torch.compile copies the mask, at decode one row of S bytes)
+        m = (mask.to(torch.uint8) if torch.compiler.is_compiling() else mask.view(torch.uint8)).expand(b, g, nq, s)
         m_strides = m.stride()
     else:
         m, m_strides = q, (0, 0, 0, 0)  # unused pointer
@@ -318,7 +404,8 @@ def flash_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.
                   **({"num_stages": num_stages} if num_stages else {}))
     if pieces is not None:
         dv_a, dv_b, d_r = pieces
-        _latent_kernel(interpreting())[grid](
+        kernel = _latent_kernel_t if transposed else _latent_kernel
+        kernel(interpreting())[grid](
             q, k, m, out, mx, lsum, *q.stride(), *k.stride(), *m_strides, *out.stride(), *mx.stride(), g, nq, s, d,
             dv, float(scale), MASK_ONE_ROW=m_strides[2] == 0, DV_A=dv_a, DV_B=dv_b, D_R=d_r, **common)
     else:
