@@ -18,7 +18,7 @@ MODEL_DIR = Path(__file__).resolve().parent / "model"
 # Every file ZebraForCausalLM needs; they import each other relatively, which transformers' remote-code
 # loader follows.
 MODEL_FILES = ("configuration_zebra.py", "modeling_zebra.py", "cache.py", "mla.py", "rope.py", "mamba2.py",
-               "ssd.py", "packing.py", "flash_decode.py", "fused_conv_step.py", "fused_norm.py",
+               "ssd.py", "packing.py", "flash_decode.py", "fused_conv_step.py", "fused_mlp.py", "fused_norm.py",
                "fused_state_update.py", "triton_util.py")
 AUTO_MAP = {
     "AutoConfig": "configuration_zebra.ZebraConfig",

@@ -9,6 +9,7 @@ import torch
 from zebra.model import ZebraConfig, ZebraForCausalLM
 from zebra.model.flash_decode import flash_decode
 from zebra.model.fused_conv_step import fused_conv_update
+from zebra.model.fused_mlp import fused_silu_mul
 from zebra.model.fused_norm import fused_rms_norm
 from zebra.model.fused_state_update import fused_state_update
 from zebra.model.ssd import conv_step, ssd_step
@@ -71,6 +72,8 @@ def test_kernels_on_cuda_against_references():
     torch.testing.assert_close(fused_state_update(st, xg, dt, a_log, B, C, D, dt_bias=dtb), want_y, rtol=1e-4,
                                atol=1e-4)
     torch.testing.assert_close(st, want_st, rtol=1e-4, atol=1e-4)
+    gate, up = (torch.randn(8, 1, 14336, device=DEV, generator=g).bfloat16() for _ in range(2))
+    assert (fused_silu_mul(gate, up) == torch.nn.functional.silu(gate) * up).float().mean() > 0.999  # eager's bits
     q, k = torch.randn(2, 8, 4, 128, device=DEV, generator=g), torch.randn(2, 8, 5000, 128, device=DEV, generator=g)
     mask = (torch.arange(5000, device=DEV) < 4700)[None, None, None]
     ref = torch.softmax((q @ k.transpose(-1, -2) / 11.3).masked_fill(~mask, float("-inf")), -1) @ k
@@ -90,4 +93,23 @@ def test_flash_decode_batch_offsets_past_2_31_elements():
     q = torch.randn(b, 1, 4, d, device=DEV, dtype=torch.bfloat16)
     out = flash_decode(q, k, v, None, d**-0.5).float()
     ref = torch.softmax(q.double() @ k.double().transpose(-1, -2) * d**-0.5, -1) @ v.double()
+    torch.testing.assert_close(out, ref.float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_latent_flash_decode_at_zebra_8b_shape_past_2_31_elements(transposed):
+    """The latent kernel (MLA: values = the entries' first 160 columns) at zebra_8b's 32 heads x (160 + 64)
+    columns, in both forms, on a cache whose last batch row starts past 2**31 elements, with the static mask."""
+    torch.manual_seed(1)
+    s, r, dr, b = 700, 160, 64, 3
+    stride_b = 2**30 + 4096
+    buf = torch.empty(b * stride_b, device=DEV, dtype=torch.bfloat16)
+    entries = buf.as_strided((b, 1, s, r + dr), (stride_b, s * (r + dr), r + dr, 1))
+    entries.copy_(torch.randn(b, 1, s, r + dr, device=DEV, dtype=torch.bfloat16))
+    q = torch.randn(b, 1, 32, r + dr, device=DEV, dtype=torch.bfloat16)
+    mask = (torch.arange(s, device=DEV) < 650)[None, None, None]
+    out = flash_decode(q, entries, entries[..., :r], mask, 0.07, latent=True, transposed=transposed).float()
+    e = entries.double()
+    scores = (q.double() @ e.transpose(-1, -2) * 0.07).masked_fill(~mask, float("-inf"))
+    ref = torch.softmax(scores, -1) @ e[..., :r]
     torch.testing.assert_close(out, ref.float(), atol=2e-2, rtol=2e-2)

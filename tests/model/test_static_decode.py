@@ -155,3 +155,31 @@ def test_decode_attention_kernels(s, kernel):
     ref = torch.softmax(scores.masked_fill(~mask, float("-inf")), -1) @ v
     # the Triton kernel keeps its scores and running softmax in fp32 whatever the inputs (as on the GPU)
     assert rel(decode_attention(q, k, v, mask, 0.25, kernel), ref) < (1e-6 if kernel == "triton" else 1e-12)
+
+
+def test_static_step_computes_rope_and_slot_mask_once_for_all_mla_layers(monkeypatch):
+    """The static step shares the RoPE cos/sin and the slot mask of its first MLA layer with the others (8 small
+    kernels a layer at decode); with padding the shared mask is each row's own, so the padded decode stays right
+    (test_left_padded_static_decode_equals_sequences_alone)."""
+    from zebra.model import mla
+
+    model = make_model(MIXES["mixed"])
+    calls = {"rope": 0, "mask": 0}
+    rope_forward, mask_fn = type(model.model.layers[0].mixer.rotary_emb).forward, mla.static_attention_mask
+
+    def counting_rope(self, *a, **k):
+        calls["rope"] += 1
+        return rope_forward(self, *a, **k)
+
+    def counting_mask(*a, **k):
+        calls["mask"] += 1
+        return mask_fn(*a, **k)
+
+    monkeypatch.setattr(type(model.model.layers[0].mixer.rotary_emb), "forward", counting_rope)
+    monkeypatch.setattr(mla, "static_attention_mask", counting_mask)
+    ids = torch.randint(0, 97, (2, 12))
+    full = model(ids, use_cache=False).logits
+    calls.update(rope=0, mask=0)
+    got = static_decode(model, ids, prefill=9, max_length=16)
+    assert rel(got, full) < 1e-10
+    assert calls == {"rope": 2 + 3, "mask": 3}  # the eager prefill's two MLA layers, then one per static step

@@ -32,7 +32,7 @@ BLOCK_D = 64  # key columns per scores MMA (D is looped over in chunks of this)
 MAX_BLOCK_Q = 64  # query rows per program (more rows: more programs along the query axis)
 MIN_SPLITS = 4  # key ranges per (batch, KV head) at least (split_count)
 MIN_PIECE = 16  # the smallest column piece of the latent kernel (tl.dot's smallest inner size)
-LATENT_TRANSPOSED = False  # the latent kernel's form (flash_decode's `transposed`)
+LATENT_TRANSPOSED = True  # the latent kernel's form (flash_decode's `transposed`): see its launch comment
 
 
 @functools.lru_cache(maxsize=2)

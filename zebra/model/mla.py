@@ -68,6 +68,15 @@ def static_attention_mask(cache_position: torch.Tensor, s: int,
     return (visible[None, None] & attention_mask.bool()[:, None, None, :]) | own
 
 
+def memoized(memo: dict | None, key, compute):
+    """compute(), kept in `memo` under `key` for the next layer of the same forward (no memo: computed each time)."""
+    if memo is None:
+        return compute()
+    if key not in memo:
+        memo[key] = compute()
+    return memo[key]
+
+
 DECODE_KERNELS = ("matmul", "sdpa", "triton")
 DECODE_SPLITS, DECODE_SPLIT_MIN = 16, 4096  # "matmul": key ranges of the values GEMM, from this many keys
 
@@ -138,13 +147,16 @@ class MultiHeadLatentAttention(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, position_ids: torch.Tensor, doc_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, cache: MLALayerCache | None = None,
-                absorb: bool | None = None, cache_position: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+                absorb: bool | None = None, cache_position: torch.Tensor | None = None, memo: dict | None = None,
+                **kwargs) -> torch.Tensor:
         """hidden_states [B, T, H] -> [B, T, H] (contract in .notes/INTERFACES.md).
 
         `absorb`: None picks the absorbed form when the cache already holds tokens and at most
         `absorb_max_tokens` are new (decode); True / False force one form (tests, benchmarks).
         `cache_position` [T] (device tensor, static cache only): the slots the new tokens are written to; the
         CUDA-graph-safe path (module docstring). `attention_mask` is then [B, max_length] over the slots.
+        `memo`: a dict shared by the layers of one forward (static path), which keeps the RoPE cos/sin and the slot
+        mask the first MLA layer computes for the others (the same for every layer: 8 small kernels a layer).
         """
         b, t, _ = hidden_states.shape
         r, dr = self.kv_lora_rank, self.d_rope
@@ -153,12 +165,13 @@ class MultiHeadLatentAttention(nn.Module):
         q_nope, q_rope = q.split([self.d_nope, dr], dim=-1)  # [B, h, T, .]
         latent, k_rope = self.kv_a_proj(hidden_states).split([r, dr], dim=-1)  # [B, T, r], [B, T, dr]
 
-        cos, sin = self.rotary_emb(position_ids, q.dtype)
+        cos, sin = memoized(memo, ("rope", q.dtype), lambda: self.rotary_emb(position_ids, q.dtype))
         q_rope = self.rotary_emb.rotate(q_rope, cos[:, None], sin[:, None])
         k_rope = self.rotary_emb.rotate(k_rope, cos, sin)
 
         if cache_position is not None:
-            out = self._static(q_nope, q_rope, latent, k_rope, cache, cache_position, doc_ids, attention_mask, absorb)
+            out = self._static(q_nope, q_rope, latent, k_rope, cache, cache_position, doc_ids, attention_mask, absorb,
+                               memo)
             return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.d_v))
 
         past, entries = 0, None
@@ -184,14 +197,15 @@ class MultiHeadLatentAttention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.d_v))
 
     def _static(self, q_nope, q_rope, latent, k_rope, cache, cache_position, doc_ids, attention_mask,
-                absorb) -> torch.Tensor:
+                absorb, memo=None) -> torch.Tensor:
         """The static-cache path: write at `cache_position`, attend over every slot under a position mask."""
         if cache is None or getattr(cache, "max_length", None) is None:
             raise ValueError("cache_position needs a static cache (make_cache(batch, max_length=N))")
         if doc_ids is not None:
             raise ValueError("doc_ids (packed rows) are not supported with cache_position")
         entries = cache.write(torch.cat([latent, k_rope], dim=-1), cache_position).to(q_nope.dtype)
-        mask = static_attention_mask(cache_position, entries.shape[1], attention_mask)
+        mask = memoized(memo, ("mask", entries.shape[1]),
+                        lambda: static_attention_mask(cache_position, entries.shape[1], attention_mask))
         if absorb is None:
             absorb = q_nope.shape[2] <= self.absorb_max_tokens
         if absorb:

@@ -18,6 +18,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from .cache import HybridCache
 from .configuration_zebra import ZebraConfig
+from .fused_mlp import fused_silu_mul
 from .fused_norm import fused_rms_norm
 from .mamba2 import Mamba2Mixer, is_partitioned
 from .mla import MultiHeadLatentAttention
@@ -54,7 +55,10 @@ class ZebraMLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        if fused_inference(x):  # one kernel instead of two (zebra.model.fused_mlp)
+            return self.down_proj(fused_silu_mul(gate, up))
+        return self.down_proj(F.silu(gate) * up)
 
 
 class ZebraDecoderLayer(GradientCheckpointingLayer):
@@ -72,12 +76,13 @@ class ZebraDecoderLayer(GradientCheckpointingLayer):
 
     def forward(self, hidden_states: torch.Tensor, position_ids: torch.Tensor | None = None,
                 doc_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                cache=None, cache_position: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+                cache=None, cache_position: torch.Tensor | None = None, memo: dict | None = None,
+                **kwargs) -> torch.Tensor:
         if position_ids is None:
             b, t = hidden_states.shape[:2]
             position_ids = torch.arange(t, device=hidden_states.device).expand(b, t)
         mixed = self.mixer(self.input_layernorm(hidden_states), position_ids=position_ids, doc_ids=doc_ids,
-                           attention_mask=attention_mask, cache=cache, cache_position=cache_position)
+                           attention_mask=attention_mask, cache=cache, cache_position=cache_position, memo=memo)
         normed, hidden_states = self.post_attention_layernorm(mixed, residual=hidden_states)  # h + mixed, normed
         return hidden_states + self.mlp(normed)
 
@@ -203,10 +208,11 @@ class ZebraModel(ZebraPreTrainedModel):
             else:
                 counted = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
                 position_ids = counted.index_select(1, cache_position)
+        memo: dict = {}  # what every MLA layer of this step would recompute: RoPE cos/sin, the slot mask
         for i, layer in enumerate(self.layers):
             if i >= start_layer:
                 hidden_states = layer(hidden_states, position_ids=position_ids, attention_mask=attention_mask,
-                                      cache=cache[i], cache_position=cache_position)
+                                      cache=cache[i], cache_position=cache_position, memo=memo)
         hidden_states = self.norm(hidden_states)
         cache.seen_tokens += t  # eager calls only: a replayed CUDA graph runs no Python
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=cache if use_cache else None)
