@@ -32,7 +32,7 @@ BLOCK_D = 64  # key columns per scores MMA (D is looped over in chunks of this)
 MAX_BLOCK_Q = 64  # query rows per program (more rows: more programs along the query axis)
 MIN_SPLITS = 4  # key ranges per (batch, KV head) at least (split_count)
 MIN_PIECE = 16  # the smallest column piece of the latent kernel (tl.dot's smallest inner size)
-LATENT_TRANSPOSED = True  # the latent kernel's form (flash_decode's `transposed`): see its launch comment
+LATENT_TRANSPOSED = True  # the latent kernel's form (flash_decode's `transposed`): see the launch comment there
 
 
 @functools.lru_cache(maxsize=2)
@@ -367,9 +367,11 @@ def flash_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.
     block_q = min(MAX_BLOCK_Q, next_pow2(nq, lo=16))
     per_sm = 4
     if pieces is not None:
-        # 64 keys per block, 4 warps, 3 stages, about two programs per SM: at zebra_8b's 32k x 8 (graph-timed, one
-        # H200) 72.5 us per call against 88.1 us with 2 stages and four programs per SM, and 80.0 us for the
-        # general kernel; at 32k x 739 6.59 ms against 7.14 ms (experiments/decode_latent_sweep_h200.jsonl)
+        # 64 keys per block, 4 warps, 3 stages, about two programs per SM, transposed form: at zebra_8b's 32k x 8
+        # (each call graph-timed, one H200) 59.2 us per call against 72.8 us untransposed and 79.7 us for the
+        # general kernel; at 32k x 739 4.72 ms against 6.59 and 7.09 ms (experiments/decode_latent_sweep_h200.jsonl;
+        # the untransposed form's wider grid, where 2 stages and four programs per SM took 88.6 us:
+        # decode_latent_sweep_rows_h200.jsonl). 8 warps or 128 keys per block were slower in both forms.
         block_s, num_stages, per_sm = block_s or 64, num_stages or 3, 2
     else:
         # 64 keys per block, 4 warps, 2 stages: at MLA's shape (32 rows x 160 value columns, the widest tile here)
