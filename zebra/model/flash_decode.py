@@ -32,7 +32,6 @@ BLOCK_D = 64  # key columns per scores MMA (D is looped over in chunks of this)
 MAX_BLOCK_Q = 64  # query rows per program (more rows: more programs along the query axis)
 MIN_SPLITS = 4  # key ranges per (batch, KV head) at least (split_count)
 MIN_PIECE = 16  # the smallest column piece of the latent kernel (tl.dot's smallest inner size)
-LATENT_TRANSPOSED = True  # the latent kernel's form (flash_decode's `transposed`): see the launch comment there
 
 
 @functools.lru_cache(maxsize=2)
@@ -112,7 +111,11 @@ def _latent_kernel(interpret: bool):
     """The kernel for values that are the first DV columns of the keys (MLA's latent cache): each block of keys is
     loaded once as three column pieces, [0, DV_A) and [DV_A, DV) (the values) and [DV, D) (the rest of the key),
     each a power of two wide (the last two masked to their true width); the query's pieces are loaded once per
-    program. Same outputs as `split_attention` (partial outputs, maxima and sums per key range)."""
+    program. Computed transposed, scores^T = K q^T [keys, rows] and out^T = V^T p^T [columns, rows], so that the
+    MMAs' M side is the keys (64) and the value columns (128) rather than MLA's 32 query rows (Hopper's warpgroup
+    MMA takes M >= 64): 59.2 against 72.8 us per call untransposed at zebra_8b's 32k x 8, 4.72 against 6.59 ms at
+    32k x 739 (one H200; the untransposed kernel is in git, commit 9b8ee66). Same outputs as `split_attention`
+    (partial outputs, maxima and sums per key range)."""
     triton, tl = import_triton()
 
     @triton.jit
@@ -123,87 +126,6 @@ def _latent_kernel(interpret: bool):
                          N_BLOCKS: tl.constexpr, HAS_MASK: tl.constexpr, MASK_ONE_ROW: tl.constexpr,
                          BLOCK_Q: tl.constexpr, BLOCK_S: tl.constexpr, DV_A: tl.constexpr, DV_B: tl.constexpr,
                          D_R: tl.constexpr, PRECISION: tl.constexpr):
-        bg = tl.program_id(0).to(tl.int64)  # int64: see split_attention
-        split = tl.program_id(1)
-        qb = tl.program_id(2)
-        b = bg // G
-        g = bg % G
-        rows = qb * BLOCK_Q + tl.arange(0, BLOCK_Q)
-        row_ok = rows < NQ
-        offs_s = tl.arange(0, BLOCK_S)
-        ca = tl.arange(0, DV_A)
-        cb = DV_A + tl.arange(0, DV_B)
-        cr = DV + tl.arange(0, D_R)
-        cb_ok = cb < DV
-        cr_ok = cr < D
-        q_base = q_ptr + b * sqb + g * sqg + rows[:, None] * sqq
-        qa = tl.load(q_base + ca[None, :] * sqd, mask=row_ok[:, None], other=0.0)
-        qv = tl.load(q_base + cb[None, :] * sqd, mask=row_ok[:, None] & cb_ok[None, :], other=0.0)
-        qr = tl.load(q_base + cr[None, :] * sqd, mask=row_ok[:, None] & cr_ok[None, :], other=0.0)
-        e_base = e_ptr + b * seb + g * seg
-        start = split * (N_BLOCKS * BLOCK_S)
-        end = tl.minimum(start + N_BLOCKS * BLOCK_S, S)
-
-        m_i = tl.full([BLOCK_Q], -1.0e30, tl.float32)
-        l_i = tl.zeros([BLOCK_Q], tl.float32)
-        acc_a = tl.zeros([BLOCK_Q, DV_A], tl.float32)
-        acc_b = tl.zeros([BLOCK_Q, DV_B], tl.float32)
-        for i in range(0, N_BLOCKS):
-            cols = start + i * BLOCK_S + offs_s
-            col_ok = cols < end
-            rows_e = e_base + cols[:, None] * ses  # [BLOCK_S, 1]: one entry per key
-            ka = tl.load(rows_e + ca[None, :] * sed, mask=col_ok[:, None], other=0.0)
-            kb = tl.load(rows_e + cb[None, :] * sed, mask=col_ok[:, None] & cb_ok[None, :], other=0.0)
-            kr = tl.load(rows_e + cr[None, :] * sed, mask=col_ok[:, None] & cr_ok[None, :], other=0.0)
-            scores = tl.dot(qa, tl.trans(ka), input_precision=PRECISION)
-            scores = tl.dot(qv, tl.trans(kb), scores, input_precision=PRECISION)
-            scores = tl.dot(qr, tl.trans(kr), scores, input_precision=PRECISION) * scale
-            if HAS_MASK:
-                if MASK_ONE_ROW:  # the same mask for every query row: one byte per key
-                    keep = tl.load(m_ptr + b * smb + g * smg + cols * sms, mask=col_ok, other=0)
-                    valid = row_ok[:, None] & (col_ok & (keep != 0))[None, :]
-                else:
-                    valid = row_ok[:, None] & col_ok[None, :]
-                    keep = tl.load(m_ptr + b * smb + g * smg + rows[:, None] * smq + cols[None, :] * sms,
-                                   mask=valid, other=0)
-                    valid = valid & (keep != 0)
-            else:
-                valid = row_ok[:, None] & col_ok[None, :]
-            scores = tl.where(valid, scores, -1.0e30)
-            m_new = tl.maximum(m_i, tl.max(scores, 1))
-            p = tl.where(valid, tl.exp(scores - m_new[:, None]), 0.0)
-            alpha = tl.exp(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            p = p.to(ka.dtype)
-            acc_a = tl.dot(p, ka, acc_a * alpha[:, None], input_precision=PRECISION)
-            acc_b = tl.dot(p, kb, acc_b * alpha[:, None], input_precision=PRECISION)
-            m_i = m_new
-
-        o_base = out_ptr + b * sob + g * sog + split * sop + rows[:, None] * soq
-        tl.store(o_base + ca[None, :] * sod, acc_a, mask=row_ok[:, None])
-        tl.store(o_base + cb[None, :] * sod, acc_b, mask=row_ok[:, None] & cb_ok[None, :])
-        ml = b * slb + g * slg + split * slp + rows * slq
-        tl.store(mx_ptr + ml, m_i, mask=row_ok)
-        tl.store(l_ptr + ml, l_i, mask=row_ok)
-
-    return latent_attention
-
-
-@functools.lru_cache(maxsize=2)
-def _latent_kernel_t(interpret: bool):
-    """`latent_attention` computed transposed: scores^T = K q^T [keys, rows] and out^T = V^T p^T [columns, rows],
-    so that the MMAs' M side is the keys (64+) and the value columns (128) rather than MLA's 32 query rows
-    (Hopper's warpgroup MMA takes M >= 64; at 32 rows Triton falls back to the smaller MMA). Same outputs."""
-    triton, tl = import_triton()
-
-    @triton.jit
-    def latent_attention_t(q_ptr, e_ptr, m_ptr, out_ptr, mx_ptr, l_ptr,
-                           sqb, sqg, sqq, sqd, seb, seg, ses, sed, smb, smg, smq, sms,
-                           sob, sog, sop, soq, sod, slb, slg, slp, slq,
-                           G, NQ, S, D, DV, scale,
-                           N_BLOCKS: tl.constexpr, HAS_MASK: tl.constexpr, MASK_ONE_ROW: tl.constexpr,
-                           BLOCK_Q: tl.constexpr, BLOCK_S: tl.constexpr, DV_A: tl.constexpr, DV_B: tl.constexpr,
-                           D_R: tl.constexpr, PRECISION: tl.constexpr):
         bg = tl.program_id(0).to(tl.int64)  # int64: see split_attention
         split = tl.program_id(1)
         qb = tl.program_id(2)
@@ -267,7 +189,7 @@ def _latent_kernel_t(interpret: bool):
         tl.store(mx_ptr + ml, m_i, mask=row_ok)
         tl.store(l_ptr + ml, l_i, mask=row_ok)
 
-    return latent_attention_t
+    return latent_attention
 
 
 def latent_pieces(d: int, dv: int) -> tuple[int, int, int] | None:
@@ -349,11 +271,11 @@ def values_in_keys(k: torch.Tensor, v: torch.Tensor) -> bool:
 def flash_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
                  splits: int | None = None, *, block_s: int | None = None, num_warps: int | None = None,
                  num_stages: int | None = None, torch_combine: bool = False,
-                 latent: bool | None = None, transposed: bool = LATENT_TRANSPOSED) -> torch.Tensor:
+                 latent: bool | None = None) -> torch.Tensor:
     """softmax(scale * q k^T, masked) v -> [B, G, Q, Dv] in q's dtype (see the module docstring). `block_s`,
     `num_warps`, `num_stages` override the launch configuration, `torch_combine` combines the key ranges with torch
     ops instead of the kernel, `latent` False keeps the general kernel where v is a prefix view of k (True requires
-    the latent one), `transposed` picks its transposed form (measurements: experiments/decode_large_batch.py)."""
+    the latent one) (measurements: experiments/decode_large_batch.py)."""
     require_kernel_device(q, "flash_decode")
     b, g, nq, d = q.shape
     s, dv = k.shape[2], v.shape[3]
@@ -367,11 +289,11 @@ def flash_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.
     block_q = min(MAX_BLOCK_Q, next_pow2(nq, lo=16))
     per_sm = 4
     if pieces is not None:
-        # 64 keys per block, 4 warps, 3 stages, about two programs per SM, transposed form: at zebra_8b's 32k x 8
-        # (each call graph-timed, one H200) 59.2 us per call against 72.8 us untransposed and 79.7 us for the
-        # general kernel; at 32k x 739 4.72 ms against 6.59 and 7.09 ms (experiments/decode_latent_sweep_h200.jsonl;
-        # the untransposed form's wider grid, where 2 stages and four programs per SM took 88.6 us:
-        # decode_latent_sweep_rows_h200.jsonl). 8 warps or 128 keys per block were slower in both forms.
+        # 64 keys per block, 4 warps, 3 stages, about two programs per SM: at zebra_8b's 32k x 8 (each call
+        # graph-timed, one H200) 59.2 us per call against 79.7 us for the general kernel, at 32k x 739 4.72 against
+        # 7.09 ms (experiments/decode_latent_sweep_h200.jsonl, "latent-t"; the untransposed form's wider grid, where
+        # 2 stages and four programs per SM took 88.6 us: decode_latent_sweep_rows_h200.jsonl). 8 warps or 128 keys
+        # per block were slower in both forms.
         block_s, num_stages, per_sm = block_s or 64, num_stages or 3, 2
     else:
         # 64 keys per block, 4 warps, 2 stages: at MLA's shape (32 rows x 160 value columns, the widest tile here)
@@ -406,8 +328,7 @@ def flash_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.
                   **({"num_stages": num_stages} if num_stages else {}))
     if pieces is not None:
         dv_a, dv_b, d_r = pieces
-        kernel = _latent_kernel_t if transposed else _latent_kernel
-        kernel(interpreting())[grid](
+        _latent_kernel(interpreting())[grid](
             q, k, m, out, mx, lsum, *q.stride(), *k.stride(), *m_strides, *out.stride(), *mx.stride(), g, nq, s, d,
             dv, float(scale), MASK_ONE_ROW=m_strides[2] == 0, DV_A=dv_a, DV_B=dv_b, D_R=d_r, **common)
     else:
