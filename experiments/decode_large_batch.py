@@ -71,7 +71,8 @@ def attention(batch, context, rows_file=None, grid=None, latent=False):
             out = fn().float()
             err = ((out - ref).norm() / ref.norm()).item()
             t = timed(fn)
-            rows.append({"kernel": name, "batch": batch, **cfg, "ms": t * 1e3, "GBps": cache_bytes / t / 1e9, "rel_err": err})
+            rows.append({"kernel": name, "batch": batch, **cfg, "ms": t * 1e3, "GBps": cache_bytes / t / 1e9,
+                         "rel_err": err})
         except Exception as e:  # a launch setting that does not compile (registers / shared memory)
             rows.append({"kernel": name, "batch": batch, **cfg, "error": f"{type(e).__name__}: {str(e)[:160]}"})
         print(json.dumps(rows[-1]), flush=True)

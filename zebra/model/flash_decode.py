@@ -10,8 +10,9 @@ the ranges are then combined with their softmax weights (one more small kernel).
 
 MLA's absorbed attention has its values inside its keys (v = the first r_kv columns of the latent cache entries).
 There a second kernel (`latent_attention`) loads each block of entries once, in power-of-two column pieces (zebra_8b:
-128 + 32 value columns, 64 RoPE columns), and uses the same registers for the scores and for the values: the
-general kernel reads the keys in 64-column chunks and then the values again, padded to a power of two (160 -> 256).
+128 + 32 value columns, 64 RoPE columns), and uses the same tiles for the scores and for the values (the general
+kernel reads the keys in 64-column chunks and then the values again, padded to a power of two: 160 -> 256); it
+works transposed, keys and value columns on the MMAs' long side (its docstring).
 
 q [B, G, Q, D], k [B, G, S, D], v [B, G, S, Dv]: G key/value heads, each read by Q query rows (GQA query heads
 folded into rows; MLA's absorbed attention has G = 1, Q = heads x tokens, D = r_kv + d_rope and v a prefix view of
@@ -243,9 +244,10 @@ def _target_programs(device: torch.device, per_sm: int = 4) -> int:
 
 def split_count(batch_heads: int, q_blocks: int, keys: int, block_s: int, device: torch.device,
                 splits: int | None = None, per_sm: int = 4) -> int:
-    """Key ranges per (batch, KV head): enough programs to fill the GPU about four times over and at least
-    MIN_SPLITS (at a large batch one range per row left each program a long serial loop: at zebra_8b's 32k x 739
-    on an H200, 4 ranges 7.3 ms, 2 ranges 9.1 ms, one requested (512 + 1 key blocks) 12.3 ms), none empty."""
+    """Key ranges per (batch, KV head): enough programs for `per_sm` per SM (the general kernel 4, the latent one 2)
+    and at least MIN_SPLITS (at a large batch one range per row left each program a long serial loop: at zebra_8b's
+    32k x 739 on an H200, 4 ranges 7.3 ms, 2 ranges 9.1 ms, one requested (512 + 1 key blocks) 12.3 ms), none
+    empty."""
     most = max(1, math.ceil(keys / block_s))
     if splits is None:
         splits = max(MIN_SPLITS, math.ceil(_target_programs(device, per_sm) / max(1, batch_heads * q_blocks)))
