@@ -140,7 +140,8 @@ def test_latent_kernel_reads_values_inside_the_keys(flash, r, d_rope, t, masked)
     torch.testing.assert_close(got, flash(q, k, v, mask, 0.07, splits=3, latent=False), rtol=1e-5, atol=1e-5)
 
 
-def test_latent_pieces_and_when_the_kernel_is_taken(flash):
+def test_latent_pieces_and_when_the_kernel_is_taken(flash, monkeypatch):
+    from zebra.model import flash_decode as fd
     from zebra.model.flash_decode import latent_pieces, values_in_keys
 
     assert latent_pieces(224, 160) == (128, 32, 64)  # zebra_8b: no padding at all
@@ -153,6 +154,15 @@ def test_latent_pieces_and_when_the_kernel_is_taken(flash):
     assert not values_in_keys(entries[:, None], entries[:, None, :, :64].clone())  # a copy
     with pytest.raises(ValueError, match="latent=True"):
         flash(rand(1, 1, 4, 96, seed=17), entries[:, None], entries[:, None, :, :64].clone(), None, 1.0, latent=True)
+    # by default (as MLA calls it) a prefix view takes the latent kernel and a copy the general one
+    built = []
+    for name in ("_latent_kernel", "_kernel"):
+        real = getattr(fd, name)
+        monkeypatch.setattr(fd, name, lambda interpret, real=real, name=name: built.append(name) or real(interpret))
+    q = rand(1, 1, 4, 96, seed=17)
+    flash(q, entries[:, None], entries[:, None, :, :64], None, 1.0)
+    flash(q, entries[:, None], entries[:, None, :, :64].clone(), None, 1.0)
+    assert built == ["_latent_kernel", "_kernel"]
 
 
 def test_latent_kernel_half_precision(flash):

@@ -49,7 +49,8 @@ class DPOModule(StageModule):
     def flops_per_token(self) -> float:
         from zebra.flops import forward_flops_per_token
 
-        return 4.0 * forward_flops_per_token(self.trained_config(self.policy), self.seq_len)  # policy fwd + bwd (3x), reference fwd
+        # policy forward + backward (3x), reference forward
+        return 4.0 * forward_flops_per_token(self.trained_config(self.policy), self.seq_len)
 
     def on_train_start(self) -> None:
         super().on_train_start()
