@@ -10,7 +10,7 @@ setup: $(VENV)/.zebra-installed
 
 # Idempotent: re-runs only when the requirements change. torch first, pinned, so that no requirement
 # can pull a multi-GB CUDA build (a CPU wheel of 2.13.0 is taken from local disk where one is there).
-$(VENV)/.zebra-installed: requirements.txt requirements-deepspeed.txt Makefile
+$(VENV)/.zebra-installed: requirements.txt requirements-deepspeed.txt pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0

@@ -1,4 +1,4 @@
-"""zebra's entry point: compose the Hydra config and run one stage or the whole pipeline.
+"""zebra's entry point in a checkout (the same as the installed `zebra-train` and `python -m zebra`).
 
     python train.py                                   # the default pipeline: ilkd -> smart -> kd -> dpo
     python train.py stage=kd mix=uniform mix.n_mla=4  # one stage
@@ -8,20 +8,7 @@
     python train.py --cfg job                         # print the composed config
 """
 
-import hydra
-from omegaconf import DictConfig
-
-from zebra.stages.config import register_resolvers
-
-register_resolvers()
-
-
-@hydra.main(version_base="1.3", config_path="conf", config_name="config")
-def main(cfg: DictConfig):
-    from zebra.stages.run import run
-
-    return run(cfg)
-
+from zebra.__main__ import main
 
 if __name__ == "__main__":
     main()

@@ -33,7 +33,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from zebra.export import write_json_atomic  # noqa: E402
+from zebra.utils.files import write_json_atomic  # noqa: E402
 from zebra.launch.proctree import kill_tree  # noqa: E402
 from zebra.launch.trainer import read_step_trace  # noqa: E402
 
@@ -318,10 +318,10 @@ def paper8b(args, work: Path, data: Path, tokenizer: str) -> dict:
 
     from omegaconf import OmegaConf
 
-    from zebra.describe import zebra_config_from_preset
-    from zebra.flops import kd_step_flops
-    from zebra.mixes import layer_types_for
-    from zebra.presets import preset
+    from zebra.plan.describe import zebra_config_from_preset
+    from zebra.plan.flops import kd_step_flops
+    from zebra.plan.mixes import layer_types_for
+    from zebra.plan.presets import preset
 
     gpus = torch.cuda.device_count()
     root = work / "paper8b"

@@ -1,11 +1,11 @@
-"""FLOP counting (zebra.flops) against hand counts on tiny configs, the models' own Linear weights, the
+"""FLOP counting (zebra.plan.flops) against hand counts on tiny configs, the models' own Linear weights, the
 packing mask, and torch's FlopCounterMode."""
 
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from zebra import flops as F
+from zebra.plan import flops as F
 from zebra.model import ZebraConfig, ZebraForCausalLM
 from zebra.model.packing import block_causal_mask
 

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from zebra import flops as F
+from zebra.plan import flops as F
 from zebra.bench import training as tb
 
 

@@ -59,7 +59,7 @@ def tiny_run(tmp_path_factory, tiny_teacher_dir, smol_tokenizer):
     from transformers import LlamaForCausalLM
 
     from zebra.compose.students import assemble_hybrid, build_student
-    from zebra.export import save_hf_model
+    from zebra.model.export import save_hf_model
 
     root = tmp_path_factory.mktemp("artifacts")
     model_dir = root / "tiny"

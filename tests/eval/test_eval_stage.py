@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from zebra.evaluate import run_eval
+from zebra.eval.evaluate import run_eval
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 

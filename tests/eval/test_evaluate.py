@@ -1,4 +1,4 @@
-"""zebra.evaluate on a fake training run of a tiny teacher: report fields, plots, and bad input."""
+"""zebra.eval.evaluate on a fake training run of a tiny teacher: report fields, plots, and bad input."""
 
 import json
 import subprocess
@@ -8,14 +8,14 @@ import pytest
 import torch
 
 from zebra.eval.models import NotAModelError, TokenizerMismatchError, tokenizer_differences
-from zebra.evaluate import run_cli as main
+from zebra.eval.evaluate import run_cli as main
 
 SMALL = ["--seq-len", "64", "--max-tokens", "192", "--sft-batches", "1", "--limit", "6", "--batch-size", "16"]
 
 
 @pytest.fixture(scope="module")
 def run_report(tiny_run, tmp_path_factory):
-    """`python -m zebra.evaluate --artifacts <run>` (as a function call)."""
+    """`python -m zebra.eval.evaluate --artifacts <run>` (as a function call)."""
     torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("eval")
     report = main(["--artifacts", str(tiny_run), "--out", str(out), *SMALL])
@@ -84,7 +84,7 @@ def test_not_a_model_path(tmp_path, tiny_teacher_dir):
 
 
 def test_not_a_model_path_from_the_command_line(tmp_path):
-    res = subprocess.run([sys.executable, "-m", "zebra.evaluate", "--models", str(tmp_path), "--tasks", "none"],
+    res = subprocess.run([sys.executable, "-m", "zebra.eval.evaluate", "--models", str(tmp_path), "--tasks", "none"],
                          capture_output=True, text=True, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
                          cwd=str(__import__("pathlib").Path(__file__).resolve().parents[2]))
     assert res.returncode == 2
@@ -122,7 +122,7 @@ def test_unknown_task_fails_before_loading(tiny_teacher_dir, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("the teacher was loaded before the task names were checked")
 
-    monkeypatch.setattr("zebra.evaluate.load_eval_teacher", boom)
+    monkeypatch.setattr("zebra.eval.evaluate.load_eval_teacher", boom)
     with pytest.raises(UnknownTaskError, match="no_such_task"):
         main(["--teacher", str(tiny_teacher_dir), "--tasks", "zebra_mc,no_such_task"])
     assert models.load_eval_teacher is not boom

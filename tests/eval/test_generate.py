@@ -1,4 +1,4 @@
-"""python -m zebra.generate on a tiny exported hybrid: chat template, streaming, sampling options."""
+"""python -m zebra.eval.generate on a tiny exported hybrid: chat template, streaming, sampling options."""
 
 import io
 import subprocess
@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from zebra.generate import chat_input_ids, generate_reply, load_chat_model, main, stream_reply
+from zebra.eval.generate import chat_input_ids, generate_reply, load_chat_model, main, stream_reply
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def expected_greedy(model, tokenizer, messages, n):
-    from zebra.generate import stop_token_ids
+    from zebra.eval.generate import stop_token_ids
 
     ids = chat_input_ids(tokenizer, messages)
     with torch.no_grad():
@@ -46,7 +46,7 @@ def test_sampling_is_seeded(tiny_run):
 
 
 def test_cli_prompt_streams_to_stdout(tiny_run):
-    res = subprocess.run([sys.executable, "-m", "zebra.generate", str(tiny_run / "2mla" / "kd" / "model"),
+    res = subprocess.run([sys.executable, "-m", "zebra.eval.generate", str(tiny_run / "2mla" / "kd" / "model"),
                           "--prompt", "What is a zebra?", "--max-new-tokens", "10", "--temperature", "0"],
                          capture_output=True, text=True, cwd=REPO, timeout=120,
                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})

@@ -6,7 +6,8 @@ import sys
 import pytest
 import torch
 
-from zebra.export import atomic_dir, save_hf_model
+from zebra.model.export import save_hf_model
+from zebra.utils.files import atomic_dir
 from zebra.model import ZebraConfig, ZebraForCausalLM
 
 

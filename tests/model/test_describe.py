@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from zebra.describe import describe
+from zebra.plan.describe import describe
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 

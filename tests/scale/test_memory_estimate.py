@@ -1,4 +1,4 @@
-"""`stage=describe`'s memory plan (zebra/describe.py): the model-state arithmetic per strategy on known numbers, the
+"""`stage=describe`'s memory plan (zebra/plan/describe.py): the model-state arithmetic per strategy on known numbers, the
 zebra_8b case of acceptance 3 (~18 bytes/param / 2 = ~75 GB per GPU under ZeRO-3 on two GPUs), and what the
 other knobs change."""
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from zebra.describe import (cache_at_context, describe, layer_activation_elements, model_activation_elements,
+from zebra.plan.describe import (cache_at_context, describe, layer_activation_elements, model_activation_elements,
                             model_state_bytes)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "stages"))
@@ -89,7 +89,7 @@ def test_activations_scale_with_tokens_and_checkpointing():
 
 
 def test_layer_activation_formula_on_known_dims():
-    from zebra.describe import zebra_config_from_preset
+    from zebra.plan.describe import zebra_config_from_preset
     from omegaconf import OmegaConf
 
     model = OmegaConf.load(Path(__file__).resolve().parents[2] / "conf" / "model" / "tiny.yaml")

@@ -48,13 +48,14 @@ from pathlib import Path
 
 import torch
 
-from zebra.export import write_json_atomic
+from zebra.utils.files import write_json_atomic
 from zebra.model import ZebraConfig, ZebraForCausalLM
 from zebra.model.cache import measure_cache_bytes
 from zebra.model.mla import DECODE_KERNELS, MultiHeadLatentAttention, decode_attention
 from zebra.model.triton_util import interpreting
+from zebra.utils.paths import model_preset_file
 
-PRESET = Path(__file__).resolve().parents[2] / "conf" / "model" / "zebra_8b.yaml"
+PRESET = model_preset_file("zebra_8b")
 ATTN_NAME = "zebra_bench"  # the base's attention implementation name (registered below)
 GIB = 2 ** 30
 # The graphed static-cache decode vs transformers' eager decode over the same forced tokens: bf16 logits of an
@@ -93,8 +94,8 @@ def load_preset(path: str | Path) -> dict:
 
 
 def zebra_config(preset: dict) -> ZebraConfig:
-    from zebra.describe import zebra_config_from_preset
-    from zebra.mixes import layer_types_for
+    from zebra.plan.describe import zebra_config_from_preset
+    from zebra.plan.mixes import layer_types_for
 
     n = int(preset["base"]["num_hidden_layers"])
     return zebra_config_from_preset(preset, layer_types_for(n, preset["paper_mla_layers"]))

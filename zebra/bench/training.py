@@ -20,14 +20,14 @@ What runs is the stages' own code, without a Lightning Trainer:
   (b) two separate runs, one student each with its own teacher forward, at the same per-student micro-batch.
 - The micro-batch is the largest of 1, 2, 4, 8, ... whose step fits without activation checkpointing (kd: the
   split step; ilkd: the joint step, whose micro-batch the separate runs reuse).
-- FLOPs per token from `zebra.flops` (teacher forward + 3 x student forward, attention and SSD included);
+- FLOPs per token from `zebra.plan.flops` (teacher forward + 3 x student forward, attention and SSD included);
   MFU = model FLOPs per second / the bf16 matmul rate measured at the start (best of square GEMMs).
 
 On CUDA each measurement also counts the host syncs of one step and where they come from
 (torch.cuda.set_sync_debug_mode("warn")). Toggles for hypotheses: --packed/--no-packed, --kernels torch|mamba_ssm,
 --precision bf16 (bf16 student weights, no autocast), --kd-chunk-size, --batch.
 
-Every measurement prints one line and is written to the JSON at once (zebra.export.write_json_atomic), with the
+Every measurement prints one line and is written to the JSON at once (zebra.utils.files.write_json_atomic), with the
 device, versions, kernel backend, configs and micro-batches. Speed is never asserted (DESIGN §6).
 """
 
@@ -50,10 +50,11 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from zebra import flops as F
-from zebra.export import write_json_atomic
+from zebra.plan import flops as F
+from zebra.utils.files import write_json_atomic
+from zebra.utils.paths import config_dir
 
-CONF = Path(__file__).resolve().parents[2] / "conf"
+CONF = config_dir()
 GIB = 2 ** 30
 
 
@@ -76,8 +77,8 @@ def smoke_preset(hidden: int = 64, layers: int = 4, heads: int = 4, kv_heads: in
 
 def build_shapes(smoke: bool) -> dict:
     """ZebraConfigs of the students and LlamaConfigs of the teachers (architecture numbers only)."""
-    from zebra.describe import zebra_config_from_preset
-    from zebra.mixes import layer_types_for, resolve_mla_layers
+    from zebra.plan.describe import zebra_config_from_preset
+    from zebra.plan.mixes import layer_types_for, resolve_mla_layers
     from zebra.stages.common import llama_config_from_base
 
     if smoke:

@@ -396,7 +396,7 @@ def load_reference(src: str | Path, dtype: torch.dtype | None = None):
 
 
 def model_card(info: dict, model) -> str:
-    from zebra.describe import count_parameters
+    from zebra.plan.describe import count_parameters
     from zebra.model.cache import measure_cache_bytes
 
     kv = measure_cache_bytes(model.config)["kv_fraction"]
@@ -415,9 +415,9 @@ def model_card(info: dict, model) -> str:
 
 
 def import_reference(src: str | Path, out_dir: str | Path, dtype: torch.dtype | None = None) -> Path:
-    """Convert a reference checkpoint and export it with `zebra.export.save_hf_model` (model code, tokenizer,
+    """Convert a reference checkpoint and export it with `zebra.model.export.save_hf_model` (model code, tokenizer,
     model card); returns the export directory."""
-    from zebra.export import save_hf_model
+    from zebra.model.export import save_hf_model
 
     model, tokenizer, info = load_reference(src, dtype)
     return save_hf_model(model, out_dir, tokenizer=tokenizer, model_card=model_card(info, model))

@@ -162,7 +162,7 @@ def untrained_student_report(teacher: Teacher | str = "smollm2_135m", text: str 
     mla = students[hybrid_rope]
     num_layers = base.config.num_hidden_layers
     if mla_indices == "uniform":
-        from zebra.mixes import uniform_layers  # the same placement as `mix=uniform`
+        from zebra.plan.mixes import uniform_layers  # the same placement as `mix=uniform`
 
         indices = uniform_layers(num_layers, n_mla)
     elif mla_indices == "smart":

@@ -8,7 +8,7 @@ Tasks:
 - the paper's eight (METHOD §8), scored as the paper does: acc_norm for ARC-Challenge, ARC-Easy, HellaSwag,
   OpenBookQA, PIQA and acc for MMLU, RACE, WinoGrande (`paper` names all eight). They download their datasets
   from the Hugging Face hub, so they need network access (or a pre-filled HF datasets cache).
-- shipped local tasks in lm-eval's YAML format under zebra/eval_tasks/ (`zebra_mc`: 42 four-choice general
+- shipped local tasks in lm-eval's YAML format under zebra/eval/tasks/ (`zebra_mc`: 42 four-choice general
   knowledge questions written for zebra), which run offline.
 - any other task lm-eval knows.
 """
@@ -22,7 +22,7 @@ from pathlib import Path
 
 from zebra.eval.models import EvalInputError
 
-LOCAL_TASKS_DIR = Path(__file__).resolve().parents[1] / "eval_tasks"
+LOCAL_TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 # the paper's task -> the metric its table reports
 PAPER_TASKS = {"arc_challenge": "acc_norm", "arc_easy": "acc_norm", "hellaswag": "acc_norm", "mmlu": "acc",
                "openbookqa": "acc_norm", "piqa": "acc_norm", "race": "acc", "winogrande": "acc"}

@@ -331,7 +331,7 @@ def discover_candidates(model_dir: str | Path, mix: str | None = None, mla_layer
 # ------------------------------------------------------------------------------------------------ size and cache
 def count_parameters(model: torch.nn.Module) -> int:
     """Unique parameters (tied embeddings counted once)."""
-    from zebra.describe import count_parameters as _count
+    from zebra.plan.describe import count_parameters as _count
 
     return _count(model)
 

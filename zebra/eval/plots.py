@@ -138,8 +138,8 @@ def load_model_preset(path: str | Path) -> dict:
 def kv_cache_across_mixes(preset: dict) -> dict:
     """For n_mla = 1..L (uniform placement; the cache depends only on the count): the hybrid's cache bytes per
     token (bf16, measured), its fraction of the base's, and the base's."""
-    from zebra.describe import zebra_config_from_preset
-    from zebra.mixes import layer_types_for, uniform_layers
+    from zebra.plan.describe import zebra_config_from_preset
+    from zebra.plan.mixes import layer_types_for, uniform_layers
     from zebra.model.cache import measure_cache_bytes
 
     num_layers = int(preset["base"]["num_hidden_layers"])
@@ -159,8 +159,9 @@ def plot_kv_cache(presets: list[str | Path] | None, out_png: str | Path, highlig
     Transformer's as a line. `highlight`: {preset name: n_mla} to mark (e.g. the evaluated mix).
     Returns (png path, data)."""
     if presets is None:
-        conf = Path(__file__).resolve().parents[2] / "conf" / "model"
-        presets = sorted(conf.glob("*.yaml"))
+        from zebra.utils.paths import config_dir
+
+        presets = sorted((config_dir() / "model").glob("*.yaml"))
     data = [kv_cache_across_mixes(load_model_preset(p)) for p in presets]
     plt = _plt()
     ncols = min(3, len(data))

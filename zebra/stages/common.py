@@ -22,8 +22,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from zebra import export
-from zebra.describe import count_parameters
+from zebra.model import export
+from zebra.utils import files
+from zebra.plan.describe import count_parameters
 from zebra.model.cache import measure_cache_bytes
 from zebra.model.packing import block_causal_mask, doc_ids_from_position_ids, is_packed
 
@@ -580,7 +581,7 @@ class StageModule(pl.LightningModule):
 
     def flops_per_token(self) -> float:
         """Training FLOPs per token (fwd + bwd), for MFU: 6 x trained parameters here; the stages count their
-        step from the layer definitions (zebra.flops)."""
+        step from the layer definitions (zebra.plan.flops)."""
         return 6.0 * count_params(self, trainable_only=True)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -910,13 +911,13 @@ def plan_token_stage(cfg: DictConfig, sc: DictConfig, tokenizer, trainer, assist
 
 # ------------------------------------------------------------------------------------------------ exports
 def atomic_dir(dst: Path | str, write: Callable[[Path], None]) -> Path:
-    """Run `write(tmp)` into a temporary sibling of `dst`, then rename it into place (zebra.export.atomic_dir)."""
-    with export.atomic_dir(dst) as tmp:
+    """Run `write(tmp)` into a temporary sibling of `dst`, then rename it into place (zebra.utils.files.atomic_dir)."""
+    with files.atomic_dir(dst) as tmp:
         write(tmp)
     return Path(dst)
 
 
-write_json_atomic = export.write_json_atomic
+write_json_atomic = files.write_json_atomic
 
 
 def read_json(path: Path | str) -> dict:

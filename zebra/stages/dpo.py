@@ -47,7 +47,7 @@ class DPOModule(StageModule):
         self.policy = self.materialise_trained(self.policy)
 
     def flops_per_token(self) -> float:
-        from zebra.flops import forward_flops_per_token
+        from zebra.plan.flops import forward_flops_per_token
 
         # policy forward + backward (3x), reference forward
         return 4.0 * forward_flops_per_token(self.trained_config(self.policy), self.seq_len)

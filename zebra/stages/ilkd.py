@@ -77,8 +77,8 @@ class ILDModule(StageModule):
                 p.requires_grad_(True)
 
     def flops_per_token(self) -> float:
-        """One teacher forward (no logits) + each student's decoder layers forward and backward (zebra.flops)."""
-        from zebra.flops import ild_step_flops
+        """One teacher forward (no logits) + each student's decoder layers forward and backward (zebra.plan.flops)."""
+        from zebra.plan.flops import ild_step_flops
 
         configs = {k: s.config for k, s in self.students.items()}
         configs.update({k: spec.config for k, spec in self.specs.items()})

@@ -79,8 +79,8 @@ class KDModule(StageModule):
         self.kl_before = checkpoint.get("zebra", {}).get("kl_before")
 
     def flops_per_token(self) -> float:
-        """Teacher forward (body + logits in the loss) + student forward and backward (zebra.flops)."""
-        from zebra.flops import kd_step_flops
+        """Teacher forward (body + logits in the loss) + student forward and backward (zebra.plan.flops)."""
+        from zebra.plan.flops import kd_step_flops
 
         config = self.trained_config(self.student)
         return kd_step_flops(config, self.frozen("teacher").config, self.seq_len)["total"]
@@ -145,7 +145,7 @@ def heldout_kl(student: nn.Module, teacher: nn.Module, batches, chunk_size: int 
 
 
 def mla_layers_for(cfg: DictConfig, num_layers: int) -> list[int]:
-    from zebra.mixes import resolve_mla_layers
+    from zebra.plan.mixes import resolve_mla_layers
 
     smart_file = Path(cfg.paths.smart_dir) / "sensitivity.json"
     try:
@@ -178,7 +178,7 @@ def load_kd_teacher(cfg: DictConfig, student_tok, student_vocab: int, dtype: tor
         common.check_tokenizers_match(student_tok, teacher_tok, "student", spec)
     base = cfg.model.base
     if spec.startswith("random:") and cfg.model.get("kd_teacher_base"):  # e.g. an 8B-shaped random teacher
-        from zebra.presets import preset_base
+        from zebra.plan.presets import preset_base
 
         base = preset_base(str(cfg.model.kd_teacher_base))
     teacher = common.load_teacher_model(spec, base, dtype=dtype, device=device)
@@ -193,8 +193,8 @@ def load_kd_teacher(cfg: DictConfig, student_tok, student_vocab: int, dtype: tor
 
 def run(cfg: DictConfig) -> dict:
     from zebra.compose.students import assemble_hybrid, hybrid_config
-    from zebra.describe import zebra_config_from_preset
-    from zebra.mixes import layer_types_for
+    from zebra.plan.describe import zebra_config_from_preset
+    from zebra.plan.mixes import layer_types_for
     from zebra.stages.smart import load_ild_student
 
     sc = cfg.kd

@@ -15,8 +15,8 @@ RUNNERS = {
     "kd": "zebra.stages.kd:run",
     "dpo": "zebra.stages.dpo:run",
     "pipeline": "zebra.stages.pipeline:run",
-    "describe": "zebra.describe:describe",
-    "eval": "zebra.evaluate:run_eval",
+    "describe": "zebra.plan.describe:describe",
+    "eval": "zebra.eval.evaluate:run_eval",
 }
 
 log = logging.getLogger("zebra")

@@ -1,8 +1,8 @@
 """Chat with an exported model, streaming its reply token by token.
 
-    python -m zebra.generate artifacts/smollm2_135m/6mla-smart/dpo/model --prompt "What is a zebra?"
-    python -m zebra.generate artifacts/smollm2_135m/6mla-smart/dpo/model            # interactive chat
-    python -m zebra.generate <dir> --prompt "..." --system "Answer briefly." --temperature 0.7 --top-p 0.9 --seed 1
+    python -m zebra.eval.generate artifacts/smollm2_135m/6mla-smart/dpo/model --prompt "What is a zebra?"
+    python -m zebra.eval.generate artifacts/smollm2_135m/6mla-smart/dpo/model            # interactive chat
+    python -m zebra.eval.generate <dir> --prompt "..." --system "Answer briefly." --temperature 0.7 --top-p 0.9 --seed 1
 
 The prompt is formatted with the tokenizer's own chat template (the one exported with the model); generation
 uses the model's own cache (the hybrid's HybridCache: latent KV for MLA layers, conv + SSM state for Mamba2
@@ -111,7 +111,7 @@ def generate_reply(model, tokenizer, messages: list[dict], out=None, **gen) -> d
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m zebra.generate", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m zebra.eval.generate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model_dir", help="an exported model directory (with its tokenizer)")
     ap.add_argument("--prompt", default=None, help="one user message; without it, an interactive chat")

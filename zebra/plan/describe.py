@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-from zebra.export import write_json_atomic
-from zebra.mixes import layer_types_for, resolve_mla_layers, uniform_layers
+from zebra.utils.files import write_json_atomic
+from zebra.plan.mixes import layer_types_for, resolve_mla_layers, uniform_layers
 from zebra.model import ZebraConfig, ZebraForCausalLM
 from zebra.model.cache import measure_cache_bytes
 
@@ -191,7 +191,7 @@ def _teacher_base(cfg, spec: str) -> dict | None:
     """Architecture numbers of a teacher named by `spec`: a random KD teacher's `model.kd_teacher_base` preset,
     the preset's own base when it is the base (or random), else the base of the preset (conf/model/*.yaml) whose
     base it is; None when no preset names it."""
-    from zebra.presets import preset, preset_base, preset_names
+    from zebra.plan.presets import preset, preset_base, preset_names
 
     spec = str(spec)
     other = cfg["model"].get("kd_teacher_base")

@@ -1,10 +1,10 @@
 """Evaluate the teacher and exported models: held-out KL to the teacher, perplexity, size, KV cache, lm-eval tasks.
 
-    python -m zebra.evaluate --artifacts artifacts/smollm2_135m            # a training run: teacher, assembled,
+    python -m zebra.eval.evaluate --artifacts artifacts/smollm2_135m            # a training run: teacher, assembled,
                                                                             # KD'd and DPO'd hybrid of its mix
-    python -m zebra.evaluate --models path/to/model other/model --tasks zebra_mc
-    python -m zebra.evaluate --artifacts artifacts/smollm2_135m --tasks paper --device cuda --dtype bfloat16
-    python -m zebra.evaluate --artifacts artifacts/smollm2_135m --long-context \\
+    python -m zebra.eval.evaluate --models path/to/model other/model --tasks zebra_mc
+    python -m zebra.eval.evaluate --artifacts artifacts/smollm2_135m --tasks paper --device cuda --dtype bfloat16
+    python -m zebra.eval.evaluate --artifacts artifacts/smollm2_135m --long-context \\
         --lengths 2048 4096 8192 16384 32768 --passkey-lengths 2048 4096 8192 16384 32768 --device cuda
 
 Writes `report.json`, `report.md` (a table) and PNG plots into `--out` (default `<artifacts>/<mix>/eval/`):
@@ -45,7 +45,7 @@ from zebra.eval.models import (Candidate, EvalInputError, LoadedModel, cache_inf
                                check_same_tokenizer, check_same_vocab, count_parameters, discover_candidates,
                                discover_mixes, lm_head_rows, load_eval_teacher, precheck_export)
 
-log = logging.getLogger("zebra.evaluate")
+log = logging.getLogger("zebra.eval.evaluate")
 
 DEFAULTS = {
     "tasks": ["zebra_mc"], "limit": None, "batch_size": 8, "num_fewshot": 0,
@@ -213,8 +213,9 @@ def _make_plots(out_dir: Path, plot_dirs: dict, kv_highlight: dict | None) -> di
         out["loss_curves"] = plot_loss_curves(stages, out_dir / "loss_curves.png")
     if plot_dirs.get("smart") is not None:
         out["smart"] = plot_smart(plot_dirs["smart"], out_dir / "smart")
-    conf = Path(__file__).resolve().parents[1] / "conf" / "model"
-    if conf.is_dir():
+    from zebra.utils.paths import config_dir
+
+    if (config_dir() / "model").is_dir():
         png, data = plot_kv_cache(None, out_dir / "kv_cache.png", highlight=kv_highlight)
         out["kv_cache"] = png
         (out_dir / "kv_cache.json").write_text(json.dumps(data, indent=1))
@@ -286,7 +287,7 @@ def markdown_table(report: dict) -> str:
 
 
 def write_report(report: dict, out_dir: str | Path) -> None:
-    from zebra.export import write_json_atomic
+    from zebra.utils.files import write_json_atomic
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -321,7 +322,7 @@ def _teacher_from_report(model_dir: Path, mix: str | None) -> str | None:
 def run_cli(argv=None) -> dict:
     """The command line as a function: parses `argv`, evaluates, returns the report; bad input raises
     EvalInputError (`main` turns it into a message and exit status 2)."""
-    ap = argparse.ArgumentParser(prog="python -m zebra.evaluate", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m zebra.eval.evaluate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     g = ap.add_argument_group("what to evaluate")
     g.add_argument("--teacher", default=None, help="teacher for KL (embedded name, GGUF, directory, hub id); default: "
@@ -425,7 +426,7 @@ def run_eval(cfg) -> dict:
     candidates, final = discover_candidates(model_dir, mix, None, students, require_mix=False)
     for c in candidates:  # no kd outputs yet: the configured mix says which layers are MLA
         if c.role == "assembled" and c.mla_layers is None and not (c.skipped or "").startswith("the ILD"):
-            from zebra.mixes import resolve_mla_layers
+            from zebra.plan.mixes import resolve_mla_layers
 
             c.mla_layers = resolve_mla_layers(cfg.mix, int(cfg.model.base.num_hidden_layers),
                                               Path(cfg.paths.smart_dir) / "sensitivity.json")

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+from zebra.utils.paths import config_dir
+
+CONF_DIR = config_dir()
 
 
 def preset(name: str):

@@ -1,4 +1,4 @@
-"""Hugging Face exports that load anywhere: atomic writes, the model code carried for trust_remote_code.
+"""Hugging Face exports that load anywhere: the model code carried for trust_remote_code, written atomically.
 
 `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)` works in a process that never
 imported zebra, because the export carries zebra/model's files and an `auto_map`; once zebra is
@@ -8,13 +8,12 @@ imported, the registered Auto classes load it without trust_remote_code.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
-MODEL_DIR = Path(__file__).resolve().parent / "model"
+from zebra.utils.files import atomic_dir
+
+MODEL_DIR = Path(__file__).resolve().parent
 # Every file ZebraForCausalLM needs; they import each other relatively, which transformers' remote-code
 # loader follows.
 MODEL_FILES = ("configuration_zebra.py", "modeling_zebra.py", "cache.py", "mla.py", "rope.py", "mamba2.py",
@@ -24,40 +23,6 @@ AUTO_MAP = {
     "AutoConfig": "configuration_zebra.ZebraConfig",
     "AutoModelForCausalLM": "modeling_zebra.ZebraForCausalLM",
 }
-
-
-@contextmanager
-def atomic_dir(target: str | Path):
-    """Yield a temporary directory next to `target`; on success it replaces `target` in one rename.
-
-    On an exception the temporary directory is removed and an existing `target` is left untouched, so a
-    crash never leaves a half-written export behind.
-    """
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if target.exists():
-        old = target.parent / f".{target.name}.old-{os.getpid()}"
-        target.rename(old)
-    tmp.rename(target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def write_json_atomic(path: str | Path, data) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2, default=str)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 def add_remote_code(export_dir: str | Path) -> None:
