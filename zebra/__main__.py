@@ -14,11 +14,13 @@ import hydra
 from omegaconf import DictConfig
 
 from zebra.stages.config import register_resolvers
+from zebra.utils.paths import config_dir
 
 register_resolvers()
 
 
-@hydra.main(version_base="1.3", config_path="pkg://zebra.conf", config_name="config")
+# An absolute path: the installed package `zebra.conf`, or conf/ of a checkout that was never installed.
+@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")
 def main(cfg: DictConfig):
     from zebra.stages.run import run
 
