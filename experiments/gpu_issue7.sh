@@ -14,11 +14,11 @@ mkdir -p "$OUT"
 export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0}
 case "${1:-bench}" in
   bench)
-    timeout "${BENCH_TIMEOUT:-540}" python3 -m zebra.bench.generation --profile --models llama,zebra \
+    timeout "${BENCH_TIMEOUT:-540}" python3 -m benchmarks.generation --profile --models llama,zebra \
       --kernels matmul,triton --out "$OUT/generation_bench.json" > "$OUT/generation_bench.log" 2>&1
     echo "generation benchmark rc=$?"; grep -v "^\s*$" "$OUT/generation_bench.log" | tail -n 80 | cut -c1-250 ;;
   compile)  # both models' steps torch.compile'd before the capture, at 32k x 8 only (each new cache recompiles)
-    timeout "${BENCH_TIMEOUT:-540}" python3 -m zebra.bench.generation --compile --models llama,zebra --contexts 32768 \
+    timeout "${BENCH_TIMEOUT:-540}" python3 -m benchmarks.generation --compile --models llama,zebra --contexts 32768 \
       --kernels triton --skip-max-batch --profile --out "$OUT/generation_compile.json" > "$OUT/generation_compile.log" 2>&1
     echo "compiled generation benchmark rc=$?"; grep -v "^\s*$" "$OUT/generation_compile.log" | tail -n 40 | cut -c1-250 ;;
   latent)  # the latent decode-attention kernel's launch sweep (batch 8 and 739 at 32k), then the whole benchmark

@@ -26,7 +26,7 @@ case "${1:-}" in
     T=${T:-330}
     CUDA_VISIBLE_DEVICES=2,3 timeout $T python3 experiments/scale_gpu.py --parts zebra8b --work /tmp/z8 \
       --zebra8b-timeout $((T - 40)) --out "$OUT/scale_gpu_zebra8b.json" --logs "$L" > "$L/driver-zebra8b.log" 2>&1 &
-    CUDA_VISIBLE_DEVICES=1 timeout $T python3 -m zebra.bench.generation --profile --out "$OUT/generation_bench.json" \
+    CUDA_VISIBLE_DEVICES=1 timeout $T python3 -m benchmarks.generation --profile --out "$OUT/generation_bench.json" \
       > "$L/generation_bench.log" 2>&1 &
     (
       export CUDA_VISIBLE_DEVICES=0

@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from zebra.bench import generation as G  # noqa: E402
+from benchmarks import generation as G  # noqa: E402
 
 
 def first_tensor(out):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from zebra.bench import generation as gen
+from benchmarks import generation as gen
 
 
 @pytest.fixture(scope="module")

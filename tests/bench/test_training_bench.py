@@ -1,4 +1,4 @@
-"""The training benchmark's smoke run on CPU: same code path as the GPU run, tiny shapes (zebra.bench.training)."""
+"""The training benchmark's smoke run on CPU: same code path as the GPU run, tiny shapes (benchmarks.training)."""
 
 import json
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from zebra.plan import flops as F
-from zebra.bench import training as tb
+from benchmarks import training as tb
 
 
 @pytest.fixture(scope="module")

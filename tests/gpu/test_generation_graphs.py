@@ -1,4 +1,4 @@
-"""CUDA-graph decode of the generation benchmark (zebra.bench.generation) on the lent GPU: pytest -m gpu.
+"""CUDA-graph decode of the generation benchmark (benchmarks.generation) on the lent GPU: pytest -m gpu.
 
 At small shapes, for the hybrid and for the Llama base in the benchmark's own harness (runners, Step capture):
 a replayed CUDA graph of the decode step gives the eager step's logits; the static-cache path gives the ordinary
@@ -12,7 +12,7 @@ import json
 import pytest
 import torch
 
-from zebra.bench import generation as gen
+from benchmarks import generation as gen
 from zebra.model.ssd import select_backend, state_update
 
 pytestmark = pytest.mark.gpu

@@ -92,7 +92,7 @@ def test_dpo_sigmoid_loss_and_sequence_logps():
 
 
 def test_kd_loss_benchmark_smoke_on_cpu():
-    from zebra.bench.kd_loss import main
+    from benchmarks.kd_loss import main
 
     report = main(["--device", "cpu", "--smoke"])
     assert report["pass"]["loss<=1e-4"] and report["pass"]["grad<=1e-3"]
@@ -104,7 +104,7 @@ def test_kd_loss_benchmark_on_gpu(tmp_path):
     """Memory and agreement at the acceptance size (vocab 128256, seq 2048, batch 4, 512-token chunks; the
     naive loss peaks near 30 GB). At small sizes the automatic chunk covers the whole batch and nothing is saved,
     so a mid-size run would test nothing."""
-    from zebra.bench.kd_loss import main
+    from benchmarks.kd_loss import main
 
     report = main(["--chunk-size", "512", "--repeats", "1", "--out", str(tmp_path / "bench.json")])
     assert all(report["pass"].values()), report

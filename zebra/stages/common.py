@@ -598,7 +598,7 @@ def default_peak_flops(device: torch.device | str | None = None) -> float:
     """Dense bf16 peak of known GPUs; CPUs get a nominal 50 GFLOP/s per core (MFU there is only indicative)."""
     if device is not None and torch.device(device).type == "cuda" and torch.cuda.is_available():
         name = torch.cuda.get_device_name(torch.device(device)).lower()
-        # H100/H200: the bf16 matmul rate measured on the lent cards (zebra.bench.training), not the 989 spec
+        # H100/H200: the bf16 matmul rate measured on the lent cards (benchmarks.training), not the 989 spec
         for key, peak in (("h200", 790e12), ("h100", 790e12), ("a100", 312e12), ("l40", 181e12),
                           ("a10", 125e12), ("4090", 165e12), ("v100", 125e12)):
             if key in name:

@@ -1,7 +1,7 @@
 """Benchmark: chunked KD loss vs the naive full-logits loss (memory, time, agreement).
 
-    python -m zebra.bench.kd_loss                       # GPU, vocab 128256, seq 2048, batch 4, bf16
-    python -m zebra.bench.kd_loss --device cpu --smoke  # tiny sizes, checks the script runs anywhere
+    python -m benchmarks.kd_loss                       # GPU, vocab 128256, seq 2048, batch 4, bf16
+    python -m benchmarks.kd_loss --device cpu --smoke  # tiny sizes, checks the script runs anywhere
 
 Peak memory = torch.cuda.max_memory_allocated() during forward + backward of the loss, minus what was
 allocated just before the loss call (inputs, weights). The naive loss builds both models' full logits in

@@ -1,9 +1,9 @@
 """Generation benchmark: the hybrid (ZebraForCausalLM, zebra_8b paper mix) against its Llama-3.1-8B-shaped base
 (transformers' LlamaForCausalLM), random weights of the real shapes, bf16, one CUDA GPU, one model at a time.
 
-    python -m zebra.bench.generation --out experiments/generation_bench.json       # GPU (~3-5 min on an H100)
-    python -m zebra.bench.generation --smoke --device cpu --out /tmp/gen.json      # tiny shapes, checks the code
-    python -m zebra.bench.generation --plot experiments/generation_bench.json --plot-dir experiments/
+    python -m benchmarks.generation --out experiments/generation_bench.json       # GPU (~3-5 min on an H100)
+    python -m benchmarks.generation --smoke --device cpu --out /tmp/gen.json      # tiny shapes, checks the code
+    python -m benchmarks.generation --plot experiments/generation_bench.json --plot-dir experiments/
 
 Per model, in this order (the JSON is rewritten after every measurement, so a timeout still leaves results):
   check     graph-replayed static-cache decode against the ordinary eager decode (dynamic cache) on a short

@@ -1,7 +1,7 @@
 """Layer benchmark: forward + backward time of one mixer layer, ours against its baseline.
 
-    python -m zebra.bench.layers --out experiments/layers_bench.json          # GPU, zebra_1b dims, bf16
-    python -m zebra.bench.layers --device cpu --smoke --out /tmp/bench.json   # tiny shapes, checks it runs
+    python -m benchmarks.layers --out experiments/layers_bench.json          # GPU, zebra_1b dims, bf16
+    python -m benchmarks.layers --device cpu --smoke --out /tmp/bench.json   # tiny shapes, checks it runs
 
 (1) MLA (`zebra.model.mla.MultiHeadLatentAttention`) against a Llama GQA attention through SDPA with the
 same base dims, both under the same mask: plain causal, and block-causal over packed documents.

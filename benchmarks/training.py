@@ -1,7 +1,7 @@
 """Training throughput benchmark: the `kd` and `ilkd` steps at zebra_1b shapes on one GPU (random weights).
 
-    python -m zebra.bench.training --out experiments/training_bench.json    # GPU: zebra_1b, 8B KD teacher, seq 2048
-    python -m zebra.bench.training --smoke --device cpu --out /tmp/tb.json  # tiny shapes, same code path
+    python -m benchmarks.training --out experiments/training_bench.json    # GPU: zebra_1b, 8B KD teacher, seq 2048
+    python -m benchmarks.training --smoke --device cpu --out /tmp/tb.json  # tiny shapes, same code path
 
 What runs is the stages' own code, without a Lightning Trainer:
 - kd: student = ZebraForCausalLM (conf/model/zebra_1b.yaml, conf/mix/paper.yaml: MLA at [0, 5, 10, 14]) with
