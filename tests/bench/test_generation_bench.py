@@ -17,6 +17,7 @@ def smoke(tmp_path_factory):
     return res, json.loads(out.read_text())
 
 
+@pytest.mark.slow
 def test_both_models_measured(smoke):
     res, saved = smoke
     assert saved["summary"] == json.loads(json.dumps(res["summary"], default=str))
@@ -39,6 +40,7 @@ def test_both_models_measured(smoke):
         assert key in saved["summary"], key
 
 
+@pytest.mark.slow
 def test_cache_bytes_ratio_is_kv_fraction(smoke):
     _, saved = smoke
     z, l = saved["models"]["zebra"], saved["models"]["llama"]
@@ -53,6 +55,7 @@ def test_cache_bytes_ratio_is_kv_fraction(smoke):
     assert z["cache"]["constant_per_sequence"] > 0 and l["cache"]["constant_per_sequence"] == 0
 
 
+@pytest.mark.slow
 def test_static_step_equals_ordinary_decode(smoke):
     """The harness's check: the benchmark's static-cache step (what the GPU records in a graph) against the
     ordinary decode (dynamic cache), after a real prefill, for both models."""
@@ -63,6 +66,7 @@ def test_static_step_equals_ordinary_decode(smoke):
         assert check["rel_err"] < 1e-5, (name, check)
 
 
+@pytest.mark.slow
 def test_plots(smoke, tmp_path):
     pytest.importorskip("matplotlib")
     out = tmp_path / "gen.json"
@@ -129,6 +133,7 @@ def test_step_keeps_its_function_and_closure_alive_until_closed():
     assert slots_ref() is None
 
 
+@pytest.mark.slow
 def test_compiled_steps_pass_the_check_and_are_timed(tmp_path):
     """--compile: each model's decode step goes through torch.compile (dynamic shapes) before it is run (captured
     on a GPU); the compiled step must agree with the ordinary eager decode like the plain one, compile without a

@@ -83,6 +83,7 @@ def steps_of(run: list[dict]) -> list[int]:
     return [r["step"] for r in run if r["event"] == "step"]
 
 
+@pytest.mark.slow
 def test_requeued_job_resumes_from_its_checkpoint(slurm, tmp_path):
     """One job, interrupted twice while it trains:
 
