@@ -28,7 +28,7 @@ from torch import nn
 from zebra.model.configuration_zebra import ZebraConfig
 from zebra.model.mamba2 import Mamba2Mixer
 from zebra.model.packing import block_causal_mask
-from zebra.model.ssd import select_backend
+from zebra.model.ops.ssd import select_backend
 
 ZEBRA_1B = dict(vocab_size=128256, max_position_embeddings=131072, hidden_size=2048, intermediate_size=8192,
                 num_attention_heads=32, num_key_value_heads=8, head_dim=64, q_lora_rank=1344, kv_lora_rank=128,

@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import generation as G  # noqa: E402
-from zebra.model.flash_decode import flash_decode  # noqa: E402
+from zebra.model.ops.flash_decode import flash_decode  # noqa: E402
 from zebra.model.mla import decode_attention  # noqa: E402
 
 

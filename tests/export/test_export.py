@@ -6,9 +6,9 @@ import sys
 import pytest
 import torch
 
+from zebra.model import ZebraConfig, ZebraForCausalLM, export
 from zebra.model.export import save_hf_model
 from zebra.utils.files import atomic_dir
-from zebra.model import ZebraConfig, ZebraForCausalLM
 
 
 def tiny_hybrid():
@@ -65,3 +65,24 @@ def test_atomic_dir_keeps_old_export_on_failure(tmp_path):
             raise RuntimeError("crash mid-export")
     assert (target / "keep.txt").read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
+def test_sources_are_flattened_for_the_remote_code_loader(tmp_path, monkeypatch):
+    """zebra/model/ops/x.py lands beside zebra/model's files; imports across the two folders become `from .x`."""
+    model, ops = tmp_path / "model", tmp_path / "model" / "ops"
+    ops.mkdir(parents=True)
+    (model / "__init__.py").write_text("from .layer import Layer\n")
+    (model / "layer.py").write_text("from .ops.kernel import k\n\n\ndef f():\n    from .ops.kernel import j\n")
+    (model / "shapes.py").write_text("N = 1\n")
+    (ops / "__init__.py").write_text("")
+    (ops / "kernel.py").write_text("from ..shapes import N\nfrom .util import u\n")
+    (ops / "util.py").write_text("u = 0\n")
+    monkeypatch.setattr(export, "MODEL_DIR", model)
+    monkeypatch.setattr(export, "OPS_DIR", ops)
+    got = export.model_sources()
+    assert sorted(got) == ["kernel.py", "layer.py", "shapes.py", "util.py"]
+    assert got["layer.py"] == "from .kernel import k\n\n\ndef f():\n    from .kernel import j\n"
+    assert got["kernel.py"] == "from .shapes import N\nfrom .util import u\n"
+    (model / "layer.py").write_text("from .ops import kernel\n")  # would need an ops.py in the export
+    with pytest.raises(ValueError, match="from .ops import"):
+        export.model_sources()

@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from zebra.model import ZebraConfig, ZebraForCausalLM
-from zebra.model.flash_decode import flash_decode
-from zebra.model.fused_conv_step import fused_conv_update
-from zebra.model.fused_mlp import fused_silu_mul
-from zebra.model.fused_norm import fused_rms_norm
-from zebra.model.fused_state_update import fused_state_update
-from zebra.model.ssd import conv_step, ssd_step
+from zebra.model.ops.flash_decode import flash_decode
+from zebra.model.ops.fused_conv_step import fused_conv_update
+from zebra.model.ops.fused_mlp import fused_silu_mul
+from zebra.model.ops.fused_norm import fused_rms_norm
+from zebra.model.ops.fused_state_update import fused_state_update
+from zebra.model.ops.ssd import conv_step, ssd_step
 
 pytestmark = pytest.mark.gpu
 DEV = "cuda"

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from benchmarks import generation as gen
-from zebra.model.ssd import select_backend, state_update
+from zebra.model.ops.ssd import select_backend, state_update
 
 pytestmark = pytest.mark.gpu
 

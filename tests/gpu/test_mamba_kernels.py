@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from zebra.model.cache import MambaLayerCache
 from zebra.model.configuration_zebra import ZebraConfig
 from zebra.model.mamba2 import Mamba2Mixer
-from zebra.model.ssd import chunk_scan, select_backend, ssd_chunked_scan, state_update
+from zebra.model.ops.ssd import chunk_scan, select_backend, ssd_chunked_scan, state_update
 
 pytestmark = pytest.mark.gpu
 

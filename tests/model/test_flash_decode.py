@@ -10,7 +10,7 @@ import torch
 @pytest.fixture
 def flash():
     """The kernel, interpreted on CPU (tests/conftest.py sets TRITON_INTERPRET before torch imports Triton)."""
-    from zebra.model import flash_decode
+    from zebra.model.ops import flash_decode
 
     assert flash_decode.interpreting() or torch.cuda.is_available()
 
@@ -82,7 +82,7 @@ def test_decode_attention_takes_the_triton_kernel(flash):
 
 def test_refuses_cpu_tensors_outside_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    from zebra.model.flash_decode import flash_decode
+    from zebra.model.ops.flash_decode import flash_decode
 
     with pytest.raises(ValueError, match="CUDA"):
         flash_decode(torch.zeros(1, 1, 1, 8), torch.zeros(1, 1, 4, 8), torch.zeros(1, 1, 4, 8), None, 1.0)
@@ -91,7 +91,7 @@ def test_refuses_cpu_tensors_outside_the_interpreter(monkeypatch):
 def test_split_count_keeps_several_ranges_per_row_at_a_large_batch():
     """One range per (batch, head) at a large batch left each program a serial loop over the whole cache (12.3 ms
     against 7.3 ms with 4 ranges at zebra_8b's 32k x 739 on an H200); a short cache still gets no empty range."""
-    from zebra.model.flash_decode import MIN_SPLITS, split_count
+    from zebra.model.ops.flash_decode import MIN_SPLITS, split_count
 
     cpu = torch.device("cpu")
     assert split_count(739, 1, 32832, 64, cpu) == MIN_SPLITS == 4
@@ -118,7 +118,7 @@ def test_latent_kernel_reads_values_inside_the_keys(flash, r, d_rope, t, masked)
     power-of-two pieces): zebra_8b's 160 + 64 columns (128 + 32 + 64), a power-of-two r_kv (cut in halves) with
     several tokens and a per-row causal mask, and pieces padded to their power of two (40 -> 32 + 16, 24 -> 32),
     against the float64 reference and the general kernel (the same call with latent=False)."""
-    from zebra.model.flash_decode import latent_pieces
+    from zebra.model.ops.flash_decode import latent_pieces
 
     b, heads, s = 2, 8, 333
     entries = rand(b, s, r + d_rope, seed=13)
@@ -141,8 +141,8 @@ def test_latent_kernel_reads_values_inside_the_keys(flash, r, d_rope, t, masked)
 
 
 def test_latent_pieces_and_when_the_kernel_is_taken(flash, monkeypatch):
-    from zebra.model import flash_decode as fd
-    from zebra.model.flash_decode import latent_pieces, values_in_keys
+    from zebra.model.ops import flash_decode as fd
+    from zebra.model.ops.flash_decode import latent_pieces, values_in_keys
 
     assert latent_pieces(224, 160) == (128, 32, 64)  # zebra_8b: no padding at all
     assert latent_pieces(96, 64) == (32, 32, 32)

@@ -1,4 +1,4 @@
-"""The fused Triton conv decode step against the torch step (zebra.model.ssd.conv_step, itself tested against the
+"""The fused Triton conv decode step against the torch step (zebra.model.ops.ssd.conv_step, itself tested against the
 full causal conv), on CPU tensors under Triton's interpreter."""
 
 from __future__ import annotations
@@ -6,13 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from zebra.model.ssd import conv_step
+from zebra.model.ops.ssd import conv_step
 
 
 @pytest.fixture
 def fused():
     """The kernel, interpreted on CPU (tests/conftest.py sets TRITON_INTERPRET before torch imports Triton)."""
-    from zebra.model.fused_conv_step import fused_conv_update, interpreting
+    from zebra.model.ops.fused_conv_step import fused_conv_update, interpreting
 
     assert interpreting() or torch.cuda.is_available()
 
@@ -41,7 +41,7 @@ def test_fused_step_equals_torch_step_over_several_tokens(fused, dtype, state_wi
 
 def test_refuses_cpu_tensors_outside_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    from zebra.model.fused_conv_step import fused_conv_update
+    from zebra.model.ops.fused_conv_step import fused_conv_update
 
     with pytest.raises(ValueError, match="CUDA"):
         fused_conv_update(torch.zeros(1, 4), torch.zeros(1, 4, 4), torch.zeros(4, 4))

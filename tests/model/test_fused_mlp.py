@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 @pytest.fixture
 def fused():
-    from zebra.model.fused_mlp import fused_silu_mul, interpreting
+    from zebra.model.ops.fused_mlp import fused_silu_mul, interpreting
 
     assert interpreting() or torch.cuda.is_available()
     return fused_silu_mul

@@ -11,7 +11,7 @@ from zebra.model.modeling_zebra import ZebraRMSNorm
 
 @pytest.fixture
 def fused():
-    from zebra.model.fused_norm import fused_rms_norm, interpreting
+    from zebra.model.ops.fused_norm import fused_rms_norm, interpreting
 
     assert interpreting() or torch.cuda.is_available()
     return fused_rms_norm

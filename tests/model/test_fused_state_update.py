@@ -1,4 +1,4 @@
-"""The fused Mamba2 decode state update against the torch step (zebra.model.ssd.ssd_step), on CPU tensors
+"""The fused Mamba2 decode state update against the torch step (zebra.model.ops.ssd.ssd_step), on CPU tensors
 under Triton's interpreter: grouped x and B as the mixer produces them, raw step with dt_bias or final step."""
 
 from __future__ import annotations
@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from zebra.model.ssd import ssd_step
+from zebra.model.ops.ssd import ssd_step
 
 
 @pytest.fixture
 def fused():
-    from zebra.model.fused_state_update import fused_state_update, interpreting
+    from zebra.model.ops.fused_state_update import fused_state_update, interpreting
 
     assert interpreting() or torch.cuda.is_available()
     return fused_state_update
@@ -56,7 +56,7 @@ def test_mixer_decode_takes_the_fused_update_and_matches_the_eager_step(fused, m
     sys.path.insert(0, str(Path(__file__).parent))
     from test_modeling import make_model
 
-    import zebra.model.fused_state_update as fsu
+    import zebra.model.ops.fused_state_update as fsu
     from zebra.model import mamba2
 
     model = make_model(["mamba", "mla", "mamba"], dtype=torch.float32)

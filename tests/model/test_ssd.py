@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from zebra.model import ssd
-from zebra.model.ssd import (causal_conv1d_torch, conv_step, select_backend, ssd_chunked_scan,
+from zebra.model.ops import ssd
+from zebra.model.ops.ssd import (causal_conv1d_torch, conv_step, select_backend, ssd_chunked_scan,
                              ssd_sequential_reference, ssd_step)
 
 DT = torch.float64

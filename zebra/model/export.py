@@ -8,28 +8,45 @@ imported, the registered Auto classes load it without trust_remote_code.
 from __future__ import annotations
 
 import json
-import shutil
+import re
 from pathlib import Path
 
 from zebra.utils.files import atomic_dir
 
 MODEL_DIR = Path(__file__).resolve().parent
-# Every file ZebraForCausalLM needs; they import each other relatively, which transformers' remote-code
-# loader follows.
-MODEL_FILES = ("configuration_zebra.py", "modeling_zebra.py", "cache.py", "mla.py", "rope.py", "mamba2.py",
-               "ssd.py", "packing.py", "flash_decode.py", "fused_conv_step.py", "fused_mlp.py", "fused_norm.py",
-               "fused_state_update.py", "triton_util.py")
+OPS_DIR = MODEL_DIR / "ops"
+NOT_EXPORTED = ("__init__.py", "export.py")  # the package's own imports, and this file (it imports zebra)
 AUTO_MAP = {
     "AutoConfig": "configuration_zebra.ZebraConfig",
     "AutoModelForCausalLM": "modeling_zebra.ZebraForCausalLM",
 }
 
 
+def model_sources() -> dict[str, str]:
+    """{file name: source} of what ZebraForCausalLM needs, flat: zebra/model's modules and zebra/model/ops's
+    kernels side by side. transformers' remote-code loader follows only `from .x import` to x.py in the same
+    folder, so a module's `from .ops.x import` becomes `from .x import`, as does a kernel's `from ..x import`."""
+    to_flat = {MODEL_DIR: re.compile(r"^(\s*from\s+)\.ops\.", re.M), OPS_DIR: re.compile(r"^(\s*from\s+)\.\.", re.M)}
+    sources = {}
+    for folder, flatten in to_flat.items():
+        for path in sorted(folder.glob("*.py")):
+            if path.name in NOT_EXPORTED:
+                continue
+            if path.name in sources:
+                raise ValueError(f"{path}: another exported file has this name, and the export is flat")
+            sources[path.name] = flatten.sub(r"\1.", path.read_text())
+    for name, text in sources.items():
+        for target in re.findall(r"^\s*from\s+(\.\S*)\s+import", text, re.M):
+            if not (re.fullmatch(r"\.\w+", target) and f"{target[1:]}.py" in sources):
+                raise ValueError(f"{name}: `from {target} import` names no exported file (write `from .ops.x import`)")
+    return sources
+
+
 def add_remote_code(export_dir: str | Path) -> None:
-    """Copy the model's source files into `export_dir` and point config.json's auto_map at them."""
+    """Write the model's source files into `export_dir` and point config.json's auto_map at them."""
     export_dir = Path(export_dir)
-    for name in MODEL_FILES:
-        shutil.copy2(MODEL_DIR / name, export_dir / name)
+    for name, text in model_sources().items():
+        (export_dir / name).write_text(text)
     cfg_path = export_dir / "config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg["auto_map"] = dict(AUTO_MAP)

@@ -3,7 +3,7 @@
 Shaped so that an attention layer maps onto it (C <- W_q, B <- W_k, x <- W_v, out_proj <- W_o): x and B are
 projected at the KV width d_xb = g * head_dim, pass the depthwise conv at that width, and are then repeated
 to the h heads exactly as GQA repeats K/V; C has one group per head. The scan, conv and kernel choice live
-in `ssd.py`; this file is the layer around them.
+in `ops/ssd.py`; this file is the layer around them.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from torch import nn
 
 from .cache import MambaLayerCache
 from .configuration_zebra import ZebraConfig
-from .fused_state_update import fused_state_update
-from .ssd import chunk_scan, conv1d, conv_update, gated_rmsnorm, select_backend, state_update
-from .triton_util import fused_inference
+from .ops.fused_state_update import fused_state_update
+from .ops.ssd import chunk_scan, conv1d, conv_update, gated_rmsnorm, select_backend, state_update
+from .ops.triton_util import fused_inference
 
 # Kept in (at least) fp32 whatever the module is cast to, and excluded from weight decay.
 FP32_PARAMS = ("A_log", "D", "dt_bias")

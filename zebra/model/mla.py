@@ -94,13 +94,13 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
       transformers' eager attention). The scores GEMM spreads the long key axis over the whole GPU; the
       probabilities x values GEMM reduces over it, so for long S it is split into DECODE_SPLITS key ranges
       (more, smaller GEMMs in one batch) whose partial outputs are summed.
-    - "triton": zebra.model.flash_decode, split-key attention with an online softmax that reads the keys and
+    - "triton": zebra.model.ops.flash_decode, split-key attention with an online softmax that reads the keys and
       values once (CUDA; on CPU only under Triton's interpreter).
     """
     if kernel == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     if kernel == "triton":
-        from .flash_decode import flash_decode
+        from .ops.flash_decode import flash_decode
 
         return flash_decode(q, k, v, mask, scale)
     if kernel != "matmul":

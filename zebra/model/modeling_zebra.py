@@ -18,13 +18,13 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from .cache import HybridCache
 from .configuration_zebra import ZebraConfig
-from .fused_mlp import fused_silu_mul
-from .fused_norm import fused_rms_norm
 from .mamba2 import Mamba2Mixer, is_partitioned
 from .mla import MultiHeadLatentAttention
+from .ops.fused_mlp import fused_silu_mul
+from .ops.fused_norm import fused_rms_norm
+from .ops.triton_util import fused_inference
 from .packing import doc_ids_from_position_ids, is_packed
 from .rope import MLARotaryEmbedding
-from .triton_util import fused_inference
 
 
 class ZebraRMSNorm(nn.Module):
@@ -38,7 +38,7 @@ class ZebraRMSNorm(nn.Module):
 
         Llama's numerics: x * rsqrt(mean(x^2) + eps) computed in fp32 for bf16/fp16 inputs (torch's rms_norm
         upcasts them), rounded to x's dtype, then scaled by the weight. For inference on CUDA one Triton kernel
-        does the add and the norm (zebra.model.fused_norm: three kernels become one)."""
+        does the add and the norm (zebra.model.ops.fused_norm: three kernels become one)."""
         if fused_inference(x) and not is_partitioned(self.weight):
             return fused_rms_norm(x, self.weight, self.eps, residual)
         if residual is not None:
@@ -56,7 +56,7 @@ class ZebraMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_proj(x), self.up_proj(x)
-        if fused_inference(x):  # one kernel instead of two (zebra.model.fused_mlp)
+        if fused_inference(x):  # one kernel instead of two (zebra.model.ops.fused_mlp)
             return self.down_proj(fused_silu_mul(gate, up))
         return self.down_proj(F.silu(gate) * up)
 

@@ -9,7 +9,7 @@ step: one launch instead of five.
     state <- exp(dt * A) * state + dt * x (outer) B;   y = state . C + D * x       (state [B, H, P, N], in place)
 
 Arithmetic in fp32 (fp64 for fp64 inputs). Runs on CUDA, and on CPU tensors under Triton's interpreter
-(`TRITON_INTERPRET=1`, how the tests check it against `zebra.model.ssd.ssd_step`).
+(`TRITON_INTERPRET=1`, how the tests check it against `zebra.model.ops.ssd.ssd_step`).
 """
 
 from __future__ import annotations

@@ -55,7 +55,7 @@ def _kernel(interpret: bool):
 
 def fused_conv_update(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor,
                       bias: torch.Tensor | None = None, activation: bool = True) -> torch.Tensor:
-    """As `zebra.model.ssd.conv_update` with the torch step: x [B, D], conv_state [B, D, WS] (updated in place),
+    """As `zebra.model.ops.ssd.conv_update` with the torch step: x [B, D], conv_state [B, D, WS] (updated in place),
     weight [D, W] with W <= WS, bias [D] -> [B, D] in x's dtype (arithmetic in fp32)."""
     require_kernel_device(x, "fused_conv_update")
     b, d = x.shape
