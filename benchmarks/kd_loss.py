@@ -15,14 +15,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
+from benchmarks.harness import Device
 from zebra.stages.losses import auto_chunk_size, chunked_kd_loss
+from zebra.utils.files import write_json_atomic
 
 
 def naive_loss(hs, ht, ws, wt):
@@ -38,22 +39,22 @@ def chunked_loss(hs, ht, ws, wt, chunk_size):
     return loss
 
 
-def measure(fn, inputs, device, weight_grad):
+def measure(fn, inputs, dev: Device, weight_grad):
+    """Loss, gradients, peak bytes above what was allocated before the call (CUDA), and wall seconds of one
+    forward + backward of the loss."""
     hs, ht, ws, wt = inputs
     hs = hs.detach().clone().requires_grad_(True)
     ws = ws.detach().clone().requires_grad_(weight_grad)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
+    dev.sync()
+    dev.free()
+    dev.reset_peak()
+    before = dev.allocated()
     t0 = time.perf_counter()
     loss = fn(hs, ht, ws, wt)
     loss.backward()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    dev.sync()
     wall = time.perf_counter() - t0
-    peak = (torch.cuda.max_memory_allocated(device) - before) if device.type == "cuda" else None
+    peak = dev.peak() - before if dev.cuda else None
     out = {"loss": loss.item(), "grad_h": hs.grad.float(), "grad_w": ws.grad.float() if weight_grad else None,
            "peak_bytes": peak, "seconds": wall}
     del loss, hs, ws
@@ -80,14 +81,16 @@ def main(argv=None):
     p.add_argument("--full-precision-reduction", action="store_true",
                    help="disallow cuBLAS reduced-precision (bf16) split-K reductions for both losses")
     p.add_argument("--out", default=None,
-                   help="JSON path (default experiments/kd_loss_bench.json; smoke runs write only when given)")
+                   help="JSON path (default experiments/kd_loss_memory/kd_loss_bench.json; smoke runs write only "
+                        "when given)")
     a = p.parse_args(argv)
     if a.smoke:
         a.vocab, a.seq, a.batch, a.student_hidden, a.teacher_hidden, a.dtype = 1000, 64, 2, 32, 48, "fp32"
         a.repeats = 1
         a.chunk_size = a.chunk_size or 32  # several chunks even at this size
     device = torch.device(a.device)
-    if a.full_precision_reduction and device.type == "cuda":
+    dev = Device(device)
+    if a.full_precision_reduction and dev.cuda:
         torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
     dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
     torch.manual_seed(0)
@@ -103,16 +106,16 @@ def main(argv=None):
 
     results = {}
     for name, fn in [("naive", naive_loss), ("chunked", lambda *x: chunked_loss(*x, chunk_size=chunk))]:
-        measure(fn, inputs, device, wg)  # warm-up (allocator, kernels)
-        runs = [measure(fn, inputs, device, wg) for _ in range(a.repeats)]
+        measure(fn, inputs, dev, wg)  # warm-up (allocator, kernels)
+        runs = [measure(fn, inputs, dev, wg) for _ in range(a.repeats)]
         results[name] = runs[-1]
         results[name]["seconds"] = min(r["seconds"] for r in runs)
     n, c = results["naive"], results["chunked"]
     # an fp32 reference (inputs upcast, full fp32 logits) to judge both against: bf16 gradients carry rounding
     # of their own (and cuBLAS may reduce in reduced precision), so naive-vs-chunked alone mixes two errors
-    ref = measure(naive_loss, tuple(x.float() for x in inputs), device, wg)
+    ref = measure(naive_loss, tuple(x.float() for x in inputs), dev, wg)
     report = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "device": dev.name(),
         "torch": torch.__version__,
         "vocab": a.vocab, "seq": a.seq, "batch": a.batch, "student_hidden": a.student_hidden,
         "teacher_hidden": a.teacher_hidden, "dtype": a.dtype, "chunk_size": chunk, "weight_grad": wg,
@@ -129,7 +132,7 @@ def main(argv=None):
             "chunked_grad_w_rel_err": rel_err(c["grad_w"], ref["grad_w"]) if wg else None,
         },
         "cuda_bf16_reduced_precision_reduction":
-            torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction if device.type == "cuda" else None,
+            torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction if dev.cuda else None,
     }
     if n["peak_bytes"]:
         report["peak_ratio"] = c["peak_bytes"] / n["peak_bytes"]
@@ -138,13 +141,10 @@ def main(argv=None):
         "loss<=1e-4": report["loss_rel_diff"] <= 1e-4,
         "grad<=1e-3": report["grad_h_rel_err"] <= 1e-3,
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    out = a.out or (None if a.smoke else os.path.join("experiments", "kd_loss_bench.json"))
+    print(json.dumps(report, indent=2))
+    out = a.out or (None if a.smoke else "experiments/kd_loss_memory/kd_loss_bench.json")
     if out:
-        os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-        with open(out, "w") as f:
-            f.write(text + "\n")
+        write_json_atomic(out, report)
         print(f"saved {out}", file=sys.stderr)
     return report
 

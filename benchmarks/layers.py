@@ -1,6 +1,6 @@
 """Layer benchmark: forward + backward time of one mixer layer, ours against its baseline.
 
-    python -m benchmarks.layers --out experiments/layers_bench.json          # GPU, zebra_1b dims, bf16
+    python -m benchmarks.layers                                              # GPU, zebra_1b dims, bf16
     python -m benchmarks.layers --device cpu --smoke --out /tmp/bench.json   # tiny shapes, checks it runs
 
 (1) MLA (`zebra.model.mla.MultiHeadLatentAttention`) against a Llama GQA attention through SDPA with the
@@ -18,17 +18,19 @@ import argparse
 import json
 import os
 import statistics
-import time
 import traceback
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from benchmarks.harness import GIB, Device
 from zebra.model.configuration_zebra import ZebraConfig
 from zebra.model.mamba2 import Mamba2Mixer
-from zebra.model.packing import block_causal_mask
+from zebra.model.mla import MultiHeadLatentAttention
 from zebra.model.ops.ssd import select_backend
+from zebra.model.packing import block_causal_mask
+from zebra.utils.files import write_json_atomic
 
 ZEBRA_1B = dict(vocab_size=128256, max_position_embeddings=131072, hidden_size=2048, intermediate_size=8192,
                 num_attention_heads=32, num_key_value_heads=8, head_dim=64, q_lora_rank=1344, kv_lora_rank=128,
@@ -74,7 +76,7 @@ class GQAAttention(nn.Module):
 
 def time_fwd_bwd(fn, x, warmup: int, iters: int) -> dict:
     """Median ms of forward + backward of `fn(x)` (x and the module's parameters get gradients)."""
-    cuda = x.is_cuda
+    dev = Device(x.device)
     grad_out = None
 
     def step():
@@ -87,25 +89,11 @@ def time_fwd_bwd(fn, x, warmup: int, iters: int) -> dict:
 
     for _ in range(warmup):
         step()
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(iters):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            step()
-            times.append((time.perf_counter() - t0) * 1e3)
+    dev.reset_peak()
+    times = [dev.time(step) * 1e3 for _ in range(iters)]
     res = {"ms": statistics.median(times), "ms_min": min(times), "iters": iters}
-    if cuda:
-        res["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
+    if dev.cuda:
+        res["peak_mem_gib"] = dev.peak() / GIB
     return res
 
 
@@ -114,7 +102,7 @@ def run_case(name: str, results: dict, build):
     try:
         results[name] = build()
         print(f"{name:28s} {results[name]['ms']:9.3f} ms")
-    except Exception as e:  # e.g. the colleague's MLA not there yet, or mamba_ssm missing on CPU
+    except Exception as e:  # e.g. mamba_ssm missing on CPU
         traceback.print_exc()
         results[name] = {"error": f"{type(e).__name__}: {e}"}
         print(f"{name:28s} ERROR {results[name]['error']}")
@@ -130,7 +118,7 @@ def ratio(results, a, b):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default="experiments/layers_bench.json")
+    ap.add_argument("--out", default="experiments/layers/layers_bench.json")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes (checks the script, times nothing useful)")
     ap.add_argument("--batch", type=int, default=4)
@@ -160,7 +148,6 @@ def main(argv=None):
     results = {}
 
     def mla(packed):
-        from zebra.model.mla import MultiHeadLatentAttention  # the colleague's layer, imported only here
         m = MultiHeadLatentAttention(cfg, 0).to(device=device, dtype=dtype)
         if packed:
             return time_fwd_bwd(lambda x: m(x, position_ids=doc_positions, doc_ids=doc_ids), hidden(), warmup, iters)
@@ -195,7 +182,7 @@ def main(argv=None):
     run_case("mamba2_mamba_ssm", results, theirs)
 
     report = {
-        "card": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "card": Device(device).name(),
         "torch": torch.__version__,
         "dtype": str(dtype).replace("torch.", ""),
         "smoke": args.smoke,
@@ -209,9 +196,7 @@ def main(argv=None):
         },
     }
     print(json.dumps(report["ratios"], indent=2))
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=2)
+    write_json_atomic(args.out, report)
     print(f"wrote {args.out} ({report['card']})")
     return report
 

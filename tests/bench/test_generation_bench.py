@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import generation as gen
+from benchmarks.generation import models, report
+from benchmarks.generation import run as gen
+from benchmarks.harness import Device
 
 
 @pytest.fixture(scope="module")
@@ -17,6 +19,7 @@ def smoke(tmp_path_factory):
     return res, json.loads(out.read_text())
 
 
+@pytest.mark.slow
 @pytest.mark.slow
 def test_both_models_measured(smoke):
     res, saved = smoke
@@ -41,11 +44,12 @@ def test_both_models_measured(smoke):
 
 
 @pytest.mark.slow
+@pytest.mark.slow
 def test_cache_bytes_ratio_is_kv_fraction(smoke):
     _, saved = smoke
     z, l = saved["models"]["zebra"], saved["models"]["llama"]
     expected = z["expected"]["kv_fraction"]
-    cfg = gen.zebra_config(gen.SMOKE_PRESET)
+    cfg = models.zebra_config(models.SMOKE_PRESET)
     assert expected == pytest.approx(len(cfg.mla_layers) * cfg.mla_cache_dim
                                      / (2 * cfg.num_key_value_heads * cfg.head_dim * cfg.num_hidden_layers))
     measured = z["cache"]["per_token"] / l["cache"]["per_token"]
@@ -55,6 +59,7 @@ def test_cache_bytes_ratio_is_kv_fraction(smoke):
     assert z["cache"]["constant_per_sequence"] > 0 and l["cache"]["constant_per_sequence"] == 0
 
 
+@pytest.mark.slow
 @pytest.mark.slow
 def test_static_step_equals_ordinary_decode(smoke):
     """The harness's check: the benchmark's static-cache step (what the GPU records in a graph) against the
@@ -67,11 +72,11 @@ def test_static_step_equals_ordinary_decode(smoke):
 
 
 @pytest.mark.slow
+@pytest.mark.slow
 def test_plots(smoke, tmp_path):
-    pytest.importorskip("matplotlib")
     out = tmp_path / "gen.json"
     out.write_text(json.dumps(smoke[1]))
-    paths = gen.plot(out, tmp_path)
+    paths = report.plot(out, tmp_path)
     assert len(paths) == 2 and all(Path(p).is_file() and Path(p).stat().st_size > 0 for p in paths)
 
 
@@ -120,7 +125,7 @@ def test_step_keeps_its_function_and_closure_alive_until_closed():
         return (lambda: (slots <= 3).sum()), weakref.ref(slots)
 
     fn, slots_ref = make()
-    step = gen.Step(gen.Device("cpu"), fn, warmup=1)
+    step = gen.Step(Device("cpu"), fn, warmup=1)
     assert int(step.run()) == 4
     # on CUDA `run` is the graph's replay, which holds no Python reference to the function: stand in for it, so
     # that only the Step's own hold on the function keeps the closure's tensor alive
@@ -133,6 +138,7 @@ def test_step_keeps_its_function_and_closure_alive_until_closed():
     assert slots_ref() is None
 
 
+@pytest.mark.slow
 @pytest.mark.slow
 def test_compiled_steps_pass_the_check_and_are_timed(tmp_path):
     """--compile: each model's decode step goes through torch.compile (dynamic shapes) before it is run (captured

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from zebra.plan import flops as F
-from benchmarks import training as tb
+from benchmarks.harness import is_oom
+from benchmarks.training import models
+from benchmarks.training import run as tb
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +57,7 @@ def test_benchmark_runs_the_stage_losses(smoke):
 
 def test_flop_accounting(smoke):
     _, js = smoke
-    shapes = tb.build_shapes(smoke=True)
+    shapes = models.build_shapes(smoke=True)
     T = js["seq_len"]
     fpt = F.kd_step_flops(shapes["kd_student"], shapes["kd_teacher"], T)
     assert js["kd"]["flops_per_token"] == pytest.approx(fpt)
@@ -77,7 +79,7 @@ def test_flop_accounting(smoke):
 
 
 def test_real_shapes_without_building_them():
-    shapes = tb.build_shapes(smoke=False)
+    shapes = models.build_shapes(smoke=False)
     s, t = shapes["kd_student"], shapes["kd_teacher"]
     assert s.layer_types.count("mla") == 4 and s.mla_layers == [0, 5, 10, 14]
     assert (t.hidden_size, t.num_hidden_layers, t.intermediate_size, t.vocab_size) == (4096, 32, 14336, 128256)
@@ -89,7 +91,7 @@ def test_real_shapes_without_building_them():
 
 
 def test_packed_batch():
-    batch, lengths = tb.make_batch(3, 32, 50, "cpu", docs=4, seed=1)
+    batch, lengths = models.make_batch(3, 32, 50, "cpu", docs=4, seed=1)
     assert all(sum(row) == 32 and len(row) == 4 for row in lengths)
     pos, mask = batch["position_ids"], batch["loss_mask"]
     for r, row in enumerate(lengths):
@@ -97,7 +99,7 @@ def test_packed_batch():
         assert not mask[r, ends].any() and int(mask[r].sum()) == 32 - 4
         assert int((pos[r] == 0).sum()) == 4
     assert F.doc_lengths_from_position_ids(pos) == [n for row in lengths for n in row]
-    one, _ = tb.make_batch(2, 16, 50, "cpu")
+    one, _ = models.make_batch(2, 16, 50, "cpu")
     assert torch.equal(one["position_ids"][0], torch.arange(16)) and int(one["loss_mask"].sum()) == 2 * 15
 
 
@@ -113,22 +115,22 @@ def test_batch_search_stops_at_oom():
     assert best == 4 and seen == [1, 2, 4, 8] and tried["8"].startswith("oom")
     with pytest.raises(ValueError):
         tb.search_batch(lambda b: (_ for _ in ()).throw(ValueError("boom")), [1], "cpu", lambda m: None)
-    assert tb.is_oom(RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED"))
-    assert not tb.is_oom(RuntimeError("shape mismatch"))
+    assert is_oom(RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED"))
+    assert not is_oom(RuntimeError("shape mismatch"))
 
 
 def test_split_step_updates_the_student_like_the_stage():
     """One split step and one KDModule.training_step step from the same start give the same weights."""
     from zebra.stages.kd import KDModule
 
-    shapes = tb.build_shapes(smoke=True)
-    teacher = tb.build_teacher(shapes["kd_teacher"], "cpu", dtype=torch.float32)
-    batch, _ = tb.make_batch(2, 32, shapes["kd_student"].vocab_size, "cpu", docs=2)
+    shapes = models.build_shapes(smoke=True)
+    teacher = models.build_teacher(shapes["kd_teacher"], "cpu", dtype=torch.float32)
+    batch, _ = models.make_batch(2, 32, shapes["kd_student"].vocab_size, "cpu", docs=2)
     results = []
     for mode in ("split", "stage"):
-        student = tb.build_student(shapes["kd_student"], "cpu", seed=5)
+        student = models.build_student(shapes["kd_student"], "cpu", seed=5)
         module = KDModule(student, teacher, seq_len=32)
-        opt = tb.make_optimizer(module, 1e-3, "cpu")
+        opt = models.make_optimizer(module, 1e-3, "cpu")
         before = student.model.layers[1].mixer.out_proj.weight.detach().clone()
         if mode == "split":
             loss = tb.kd_split_step(module, opt, batch, "cpu", "fp32")

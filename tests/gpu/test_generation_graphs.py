@@ -12,7 +12,7 @@ import json
 import pytest
 import torch
 
-from benchmarks import generation as gen
+from benchmarks.generation import run as gen
 from zebra.model.ops.ssd import select_backend, state_update
 
 pytestmark = pytest.mark.gpu

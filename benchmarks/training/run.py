@@ -1,254 +1,30 @@
-"""Training throughput benchmark: the `kd` and `ilkd` steps at zebra_1b shapes on one GPU (random weights).
-
-    python -m benchmarks.training --out experiments/training_bench.json    # GPU: zebra_1b, 8B KD teacher, seq 2048
-    python -m benchmarks.training --smoke --device cpu --out /tmp/tb.json  # tiny shapes, same code path
-
-What runs is the stages' own code, without a Lightning Trainer:
-- kd: student = ZebraForCausalLM (conf/model/zebra_1b.yaml, conf/mix/paper.yaml: MLA at [0, 5, 10, 14]) with
-  fp32 master weights under bf16 autocast (trainer=gpu is precision bf16-mixed) and torch.optim.AdamW(fused=True);
-  teacher = a LlamaForCausalLM of Llama-3.1-8B's dims (conf/model/zebra_8b.yaml `base`), bf16, frozen. The step is
-  `zebra.stages.kd.KDModule`'s: `common.teacher_forward`, `common.student_hidden`, `losses.chunked_kd_loss` (the
-  benchmark checks that its loss equals `KDModule.kd_loss` on the same batch). Timed with CUDA events per phase
-  (no host sync added): teacher_forward (body, no logits) | student_forward | kd_loss (both models' logits chunk
-  by chunk, the student's logit gradients pushed through its LM head) | student_backward | optimizer.
-  "student_step" = student_forward + kd_loss + student_backward; its TFLOP/s counts the student's 6 x params
-  (+ attention, SSD) and the teacher's logits, which the loss computes (also reported without them). A second
-  measurement runs `KDModule.training_step` itself (its host syncs included); a third a packed batch
-  (--docs documents per row, position ids restarting: the block-causal path of real data).
-- ilkd: teacher = Llama-3.2-1B's dims (zebra_1b `base`), students = all-MLA and all-Mamba2 ZebraForCausalLM
-  (random, no SVD init), `zebra.stages.ilkd.ILDModule.training_step`: (a) both students from one teacher forward,
-  (b) two separate runs, one student each with its own teacher forward, at the same per-student micro-batch.
-- The micro-batch is the largest of 1, 2, 4, 8, ... whose step fits without activation checkpointing (kd: the
-  split step; ilkd: the joint step, whose micro-batch the separate runs reuse).
-- FLOPs per token from `zebra.plan.flops` (teacher forward + 3 x student forward, attention and SSD included);
-  MFU = model FLOPs per second / the bf16 matmul rate measured at the start (best of square GEMMs).
-
-On CUDA each measurement also counts the host syncs of one step and where they come from
-(torch.cuda.set_sync_debug_mode("warn")). Toggles for hypotheses: --packed/--no-packed, --kernels torch|mamba_ssm,
---precision bf16 (bf16 student weights, no autocast), --kd-chunk-size, --batch.
-
-Every measurement prints one line and is written to the JSON at once (zebra.utils.files.write_json_atomic), with the
-device, versions, kernel backend, configs and micro-batches. Speed is never asserted (DESIGN §6).
-"""
+"""The training benchmark's run: the kd and ilkd measurements (what they are: the package docstring), each written
+to the JSON as it finishes, and the command line."""
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import gc
-import importlib.metadata
 import os
-import platform
 import re
 import statistics
-import sys
 import time
 import traceback
 import warnings
-from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
+import benchmarks.training
+from benchmarks.harness import GIB, Device, NoTimer, PhaseTimer, count_host_syncs, is_oom, matmul_rate, versions
+from benchmarks.training.models import (build_shapes, build_student, build_teacher, config_summary, make_batch,
+                                        make_optimizer)
+from benchmarks.training.report import fmt, summary
 from zebra.plan import flops as F
 from zebra.utils.files import write_json_atomic
-from zebra.utils.paths import config_dir
-
-CONF = config_dir()
-GIB = 2 ** 30
-
-
-# ------------------------------------------------------------------------------------------------ configs
-def load_preset(name: str):
-    return OmegaConf.load(CONF / "model" / f"{name}.yaml")
-
-
-def smoke_preset(hidden: int = 64, layers: int = 4, heads: int = 4, kv_heads: int = 2, head_dim: int = 16,
-                 vocab: int = 512):
-    """conf/model/tiny.yaml with a small vocabulary and a short SSD chunk (so a 64-token row has 4 chunks)."""
-    p = load_preset("tiny")
-    p.base.vocab_size = vocab
-    p.base.hidden_size, p.base.num_hidden_layers = hidden, layers
-    p.base.num_attention_heads, p.base.num_key_value_heads, p.base.head_dim = heads, kv_heads, head_dim
-    p.base.intermediate_size = 2 * hidden
-    p.mla.mamba_chunk_size = 16
-    return p
-
-
-def build_shapes(smoke: bool) -> dict:
-    """ZebraConfigs of the students and LlamaConfigs of the teachers (architecture numbers only)."""
-    from zebra.plan.describe import zebra_config_from_preset
-    from zebra.plan.mixes import layer_types_for, resolve_mla_layers
-    from zebra.stages.common import llama_config_from_base
-
-    if smoke:
-        student, kd_teacher = smoke_preset(), smoke_preset(hidden=96, layers=2, head_dim=24)
-        kd_teacher.base.tie_word_embeddings = False
-    else:
-        student, kd_teacher = load_preset("zebra_1b"), load_preset("zebra_8b")
-    mix = OmegaConf.load(CONF / "mix" / "paper.yaml")
-    cfg = OmegaConf.create({"model": student, "mix": mix})  # resolves mix.mla_layers = model.paper_mla_layers
-    L = int(student.base.num_hidden_layers)
-    mla_layers = resolve_mla_layers(OmegaConf.to_container(cfg.mix, resolve=True), L)
-    shapes = {
-        "kd_student": zebra_config_from_preset(cfg.model, layer_types_for(L, mla_layers)),
-        "kd_teacher": llama_config_from_base(kd_teacher.base),
-        "ild_teacher": llama_config_from_base(student.base),
-        "ild_mla": zebra_config_from_preset(cfg.model, ["mla"] * L),
-        "ild_mamba": zebra_config_from_preset(cfg.model, ["mamba"] * L),
-    }
-    for name in ("kd_teacher", "ild_teacher"):
-        shapes[name]._attn_implementation = "sdpa"  # as common.load_teacher_model
-    if shapes["kd_teacher"].vocab_size != shapes["kd_student"].vocab_size:
-        raise ValueError("KD teacher and student vocabularies differ")
-    return shapes
-
-
-def config_summary(config) -> dict:
-    keys = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-            "num_attention_heads", "num_key_value_heads", "head_dim", "tie_word_embeddings", "layer_types",
-            "q_lora_rank", "kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim", "mamba_d_inner",
-            "mamba_d_xb", "mamba_nheads", "mamba_headdim", "mamba_d_state", "mamba_d_conv", "mamba_chunk_size")
-    return {k: getattr(config, k) for k in keys if getattr(config, k, None) is not None}
-
-
-# ------------------------------------------------------------------------------------------------ models
-@contextlib.contextmanager
-def default_dtype(dtype: torch.dtype):
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(old)
-
-
-def build_teacher(config, device, dtype=torch.bfloat16, seed: int = 0):
-    """A random frozen LlamaForCausalLM built directly on `device` in `dtype` (an 8B model in fp32 on the host
-    first would take minutes): what common.load_teacher_model("random:<seed>") gives, placed."""
-    from transformers import LlamaForCausalLM
-
-    from zebra.stages.common import freeze
-
-    torch.manual_seed(seed)
-    with torch.device(device), default_dtype(dtype):
-        model = LlamaForCausalLM(config)
-    return freeze(model)
-
-
-def build_student(config, device, seed: int = 1):
-    """A random ZebraForCausalLM with fp32 (master) weights on `device`, in train mode."""
-    from zebra.model import ZebraForCausalLM
-
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = ZebraForCausalLM(config)
-    return model.float().train()
-
-
-def make_optimizer(module, lr: float, device):
-    """AdamW(fused=True) over the module's trainable parameters, grouped as StageModule.configure_optimizers
-    groups them (weight decay 0, as conf/kd and conf/ilkd)."""
-    from zebra.stages.common import param_groups
-
-    groups = param_groups(module.trainable_named_parameters(), 0.0)
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, fused=True)
-
-
-# ------------------------------------------------------------------------------------------------ batches
-def make_batch(batch_size: int, seq_len: int, vocab: int, device, docs: int = 1, seed: int = 0):
-    """A token-mixture batch (INTERFACES.md): `docs` documents per row (position ids restart at 0 at each; the
-    last token of each document has no next-token target), no padding. Returns (batch, document lengths)."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, vocab, (batch_size, seq_len), generator=g)
-    pos, mask, lengths = [], torch.ones(batch_size, seq_len, dtype=torch.bool), []
-    for r in range(batch_size):
-        if docs > 1:
-            cuts = sorted(torch.randperm(seq_len - 1, generator=g)[: docs - 1].add(1).tolist())
-        else:
-            cuts = []
-        bounds = [0] + cuts + [seq_len]
-        row = [b - a for a, b in zip(bounds, bounds[1:])]
-        lengths.append(row)
-        pos.append(torch.cat([torch.arange(n) for n in row]))
-        for end in bounds[1:]:
-            mask[r, end - 1] = False
-    batch = {"input_ids": ids, "position_ids": torch.stack(pos), "loss_mask": mask,
-             "attention_mask": torch.ones(batch_size, seq_len, dtype=torch.long)}
-    return {k: v.to(device) for k, v in batch.items()}, lengths
-
-
-# ------------------------------------------------------------------------------------------------ timing
-def sync(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-class PhaseTimer:
-    """Marks on the CUDA stream (events: no host sync while the step runs) or host clock on CPU. A phase's
-    time runs from the previous mark to its own."""
-
-    def __init__(self, device):
-        self.cuda = torch.device(device).type == "cuda"
-        self.marks: list = []
-
-    def mark(self, name: str) -> None:
-        if self.cuda:
-            ev = torch.cuda.Event(enable_timing=True)
-            ev.record()
-            self.marks.append((name, ev))
-        else:
-            self.marks.append((name, time.perf_counter()))
-
-    def phases(self) -> dict:
-        if self.cuda:
-            self.marks[-1][1].synchronize()
-        out = {}
-        for (_, a), (name, b) in zip(self.marks, self.marks[1:]):
-            out[name] = a.elapsed_time(b) if self.cuda else (b - a) * 1e3
-        return out
-
-
-class NoTimer:
-    def mark(self, name):
-        pass
 
 
 def autocast(device, precision: str):
     return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
 
-
-def is_oom(err: BaseException) -> bool:
-    if isinstance(err, torch.OutOfMemoryError):
-        return True
-    msg = str(err)
-    return isinstance(err, RuntimeError) and ("out of memory" in msg or "CUBLAS_STATUS_ALLOC_FAILED" in msg)
-
-
-def free_memory(device) -> None:
-    gc.collect()
-    if torch.device(device).type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def count_host_syncs(fn, device) -> dict:
-    """Runs `fn` once under torch.cuda.set_sync_debug_mode("warn") and returns how many synchronising calls it
-    made and from where (file:line of the Python caller). CUDA only."""
-    if torch.device(device).type != "cuda":
-        return {"count": None, "note": "CUDA only"}
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            fn()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
-    where: dict[str, int] = {}
-    for w in syncs:
-        key = f"{Path(w.filename).name}:{w.lineno}"
-        where[key] = where.get(key, 0) + 1
-    return {"count": len(syncs), "where": where}
 
 
 def measure(step, device, warmup: int, iters: int, tokens: int, phase_flops: dict, peak_flops: float,
@@ -258,7 +34,7 @@ def measure(step, device, warmup: int, iters: int, tokens: int, phase_flops: dic
     `combine` names sums of phases ({"student_step": (phase, ...)}), timed per step like the phases."""
     for _ in range(warmup):
         step(NoTimer())
-    sync(device)
+    Device(device).sync()
     cuda = torch.device(device).type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
@@ -288,35 +64,6 @@ def measure(step, device, warmup: int, iters: int, tokens: int, phase_flops: dic
         res["peak_reserved_gib"] = torch.cuda.max_memory_reserved(device) / GIB
     return res
 
-
-def measure_matmul_rate(device, smoke: bool) -> dict:
-    """Best dense matmul rate of the card (bf16 on CUDA, fp32 on CPU): square GEMMs, best of several timed
-    repeats per size. The MFU ceiling of this benchmark."""
-    cuda = torch.device(device).type == "cuda"
-    dtype = torch.bfloat16 if cuda else torch.float32
-    sizes = (256,) if smoke else ((4096, 8192, 16384) if cuda else (1024, 2048))
-    repeats, iters = (2, 2) if smoke else (5, 10)
-    out = {"dtype": str(dtype).replace("torch.", ""), "per_size_tflops": {}}
-    for n in sizes:
-        a = torch.randn(n, n, device=device, dtype=dtype)
-        b = torch.randn(n, n, device=device, dtype=dtype)
-        for _ in range(3):
-            a @ b
-        best = 0.0
-        for _ in range(repeats):
-            timer = PhaseTimer(device)
-            timer.mark("start")
-            for _ in range(iters):
-                a @ b
-            timer.mark("mm")
-            ms = timer.phases()["mm"]
-            best = max(best, 2.0 * n ** 3 * iters / (ms / 1e3))
-        out["per_size_tflops"][str(n)] = best / 1e12
-        del a, b
-    out["tflops"] = max(out["per_size_tflops"].values())
-    out["flops_per_s"] = out["tflops"] * 1e12
-    free_memory(device)
-    return out
 
 
 # ------------------------------------------------------------------------------------------------ kd
@@ -374,14 +121,14 @@ def search_batch(try_step, candidates, device, log, on_oom=None) -> tuple[int | 
         ok, err = True, None
         try:
             try_step(b)
-            sync(device)
+            Device(device).sync()
         except Exception as e:  # noqa: BLE001 - only OOM ends the search quietly
             if not is_oom(e):
                 raise
             ok, err = False, f"{type(e).__name__}"
         if not ok and on_oom is not None:
             on_oom()
-        free_memory(device)
+        Device(device).free(collect=True)
         tried[str(b)] = "ok" if ok else f"oom ({err})"
         log(f"  micro-batch {b}: {tried[str(b)]}")
         if not ok:
@@ -400,17 +147,6 @@ def batch_candidates(max_batch: int) -> list[int]:
 
 def weights_changed(param: torch.Tensor, before: torch.Tensor) -> bool:
     return not torch.equal(param.detach(), before)
-
-
-def fmt(res: dict) -> str:
-    ph = " / ".join(f"{k} {v:.1f}" for k, v in res["phase_ms"].items())
-    tf = ", ".join(f"{k} {v:.0f}" for k, v in res["tflops"].items())
-    s = f"{res['tokens_per_s']:.0f} tok/s, step {res['step_ms']:.1f} ms ({ph} ms), TFLOP/s: {tf}"
-    if "mfu" in res:
-        s += f", MFU {100 * res['mfu']:.1f}%"
-    if "peak_mem_gib" in res:
-        s += f", peak {res['peak_mem_gib']:.1f} GiB"
-    return s
 
 
 def run_kd(args, shapes, device, peak, report, save, log):
@@ -499,12 +235,12 @@ def run_kd(args, shapes, device, peak, report, save, log):
                 if not is_oom(e):
                     raise
                 opt.zero_grad(set_to_none=True)
-                free_memory(device)
+                Device(device).free(collect=True)
                 log(f"kd {name} b={b}: out of memory, halving")
                 b //= 2
         if not b:
             out[name] = {"error": "out of memory at micro-batch 1"}
-        free_memory(device)
+        Device(device).free(collect=True)
         save()
 
     split_case("split", 1)
@@ -526,12 +262,12 @@ def run_kd(args, shapes, device, peak, report, save, log):
                 raise
             out["stage_step"] = {"error": "out of memory"}
         opt.zero_grad(set_to_none=True)
-        free_memory(device)
+        Device(device).free(collect=True)
         save()
     if args.packed:
         split_case("packed", args.docs)
     module = opt = student = teacher = probe = None  # noqa: F841 - freed before the next benchmark
-    free_memory(device)
+    Device(device).free(collect=True)
 
 
 # ------------------------------------------------------------------------------------------------ ilkd
@@ -603,7 +339,7 @@ def run_ilkd(args, shapes, device, peak, report, save, log):
         finally:
             opt.zero_grad(set_to_none=True)
             opt = module = None  # noqa: F841 - the optimizer states go before the next run
-            free_memory(device)
+            Device(device).free(collect=True)
 
     if args.batch:
         mb, joint_res = run(("mla", "mamba"), args.batch)
@@ -641,14 +377,14 @@ def run_ilkd(args, shapes, device, peak, report, save, log):
         other = "mamba" if kind == "mla" else "mla"
         students[other].to("cpu")  # off the card: each separate run holds one student, as a run of one would
         students[kind].to(device)
-        free_memory(device)
+        Device(device).free(collect=True)
         try:
             _, res = run((kind,), mb)
         except Exception as e:  # noqa: BLE001
             if not is_oom(e):
                 raise
             res = {"error": "out of memory at the joint micro-batch"}
-            free_memory(device)
+            Device(device).free(collect=True)
         out["separate"][kind] = res
         if "step_ms" in res:
             log(f"ilkd separate ({kind}) b={mb}: {fmt(res)}")
@@ -666,25 +402,17 @@ def run_ilkd(args, shapes, device, peak, report, save, log):
         s.to(device)
     save()
     students = teacher = None  # noqa: F841
-    free_memory(device)
+    Device(device).free(collect=True)
 
 
 # ------------------------------------------------------------------------------------------------ main
-def versions(device) -> dict:
-    def ver(name):
-        try:
-            return importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            return None
+def run_versions(device) -> dict:
+    from zebra.model.ops.ssd import _causal_conv1d_kernels, select_backend
 
-    from zebra.model.ssd import _causal_conv1d_kernels, select_backend
-
-    info = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
-            "transformers": ver("transformers"), "lightning": ver("lightning"), "mamba_ssm": ver("mamba_ssm") or
-            ver("mamba-ssm"), "causal_conv1d": ver("causal_conv1d") or ver("causal-conv1d"), "triton": ver("triton"),
-            "mamba_backend": select_backend(device, torch.bfloat16),
-            "causal_conv1d_kernels": _causal_conv1d_kernels() is not None,
-            "env": {k: os.environ.get(k) for k in ("ZEBRA_MAMBA_KERNELS", "PYTORCH_CUDA_ALLOC_CONF")}}
+    info = versions("transformers", "lightning", "mamba_ssm", "causal_conv1d", "triton")
+    info.update(mamba_backend=select_backend(device, torch.bfloat16),
+                causal_conv1d_kernels=_causal_conv1d_kernels() is not None,
+                env={k: os.environ.get(k) for k in ("ZEBRA_MAMBA_KERNELS", "PYTORCH_CUDA_ALLOC_CONF")})
     if torch.device(device).type == "cuda":
         info["device"] = torch.cuda.get_device_name(device)
         info["device_memory_gib"] = torch.cuda.get_device_properties(device).total_memory / GIB
@@ -693,41 +421,11 @@ def versions(device) -> dict:
     return info
 
 
-def summary(report: dict) -> dict:
-    s = {"matmul_tflops": report.get("matmul", {}).get("tflops")}
-    kd = report.get("kd", {})
-    if "tflops" in kd.get("split", {}):
-        r = kd["split"]
-        s["kd"] = {"micro_batch": r["micro_batch"], "tokens_per_s": r["tokens_per_s"], "mfu": r.get("mfu"),
-                   "teacher_forward_tflops": r["tflops"].get("teacher_forward"),
-                   "student_step_tflops": r["tflops"].get("student_step"),
-                   "student_step_tflops_excluding_teacher_logits": r.get("student_tflops_excluding_teacher_logits"),
-                   "phase_ms": r["phase_ms"],
-                   "peak_mem_gib": r.get("peak_mem_gib"),
-                   "acceptance_mfu_ge_0.35": (r.get("mfu") or 0) >= 0.35,
-                   "acceptance_student_ge_150_tflops": (r["tflops"].get("student_step") or 0) >= 150}
-        if "tflops" in kd.get("stage_step", {}):
-            s["kd"]["stage_training_step_tokens_per_s"] = kd["stage_step"]["tokens_per_s"]
-            s["kd"]["stage_training_step_mfu"] = kd["stage_step"].get("mfu")
-        if "tflops" in kd.get("packed", {}):
-            s["kd"]["packed_tokens_per_s"] = kd["packed"]["tokens_per_s"]
-            s["kd"]["packed_mfu"] = kd["packed"].get("mfu")
-    il = report.get("ilkd", {})
-    if "joint" in il and il["joint"]:
-        s["ilkd"] = {"micro_batch": il.get("micro_batch"), "joint_tokens_per_s": il["joint"]["tokens_per_s"],
-                     "joint_mfu": il["joint"].get("mfu"), "joint_peak_mem_gib": il["joint"].get("peak_mem_gib_run"),
-                     "separate_peak_mem_gib": {k: v.get("peak_mem_gib_run") for k, v in il.get("separate", {}).items()},
-                     "joint_speedup_over_separate": il.get("joint_speedup_over_separate"),
-                     "flop_bound_speedup": il.get("flop_bound_speedup")}
-        if il.get("joint_speedup_over_separate") is not None:
-            s["ilkd"]["acceptance_speedup_ge_1.10"] = il["joint_speedup_over_separate"] >= 1.10
-    return s
-
-
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    ap.add_argument("--out", default="experiments/training_bench.json")
+    doc = benchmarks.training.__doc__
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.training", description=doc.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=doc)
+    ap.add_argument("--out", default="experiments/training_throughput/training_bench.json")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, seq 64 (checks the code path; times nothing)")
     ap.add_argument("--seq", type=int, default=None, help="tokens per row (default 2048; smoke 64)")
@@ -779,7 +477,7 @@ def main(argv=None) -> dict:
         print(f"[{time.perf_counter() - t0:7.1f}s] {msg}", flush=True)
 
     shapes = build_shapes(args.smoke)
-    report = {"benchmark": "training", "smoke": args.smoke, "args": vars(args), "versions": versions(device),
+    report = {"benchmark": "training", "smoke": args.smoke, "args": vars(args), "versions": run_versions(device),
               "seq_len": args.seq, "precision": args.precision,
               "configs": {k: config_summary(v) for k, v in shapes.items()},
               "flops_convention": F.__doc__.split("\n\n")[1]}
@@ -792,7 +490,7 @@ def main(argv=None) -> dict:
     log(f"device {report['versions']['device']}, torch {torch.__version__}, mamba backend "
         f"{report['versions']['mamba_backend']} (mamba_ssm {report['versions']['mamba_ssm']}), "
         f"precision {args.precision}, seq {args.seq}")
-    report["matmul"] = measure_matmul_rate(device, args.smoke)
+    report["matmul"] = matmul_rate(device, args.smoke)
     peak = report["matmul"]["flops_per_s"]
     log(f"matmul rate ({report['matmul']['dtype']}): {report['matmul']['tflops']:.1f} TFLOP/s "
         f"{report['matmul']['per_size_tflops']}")
@@ -809,12 +507,10 @@ def main(argv=None) -> dict:
             if args.smoke:
                 save()
                 raise
-        free_memory(device)
+        Device(device).free(collect=True)
         save()
     log(f"wrote {args.out}")
     print(f"summary: {report['summary']}", flush=True)
     return report
 
 
-if __name__ == "__main__":
-    sys.exit(0 if main() else 1)

@@ -1,0 +1,3 @@
+from benchmarks.generation.run import main
+
+main()
