@@ -20,7 +20,6 @@ def smoke(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.slow
 def test_both_models_measured(smoke):
     res, saved = smoke
     assert saved["summary"] == json.loads(json.dumps(res["summary"], default=str))
@@ -44,7 +43,6 @@ def test_both_models_measured(smoke):
 
 
 @pytest.mark.slow
-@pytest.mark.slow
 def test_cache_bytes_ratio_is_kv_fraction(smoke):
     _, saved = smoke
     z, l = saved["models"]["zebra"], saved["models"]["llama"]
@@ -60,7 +58,6 @@ def test_cache_bytes_ratio_is_kv_fraction(smoke):
 
 
 @pytest.mark.slow
-@pytest.mark.slow
 def test_static_step_equals_ordinary_decode(smoke):
     """The harness's check: the benchmark's static-cache step (what the GPU records in a graph) against the
     ordinary decode (dynamic cache), after a real prefill, for both models."""
@@ -71,7 +68,6 @@ def test_static_step_equals_ordinary_decode(smoke):
         assert check["rel_err"] < 1e-5, (name, check)
 
 
-@pytest.mark.slow
 @pytest.mark.slow
 def test_plots(smoke, tmp_path):
     out = tmp_path / "gen.json"
@@ -138,7 +134,6 @@ def test_step_keeps_its_function_and_closure_alive_until_closed():
     assert slots_ref() is None
 
 
-@pytest.mark.slow
 @pytest.mark.slow
 def test_compiled_steps_pass_the_check_and_are_timed(tmp_path):
     """--compile: each model's decode step goes through torch.compile (dynamic shapes) before it is run (captured
