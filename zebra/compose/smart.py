@@ -191,7 +191,7 @@ def kl_sum(logp_base: torch.Tensor, logp_student: torch.Tensor) -> float:
 def layer_sensitivities(base_model, mamba_student, mla_student, batches, log=None) -> list[float]:
     """s_i = KL(base || all-Mamba2) - KL(base || all-Mamba2 with layer i from the MLA student), per token.
 
-    `batches`: token-mixture batches (input_ids, position_ids, loss_mask, attention_mask; see INTERFACES.md).
+    `batches`: token-mixture batches (input_ids, position_ids, loss_mask, attention_mask; as zebra.data.sft).
     The base gets the same block-causal/padding view as the students. Layers are swapped into the Mamba2
     student in place, one at a time (L + 2 forwards per batch, no model copies), so the two students must sit
     on the same device. All three models run in eval mode; their previous modes are restored.

@@ -96,7 +96,7 @@ def layout(src: np.ndarray, doc: np.ndarray, stores: list[DocStore], seq_len: in
 
 
 class PackedRows(torch.utils.data.Dataset):
-    """Row r of the packed stream as a token-mixture batch item (INTERFACES.md "Batches")."""
+    """Row r of the packed stream as a token-mixture batch item (the keys zebra.data.sft documents)."""
 
     def __init__(self, lay: Layout, stores: list[DocStore], pad_id: int, assistant_only: bool = False):
         self.lay, self.stores, self.pad_id, self.assistant_only = lay, stores, int(pad_id), assistant_only

@@ -89,7 +89,7 @@ def print_description(cfg) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ memory plan
-# Bytes per parameter of the model states, per GPU, before sharding (DESIGN §5, issue "scale out"). Trained
+# Bytes per parameter of the model states, per GPU, before sharding (DESIGN §5). Trained
 # parameters under mixed-precision Adam:
 #   DeepSpeed bf16 (zero2/zero3): bf16 weights 2 + bf16 gradients 2 + fp32 master weights 4 + Adam m, v 8
 #       + ~2 of fp32 gradient partitions and communication buckets = ~18 (DeepSpeed's own ZeRO-3 figure).
