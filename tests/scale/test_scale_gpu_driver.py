@@ -1,4 +1,4 @@
-"""The GPU recipe's driver (experiments/scale_gpu.py) on CPU: a launch cut short must take its whole process tree
+"""The GPU recipe's driver (experiments/deepspeed_scaling) on CPU: a launch cut short must take its whole process tree
 with it (torchrun starts its workers in sessions of their own, which outlived the driver's timeout on a GPU
 machine), and a bad --parts is refused before any work."""
 
@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def driver():
-    spec = importlib.util.spec_from_file_location("scale_gpu", REPO / "experiments" / "scale_gpu.py")
+    spec = importlib.util.spec_from_file_location("scale_gpu", REPO / "experiments/deepspeed_scaling/scale_gpu.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -49,7 +49,8 @@ def test_timeout_kills_workers_in_their_own_sessions(driver, tmp_path):
 
 
 def test_unknown_part_is_refused_before_any_work(tmp_path):
-    out = subprocess.run([sys.executable, str(REPO / "experiments" / "scale_gpu.py"), "--out", str(tmp_path / "r.json"),
-                          "--work", str(tmp_path / "w"), "--parts", "zebra8b,bogus"], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, str(REPO / "experiments/deepspeed_scaling/scale_gpu.py"),
+                          "--out", str(tmp_path / "r.json"), "--work", str(tmp_path / "w"), "--parts", "zebra8b,bogus"],
+                         capture_output=True, text=True)
     assert out.returncode == 2 and "unknown ['bogus']" in out.stderr
     assert not (tmp_path / "w").exists() and not (tmp_path / "r.json").exists()

@@ -11,7 +11,7 @@ while the base at its own largest batch reached 65%).
 0. (first) The Triton kernel's ranges combined by its combine kernel vs by torch ops, at batch 8, 64 and that
    batch (--combine-only: just this).
 
-    source .gpu/bootstrap.sh && python experiments/decode_large_batch.py --out $OUT/decode_large_batch.json
+    source .gpu/bootstrap.sh && python experiments/decode_attention/decode_large_batch.py --out $OUT/decode_large_batch.json
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from benchmarks import generation as G  # noqa: E402
+from benchmarks.generation import run as G  # noqa: E402
 from zebra.model.ops.flash_decode import flash_decode  # noqa: E402
 from zebra.model.mla import decode_attention  # noqa: E402
 

@@ -1,7 +1,7 @@
-"""DeepSpeed ZeRO on a two-GPU machine (issue 5, acceptance 2 and 3), through `train.py` as a user runs it.
+"""DeepSpeed ZeRO on two to eight GPUs, through `train.py` as a user runs it.
 
-    python experiments/scale_gpu.py --out $OUT/scale_gpu.json                 # on the lent two-GPU machine
-    python experiments/scale_gpu.py --smoke --out /tmp/scale_smoke.json       # CPU, tiny shapes: checks the driver
+    python experiments/deepspeed_scaling/scale_gpu.py --out $OUT/scale_gpu.json            # a two-GPU machine
+    python experiments/deepspeed_scaling/scale_gpu.py --smoke --out /tmp/scale_smoke.json  # CPU, tiny shapes: checks the driver
 
 Part `equivalence`, for deepspeed_zero2 and deepspeed_zero3: `ilkd` then `kd` (a SmolLM2-135M-shaped random base
 as teacher; 6 MLA layers placed uniformly) once with one GPU and once with two, on the same global batch. Records
@@ -10,7 +10,7 @@ moved from its starting value (every tensor must move: the ZeRO-3 trap leaves so
 (the export gathered from the shards, loaded with from_pretrained, logits vs the in-memory model) and tokens/s per
 GPU.
 
-Parts `twonode` and `paper8b` (issue 8; four or eight GPUs): two "nodes" of two GPUs against one node of four
+Parts `twonode` and `paper8b` (four or eight GPUs): two "nodes" of two GPUs against one node of four
 (`kd`, ZeRO-3, zebra_1b student shape, 8B-shaped teacher), and zebra_8b `kd` at the paper's per-device batch.
 
 Part `zebra8b`: one `kd` run of a few steps with the zebra_8b student shape (random init, created sharded) and an
@@ -30,7 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from zebra.utils.files import write_json_atomic  # noqa: E402
@@ -130,7 +130,7 @@ def equivalence_cmd(args, work: Path, data: Path, tokenizer: str, strategy: str,
         "trainer.enable_progress_bar=false",
         f"data.sft.sources=[{{path: '{data}'}}]", "data.sft.heldout_fraction=0.05",
         # the stages' own learning rates (METHOD: 2e-4 ILD, 8e-5 KD): at 3e-4 the bf16 ZeRO-3 KD curves of one
-        # and two GPUs parted by up to 3.2% around step 3 (experiments/README.md), an Adam regime where rounding
+        # and two GPUs parted by up to 3.2% around step 3 (this folder's README), an Adam regime where rounding
         # differences in the gradients become different updates
         f"ilkd.seq_len={seq}", f"ilkd.max_steps={steps}", "ilkd.checkpoint_every_n_steps=0",
         f"kd.seq_len={seq}", f"kd.max_steps={steps}", "kd.checkpoint_every_n_steps=0",
@@ -275,7 +275,7 @@ def kd_result(root: Path, model: str, world: int) -> dict:
 
 
 def twonode(args, work: Path, data: Path, tokenizer: str) -> dict:
-    """Issue 8, run 1: two "nodes" of two GPUs (two torchrun groups, node ranks 0 and 1, one rendezvous on
+    """Two "nodes" of two GPUs (two torchrun groups, node ranks 0 and 1, one rendezvous on
     loopback) against one node of four, `kd` under ZeRO-3 at the zebra_1b student shape with an 8B-shaped teacher,
     same global batch; the export is gathered from the shards and checked."""
     import socket
@@ -312,7 +312,7 @@ def twonode(args, work: Path, data: Path, tokenizer: str) -> dict:
 
 
 def paper8b(args, work: Path, data: Path, tokenizer: str) -> dict:
-    """Issue 8, run 2: zebra_8b `kd` at the paper's per-device batch (4 x 2048 tokens, gradient accumulation 2)
+    """zebra_8b `kd` at the paper's per-device batch (4 x 2048 tokens, gradient accumulation 2)
     under ZeRO-3 with activation checkpointing on every GPU of the machine; MFU over the measured 790 TFLOP/s."""
     import torch
 

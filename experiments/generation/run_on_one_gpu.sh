@@ -1,15 +1,14 @@
 #!/usr/bin/env bash
-# Issue 7's generation measurements on one card (or the first card of a bigger machine), one part per call:
-#   source .gpu/bootstrap.sh && bash experiments/gpu_issue7.sh bench     (~8 min: the whole generation benchmark)
-#   source .gpu/bootstrap.sh && bash experiments/gpu_issue7.sh tests     (~5 min: the GPU tests)
-#   source .gpu/bootstrap.sh && bash experiments/gpu_issue7.sh compile   (not run yet: torch.compile'd steps, 32k x 8)
-#   source .gpu/bootstrap.sh && bash experiments/gpu_issue7.sh latent    (~6 min: latent-kernel launch sweep + bench)
+# The generation measurements on one card (or the first card of a bigger machine), one part per call:
+#   source .gpu/bootstrap.sh && bash experiments/generation/run_on_one_gpu.sh bench    (~8 min: the whole benchmark)
+#   source .gpu/bootstrap.sh && bash experiments/generation/run_on_one_gpu.sh tests    (~5 min: the GPU tests)
+#   source .gpu/bootstrap.sh && bash experiments/generation/run_on_one_gpu.sh compile  (torch.compile'd steps, 32k x 8)
+#   source .gpu/bootstrap.sh && bash experiments/generation/run_on_one_gpu.sh latent   (~6 min: latent sweep + bench)
 # (carry .gpu; JSON + logs land in $OUT). The base runs first, so that a failure late in the hybrid's largest-batch
 # search cannot cost the base's figures; the decode-attention kernels timed are matmul and triton (sdpa was the
-# slowest for both models at every context, experiments/generation_bench.json of 2026-11-28 09:14).
-# The diagnosis that found the base's graph bug (a tensor freed after the capture) is gpu_issue7_diag.sh.
+# slowest for both models at every context).
 set -u
-OUT=${OUT:-/tmp/zebra-issue7}
+OUT=${OUT:-/tmp/zebra-generation}
 mkdir -p "$OUT"
 export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0}
 case "${1:-bench}" in
@@ -22,7 +21,8 @@ case "${1:-bench}" in
       --kernels triton --skip-max-batch --profile --out "$OUT/generation_compile.json" > "$OUT/generation_compile.log" 2>&1
     echo "compiled generation benchmark rc=$?"; grep -v "^\s*$" "$OUT/generation_compile.log" | tail -n 40 | cut -c1-250 ;;
   latent)  # the latent decode-attention kernel's launch sweep (batch 8 and 739 at 32k), then the whole benchmark
-    timeout "${SWEEP_TIMEOUT:-220}" python3 experiments/decode_large_batch.py --latent-sweep "$OUT/latent_sweep.jsonl" \
+    timeout "${SWEEP_TIMEOUT:-220}" python3 experiments/decode_attention/decode_large_batch.py \
+      --latent-sweep "$OUT/latent_sweep.jsonl" \
       > "$OUT/latent_sweep.log" 2>&1
     echo "latent sweep rc=$?"
     python3 - "$OUT/latent_sweep.jsonl" <<'PY'
@@ -41,5 +41,5 @@ PY
     timeout -s INT "${TESTS_TIMEOUT:-400}" python3 -m pytest -q -rf --tb=short -m gpu tests/gpu tests/bench \
       > "$OUT/gpu_tests.log" 2>&1
     echo "gpu tests rc=$?"; tail -n 40 "$OUT/gpu_tests.log" | cut -c1-250 ;;
-  *) echo "usage: gpu_issue7.sh bench|compile|latent|tests" >&2; exit 2 ;;
+  *) echo "usage: run_on_one_gpu.sh bench|compile|latent|tests" >&2; exit 2 ;;
 esac

@@ -8,7 +8,7 @@ the settings that differ between the two: the preset (smoke / the real 8B shape)
 capture (1 / 3), the prompt length (12 / 256) and inference mode (on, as the benchmark runs / off, as the probe).
 One line each; one call, about a minute on one GPU:
 
-    source .gpu/bootstrap.sh && python experiments/llama_graph_grid.py [--out grid.json]
+    source .gpu/bootstrap.sh && python experiments/decode_graph_check/llama_graph_grid.py [--out grid.json]
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from benchmarks import generation as G  # noqa: E402
+from benchmarks.generation import run as G  # noqa: E402
 
 
 def main() -> None:

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Issue 7's benchmarks in one device call on a two-GPU machine (or one GPU, run one after the other):
-#   source .gpu/bootstrap.sh && bash experiments/gpu_bench.sh      (carry .gpu; results land in $OUT)
+# The training and generation benchmarks in one call on a two-GPU machine (or one GPU, one after the other):
+#   source .gpu/bootstrap.sh && bash benchmarks/run_on_two_gpus.sh      (carry .gpu; results land in $OUT)
 # The training benchmark runs on GPU 0 and the generation benchmark on GPU 1 at the same time: each is timed on
 # its own card (CUDA events), and neither shares memory or SMs with the other. Then the GPU tests of the
 # static-cache decode path. Plots are drawn afterwards on CPU:
-#   python -m benchmarks.generation --plot experiments/generation_bench.json --plot-dir experiments/
+#   python -m benchmarks.generation --plot experiments/generation/generation_bench.json
 # SMOKE=1 runs the same plumbing on CPU at tiny shapes (each benchmark's --smoke --device cpu).
 set -u
 T=${BENCH_TIMEOUT:-420}  # seconds for each benchmark (both write their JSON as they go)

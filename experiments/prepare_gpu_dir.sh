@@ -13,7 +13,7 @@ mkdir -p .gpu/wheels
   --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .gpu/wheels \
   hydra-submitit-launcher==1.2.0 submitit==1.5.4 cloudpickle==3.1.3
 # the tokenizer: converted from the GGUF of the default teacher on first use, cached under ~/.cache/zebra
-"$PY" -c "from zebra.stages.common import load_model_tokenizer; load_model_tokenizer('default')" >/dev/null
+"$PY" -c "from zebra.stages.teacher import load_model_tokenizer; load_model_tokenizer('default')" >/dev/null
 src=$(ls -d "${ZEBRA_CACHE:-$HOME/.cache/zebra}"/tokenizers/SmolLM2-135M-Instruct-* | head -n 1)
 rm -rf .gpu/tokenizer && cp -r "$src" .gpu/tokenizer
 du -sh .gpu
