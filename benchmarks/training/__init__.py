@@ -10,7 +10,7 @@ What runs is the stages' own code, without a Lightning Trainer:
 - kd: student = ZebraForCausalLM (conf/model/zebra_1b.yaml, conf/mix/paper.yaml: MLA at [0, 5, 10, 14]) with
   fp32 master weights under bf16 autocast (trainer=gpu is precision bf16-mixed) and torch.optim.AdamW(fused=True);
   teacher = a LlamaForCausalLM of Llama-3.1-8B's dims (conf/model/zebra_8b.yaml `base`), bf16, frozen. The step is
-  `zebra.stages.kd.KDModule`'s: `common.teacher_forward`, `common.student_hidden`, `losses.chunked_kd_loss` (the
+  `zebra.stages.kd.KDModule`'s: `teacher.teacher_forward`, `kd.student_hidden`, `losses.chunked_kd_loss` (the
   benchmark checks that its loss equals `KDModule.kd_loss` on the same batch). Timed with CUDA events per phase
   (no host sync added): teacher_forward (body, no logits) | student_forward | kd_loss (both models' logits chunk
   by chunk, the student's logit gradients pushed through its LM head) | student_backward | optimizer.

@@ -35,7 +35,7 @@ def build_shapes(smoke: bool) -> dict:
     """ZebraConfigs of the students and LlamaConfigs of the teachers (architecture numbers only)."""
     from zebra.plan.describe import zebra_config_from_preset
     from zebra.plan.mixes import layer_types_for, resolve_mla_layers
-    from zebra.stages.common import llama_config_from_base
+    from zebra.stages.teacher import llama_config_from_base
 
     if smoke:
         student, kd_teacher = smoke_preset(), smoke_preset(hidden=96, layers=2, head_dim=24)
@@ -54,7 +54,7 @@ def build_shapes(smoke: bool) -> dict:
         "ild_mamba": zebra_config_from_preset(cfg.model, ["mamba"] * L),
     }
     for name in ("kd_teacher", "ild_teacher"):
-        shapes[name]._attn_implementation = "sdpa"  # as common.load_teacher_model
+        shapes[name]._attn_implementation = "sdpa"  # as zebra.stages.teacher.load_teacher_model
     if shapes["kd_teacher"].vocab_size != shapes["kd_student"].vocab_size:
         raise ValueError("KD teacher and student vocabularies differ")
     return shapes
@@ -81,10 +81,10 @@ def default_dtype(dtype: torch.dtype):
 
 def build_teacher(config, device, dtype=torch.bfloat16, seed: int = 0):
     """A random frozen LlamaForCausalLM built directly on `device` in `dtype` (an 8B model in fp32 on the host
-    first would take minutes): what common.load_teacher_model("random:<seed>") gives, placed."""
+    first would take minutes): what zebra.stages.teacher.load_teacher_model("random:<seed>") gives, placed."""
     from transformers import LlamaForCausalLM
 
-    from zebra.stages.common import freeze
+    from zebra.stages.teacher import freeze
 
     torch.manual_seed(seed)
     with torch.device(device), default_dtype(dtype):
@@ -105,7 +105,7 @@ def build_student(config, device, seed: int = 1):
 def make_optimizer(module, lr: float, device):
     """AdamW(fused=True) over the module's trainable parameters, grouped as StageModule.configure_optimizers
     groups them (weight decay 0, as conf/kd and conf/ilkd)."""
-    from zebra.stages.common import param_groups
+    from zebra.stages.optim import param_groups
 
     groups = param_groups(module.trainable_named_parameters(), 0.0)
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, fused=True)

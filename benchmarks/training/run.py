@@ -75,13 +75,13 @@ def kd_split_step(module, opt, batch, device, precision, timer=None):
     chunked loss: both models' logits, and the student's logit gradients pushed through its LM head) |
     student_backward | optimizer. "student_step" = the three student phases. Autocast covers what Lightning's
     bf16-mixed covers (the training step), not the backward."""
-    from zebra.stages import common
+    from zebra.stages.teacher import teacher_forward
 
     timer = timer or NoTimer()
     teacher = module.frozen("teacher")
     timer.mark("start")
     with autocast(device, precision):
-        t = common.teacher_forward(teacher, batch["input_ids"], batch["position_ids"], batch.get("attention_mask"))
+        t = teacher_forward(teacher, batch["input_ids"], batch["position_ids"], batch.get("attention_mask"))
     timer.mark("teacher_forward")
     with autocast(device, precision):
         loss, _ = module.kd_loss_from_teacher(batch, t, lambda: timer.mark("student_forward"))
@@ -171,8 +171,8 @@ def run_kd(args, shapes, device, peak, report, save, log):
     batch, _ = make_batch(1, T, vocab, device, seed=123)
     with torch.no_grad(), autocast(device, args.precision):
         ref = module.kd_loss(batch)[0].float().item()
-        from zebra.stages import common
-        t = common.teacher_forward(teacher, batch["input_ids"], batch["position_ids"], batch["attention_mask"])
+        from zebra.stages.teacher import teacher_forward
+        t = teacher_forward(teacher, batch["input_ids"], batch["position_ids"], batch["attention_mask"])
         ours = module.kd_loss_from_teacher(batch, t)[0].float().item()
     out["loss_check"] = {"kd_module_loss": ref, "benchmark_loss": ours, "equal": ref == ours,
                          "abs_diff": abs(ref - ours)}
@@ -272,7 +272,7 @@ def run_kd(args, shapes, device, peak, report, save, log):
 
 # ------------------------------------------------------------------------------------------------ ilkd
 def run_ilkd(args, shapes, device, peak, report, save, log):
-    from zebra.stages import common
+    from zebra.stages.teacher import teacher_forward
     from zebra.stages.ilkd import ILDModule
 
     T = args.seq
@@ -361,7 +361,7 @@ def run_ilkd(args, shapes, device, peak, report, save, log):
     def teacher_only(tm):
         tm.mark("start")
         with autocast(device, args.precision):
-            common.teacher_forward(teacher, bt["input_ids"], bt["position_ids"], bt["attention_mask"],
+            teacher_forward(teacher, bt["input_ids"], bt["position_ids"], bt["attention_mask"],
                                    hidden_states=True, mixer_outputs=True)
         tm.mark("teacher_forward")
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from zebra.stages import common
+from zebra.stages.errors import MissingArtifactError, NonFiniteLossError, StageError, TokenizerMismatchError
 from zebra.stages.run import run
 
 
@@ -56,16 +56,16 @@ def test_too_short_dataset(make_cfg, tmp_path):
 
 
 def test_missing_previous_stage(make_cfg, tmp_path):
-    with pytest.raises(common.MissingArtifactError, match="stage=ilkd"):
+    with pytest.raises(MissingArtifactError, match="stage=ilkd"):
         run(make_cfg("stage=kd"))
-    with pytest.raises(common.MissingArtifactError, match="stage=kd"):
+    with pytest.raises(MissingArtifactError, match="stage=kd"):
         run(make_cfg("stage=dpo"))
 
 
 def test_mismatched_tokenizers_stop_kd_before_training(make_cfg, tmp_path, ild_root):
     from transformers import LlamaForCausalLM
 
-    from zebra.stages.common import llama_config_from_base, load_model_tokenizer
+    from zebra.stages.teacher import llama_config_from_base, load_model_tokenizer
 
     root = tmp_path / "art"
     shutil.copytree(ild_root, root)
@@ -78,7 +78,7 @@ def test_mismatched_tokenizers_stop_kd_before_training(make_cfg, tmp_path, ild_r
     base["vocab_size"] = len(tok)
     LlamaForCausalLM(llama_config_from_base(base)).save_pretrained(teacher_dir)
     tok.save_pretrained(teacher_dir)
-    with pytest.raises(common.TokenizerMismatchError, match="tokenizers differ") as err:
+    with pytest.raises(TokenizerMismatchError, match="tokenizers differ") as err:
         run(make_cfg("stage=kd", f"model.kd_teacher={teacher_dir}", root=root))
     assert str(teacher_dir) in str(err.value)
     assert not (root / "tiny" / "2mla-uniform" / "kd").exists() or no_exports(root / "tiny" / "2mla-uniform")
@@ -96,34 +96,19 @@ def test_non_finite_loss_stops_without_export(make_cfg, tmp_path, monkeypatch, i
         return (loss * float("nan") if self.global_step == 2 else loss), stats
 
     monkeypatch.setattr(KDModule, "kd_loss", poisoned)
-    with pytest.raises(common.NonFiniteLossError, match="step 2"):
+    with pytest.raises(NonFiniteLossError, match="step 2"):
         run(make_cfg("stage=kd", root=root))
     assert not (root / "tiny" / "2mla-uniform" / "kd" / "model").exists()
     assert not (root / "tiny" / "2mla-uniform" / "kd" / "report.json").exists()
-
-
-def test_atomic_dir_leaves_nothing_on_failure(tmp_path):
-    dst = tmp_path / "model"
-
-    def fail(tmp: Path):
-        (tmp / "config.json").write_text("{}")
-        raise RuntimeError("disk full")
-
-    with pytest.raises(RuntimeError):
-        common.atomic_dir(dst, fail)
-    assert not dst.exists() and not list(tmp_path.iterdir())
-    common.atomic_dir(dst, lambda tmp: (tmp / "a").write_text("1"))
-    common.atomic_dir(dst, lambda tmp: (tmp / "b").write_text("2"))  # replaces, never merges
-    assert sorted(p.name for p in dst.iterdir()) == ["b"] and len(list(tmp_path.iterdir())) == 1
 
 
 def test_teacher_placement_is_checked_before_any_model_loads(make_cfg, tmp_path, monkeypatch):
     def no_teacher(*a, **k):
         raise AssertionError("the teacher was loaded before the placement was checked")
 
-    monkeypatch.setattr(common, "load_teacher_model", no_teacher)
-    with pytest.raises(common.StageError, match="DeepSpeed strategy"):
+    monkeypatch.setattr("zebra.stages.ilkd.load_teacher_model", no_teacher)
+    with pytest.raises(StageError, match="DeepSpeed strategy"):
         run(make_cfg("stage=ilkd", "teacher_placement=zero3"))  # the default strategy is not DeepSpeed
-    with pytest.raises(common.StageError, match="'replicated' or 'zero3'"):
+    with pytest.raises(StageError, match="'replicated' or 'zero3'"):
         run(make_cfg("stage=ilkd", "teacher_placement=everywhere"))
     assert no_exports(tmp_path)

@@ -107,7 +107,7 @@ def test_cli_help_and_cfg_job():
 
 
 def test_wandb_is_offline_without_api_key(monkeypatch, tmp_path):
-    from zebra.stages.common import build_loggers
+    from zebra.stages.trainer import build_loggers
 
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.delenv("WANDB_MODE", raising=False)

@@ -11,7 +11,8 @@ from omegaconf import OmegaConf
 
 from zebra.compose.students import assemble_hybrid, build_student
 from zebra.model.packing import position_ids_from_doc_lengths
-from zebra.stages import common
+from zebra.stages.optim import param_groups, warmup_cosine
+from zebra.stages.teacher import load_teacher_model, teacher_forward
 from zebra.stages.dpo import DPOModule
 from zebra.stages.ilkd import ILDModule
 from zebra.stages.kd import KDModule
@@ -22,7 +23,7 @@ TINY = OmegaConf.load(CONF / "model" / "tiny.yaml")
 
 @pytest.fixture(scope="module")
 def teacher():
-    return common.load_teacher_model("random:0", TINY.base).model
+    return load_teacher_model("random:0", TINY.base).model
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +86,7 @@ def test_ilkd_unnormed_freezes_final_norm_and_matches_hook(teacher, students):
 
 def test_ilkd_loss_is_zero_for_the_teacher_itself(teacher):
     """Sanity of the targets: a 'student' whose layers are the teacher's gives loss 0 (layer and mixer terms)."""
-    out = common.teacher_forward(teacher, *[packed_batch()[k] for k in ("input_ids", "position_ids")],
+    out = teacher_forward(teacher, *[packed_batch()[k] for k in ("input_ids", "position_ids")],
                                  packed_batch()["attention_mask"], hidden_states=True, mixer_outputs=True,
                                  last_unnormed=True)
     hs = out.hidden_states
@@ -126,7 +127,7 @@ def test_dpo_loss_falls(students):
 def test_teacher_sees_documents_alone(teacher):
     """Packed rows through teacher_forward equal each document run on its own (no context leaks)."""
     batch = packed_batch(3)
-    out = common.teacher_forward(teacher, batch["input_ids"], batch["position_ids"], batch["attention_mask"])
+    out = teacher_forward(teacher, batch["input_ids"], batch["position_ids"], batch["attention_mask"])
     ids = batch["input_ids"]
     for row, spans in ((0, [(0, 10), (10, 24)]), (1, [(0, 20)])):
         for a, b in spans:
@@ -137,7 +138,7 @@ def test_teacher_sees_documents_alone(teacher):
 def test_warmup_cosine_and_param_groups():
     p = torch.nn.Parameter(torch.zeros(3, 3))
     opt = torch.optim.AdamW([p], lr=1.0)
-    sched = common.warmup_cosine(opt, total_steps=10, warmup_steps=2)
+    sched = warmup_cosine(opt, total_steps=10, warmup_steps=2)
     lrs = []
     for _ in range(10):
         lrs.append(opt.param_groups[0]["lr"])
@@ -151,6 +152,6 @@ def test_warmup_cosine_and_param_groups():
              ("model.norm.weight", torch.nn.Parameter(torch.zeros(4))),
              ("x.weight", torch.nn.Parameter(torch.zeros(4, 4)))]
     named[3][1]._no_weight_decay = True
-    groups = common.param_groups(named, 0.1)
+    groups = param_groups(named, 0.1)
     assert [len(g["params"]) for g in groups] == [1, 3] and groups[0]["params"][0] is named[1][1]
-    assert len(common.param_groups(named, 0.0)) == 1
+    assert len(param_groups(named, 0.0)) == 1

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from zebra.stages.common import KilledForTest
+from tests.stages.crash import KilledForTest
 from zebra.stages.run import run
 
 STEPS = ["stage=ilkd", "ilkd.students=mla", "ilkd.tokens=384", "ilkd.checkpoint_every_n_steps=1",
@@ -29,7 +29,7 @@ def test_resume_matches_uninterrupted_run(make_cfg, tmp_path):
     assert full["steps"] == 6
 
     with pytest.raises(KilledForTest):
-        run(make_cfg(*STEPS, "+callbacks.kill._target_=zebra.stages.common.StopAtStep", "+callbacks.kill.step=3",
+        run(make_cfg(*STEPS, "+callbacks.kill._target_=tests.stages.crash.StopAtStep", "+callbacks.kill.step=3",
                      root=tmp_path / "b"))
     b_dir = tmp_path / "b" / "tiny" / "ilkd"
     assert not (b_dir / "mla" / "model").exists(), "a killed run must not export"

@@ -172,7 +172,7 @@ def training_flops_per_token(model_or_config, seq_len: int, doc_lengths=None, lm
 
 # ------------------------------------------------------------------------------------------------ stage steps
 def kd_step_flops(student, teacher, seq_len: int, doc_lengths=None) -> dict:
-    """Per token of a KD step (zebra.stages.kd): the teacher's body forward (common.teacher_forward returns
+    """Per token of a KD step (zebra.stages.kd): the teacher's body forward (zebra.stages.teacher.teacher_forward returns
     hidden states), the teacher's logits (computed inside the chunked KD loss), and the student's forward +
     backward with its LM head (its logits and their gradients are also formed inside the loss)."""
     t_body = forward_flops_per_token(teacher, seq_len, doc_lengths, lm_head=False)

@@ -18,9 +18,17 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import nn
 
-from zebra.stages import common, zero
-from zebra.stages.common import MissingArtifactError, StageError, StageModule
-from zebra.stages.losses import dpo_sigmoid_loss, sequence_logps
+from zebra.stages import zero
+from zebra.stages.errors import MissingArtifactError, StageError
+from zebra.stages.losses import dpo_sigmoid_loss, lm_head_weight, sequence_logps
+from zebra.stages.artifacts import dataset_description, export_stage_model, kv_fraction, model_card, read_json, stage_hash
+from zebra.stages.budget import instantiate_plain
+from zebra.stages.module import StageModule, StudentSpec, stage_summary
+from zebra.stages.teacher import teacher_dtype, teacher_placement
+from zebra.stages.trainer import build_trainer, drop_checkpoints, fit, resolve_ckpt_path
+from zebra.stages.zero import zero_stage
+from zebra.plan.describe import count_parameters
+from zebra.utils.files import write_json_atomic
 
 log = logging.getLogger("zebra.stages.dpo")
 
@@ -35,7 +43,7 @@ class DPOModule(StageModule):
     """`policy`: the KD'd hybrid itself, or a `StudentSpec` that `configure_model` turns into it (created sharded
     under ZeRO-3, filled from rank 0's copy: no rank but 0 ever holds the whole trained model)."""
 
-    def __init__(self, policy: nn.Module | common.StudentSpec, reference: nn.Module, beta: float = 0.01,
+    def __init__(self, policy: nn.Module | StudentSpec, reference: nn.Module, beta: float = 0.01,
                  label_smoothing: float = 0.0, gradient_checkpointing: bool = False, seq_len: int = 0,
                  optimizer=None, scheduler=None, check_weights_moved: bool = False):
         super().__init__(optimizer, scheduler, check_weights_moved=check_weights_moved)
@@ -54,12 +62,12 @@ class DPOModule(StageModule):
 
     def on_train_start(self) -> None:
         super().on_train_start()
-        self.register_with_engine([common.lm_head_weight(self.policy)])  # the sequence log-probs read it directly
+        self.register_with_engine([lm_head_weight(self.policy)])  # the sequence log-probs read it directly
 
     @staticmethod
     def logps(model: nn.Module, ids, attn, loss_mask) -> torch.Tensor:
         hidden = model.model(input_ids=ids, attention_mask=attn, use_cache=False).last_hidden_state
-        head = common.lm_head_weight(model)
+        head = lm_head_weight(model)
         # a frozen head (the reference in its own ZeRO-3 engine, teacher_placement=zero3) is gathered read-only;
         # the policy's trained head is registered with the training engine (on_train_start)
         with zero.gathered([head]) if not head.requires_grad else contextlib.nullcontext():
@@ -113,23 +121,23 @@ def run(cfg: DictConfig) -> dict:
     start = time.perf_counter()
     out_dir = Path(cfg.paths.dpo_dir)
     accumulate = int(sc.get("accumulate_grad_batches", 1) or 1)
-    trainer = common.build_trainer(cfg, "dpo", out_dir, max_steps=1, stage_cfg=sc, accumulate_grad_batches=accumulate)
+    trainer = build_trainer(cfg, "dpo", out_dir, max_steps=1, stage_cfg=sc, accumulate_grad_batches=accumulate)
     # the frozen reference is placed like the other stages' teachers (replicated, or in its own ZeRO-3 engine);
     # checked before any model loads
-    placement = common.teacher_placement(cfg, trainer)
+    placement = teacher_placement(cfg, trainer)
     path = kd_export_dir(cfg)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if cfg.data.get("preference") is None:
         raise StageError(f"data config {cfg.data.get('name')!r} has no `preference` section")
-    dm = common.instantiate_plain(cfg.data.preference, tokenizer=tokenizer, max_length=int(sc.max_length),
+    dm = instantiate_plain(cfg.data.preference, tokenizer=tokenizer, max_length=int(sc.max_length),
                      max_prompt_length=int(sc.max_prompt_length), batch_size=int(sc.batch_size))
     dm.num_batches(trainer.world_size)  # fails early, naming the data, when there is not one global batch
     # The policy: under ZeRO-3 only rank 0 loads the whole fp32 copy (on CPU); configure_model creates it sharded
     # and fills it from there. The frozen reference is loaded on every rank in its own dtype, like a teacher.
-    spec = common.StudentSpec(ZebraConfig.from_pretrained(path))
-    if common.zero_stage(trainer) != 3 or trainer.global_rank == 0:
+    spec = StudentSpec(ZebraConfig.from_pretrained(path))
+    if zero_stage(trainer) != 3 or trainer.global_rank == 0:
         spec.full = load_kd_export(path, torch.float32)
-    reference = load_kd_export(path, common.teacher_dtype(cfg))
+    reference = load_kd_export(path, teacher_dtype(cfg))
     module = DPOModule(spec, reference, beta=sc.beta, label_smoothing=sc.label_smoothing,
                        gradient_checkpointing=sc.gradient_checkpointing, seq_len=int(sc.max_length),
                        optimizer=instantiate(sc.optimizer), scheduler=instantiate(sc.scheduler),
@@ -143,28 +151,28 @@ def run(cfg: DictConfig) -> dict:
     else:
         steps = max(1, math.ceil(int(sc.pairs) / (int(sc.batch_size) * accumulate * world)))
     trainer.fit_loop.epoch_loop.max_steps = steps
-    common.fit(trainer, module, dm, common.resolve_ckpt_path(cfg, out_dir / "checkpoints"))
+    fit(trainer, module, dm, resolve_ckpt_path(cfg, out_dir / "checkpoints"))
     policy = module.policy
     wall = time.perf_counter() - start
-    report = {"stage": "dpo", "config_hash": common.stage_hash("dpo", cfg), "model": cfg.model.name,
-              "mix": cfg.mix.name, "params": common.count_params(policy), "kv_fraction": common.kv_fraction(policy.config),
+    report = {"stage": "dpo", "config_hash": stage_hash("dpo", cfg), "model": cfg.model.name,
+              "mix": cfg.mix.name, "params": count_parameters(policy), "kv_fraction": kv_fraction(policy.config),
               "beta": sc.beta, "pairs_seen": steps * int(sc.batch_size) * accumulate * world,
               "reference_placement": placement,
               # "sharded" under ZeRO-3: created partitioned (zero.Init), filled from rank 0's copy
               "policy_created": spec.created,
-              **common.stage_summary(trainer, module, wall)}
+              **stage_summary(trainer, module, wall)}
     policy.eval()
-    card = common.model_card(
+    card = model_card(
         title=f"zebra {cfg.model.name} {cfg.mix.name} hybrid after DPO", stage="dpo", model=policy,
         base=str(cfg.model.teacher), teacher=str(cfg.model.kd_teacher) + " (KD); DPO reference = KD'd hybrid",
         teacher_quantisation=kd_teacher_quantisation(cfg),
-        data=common.dataset_description(cfg.data, "preference"), tokens=module.tokens_seen,
+        data=dataset_description(cfg.data, "preference"), tokens=module.tokens_seen,
         extra={"DPO beta": sc.beta, "preference pairs": report["pairs_seen"]})
     # collective under ZeRO-3 (every rank gathers; rank 0 writes)
-    report["export_check"] = common.export_stage_model(cfg, trainer, policy, tokenizer, out_dir / "model", card)
+    report["export_check"] = export_stage_model(cfg, trainer, policy, tokenizer, out_dir / "model", card)
     if trainer.global_rank == 0:
-        common.write_json_atomic(out_dir / "report.json", report)
-        common.drop_checkpoints(cfg, trainer, out_dir / "checkpoints")
+        write_json_atomic(out_dir / "report.json", report)
+        drop_checkpoints(cfg, trainer, out_dir / "checkpoints")
         log.info("dpo done: %s", out_dir)
     return report
 
@@ -172,6 +180,6 @@ def run(cfg: DictConfig) -> dict:
 def kd_teacher_quantisation(cfg: DictConfig) -> str:
     rep = Path(cfg.paths.kd_dir) / "report.json"
     try:
-        return common.read_json(rep).get("teacher_quantisation", "unknown")
+        return read_json(rep).get("teacher_quantisation", "unknown")
     except (OSError, ValueError):
         return "unknown"

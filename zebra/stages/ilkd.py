@@ -20,8 +20,17 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from zebra.model.packing import doc_ids_from_position_ids, is_packed
-from zebra.stages import common
-from zebra.stages.common import StageError, StageModule
+from zebra.stages.artifacts import dataset_description, kv_fraction, model_card, read_json, stage_hash
+from zebra.stages.budget import plan_token_stage
+from zebra.stages.errors import StageError, TokenizerMismatchError
+from zebra.stages.export_check import compare_export, probe_reference
+from zebra.stages.module import StageModule, StudentSpec, stage_summary
+from zebra.stages.teacher import load_model_tokenizer, load_teacher_model, teacher_dtype, teacher_forward, teacher_placement
+from zebra.stages.trainer import build_trainer, drop_checkpoints, fit, resolve_ckpt_path
+from zebra.stages.zero import exportable, zero_stage
+from zebra.model.export import write_hf_model
+from zebra.plan.describe import count_parameters
+from zebra.utils.files import atomic_dir, write_json_atomic
 
 log = logging.getLogger("zebra.stages.ilkd")
 
@@ -52,7 +61,7 @@ class ILDModule(StageModule):
         self.gradient_checkpointing = gradient_checkpointing
         self.seq_len = seq_len
         # students given as StudentSpec come to exist in configure_model (created sharded under ZeRO-3)
-        self.specs = {k: v for k, v in students.items() if isinstance(v, common.StudentSpec)}
+        self.specs = {k: v for k, v in students.items() if isinstance(v, StudentSpec)}
         self.students = nn.ModuleDict({k: v for k, v in students.items() if k not in self.specs})
         self.kinds = list(students)
         for s in self.students.values():
@@ -92,7 +101,7 @@ class ILDModule(StageModule):
         tokens = self.token_denominator(weight.sum())
         pad_mask = attn if attn is not None and not bool(attn.all()) else None
         doc_ids = doc_ids_from_position_ids(pos) if pos.shape[1] > 1 and is_packed(pos) else None
-        t = common.teacher_forward(self.frozen("teacher"), ids, pos, attn, hidden_states=True,
+        t = teacher_forward(self.frozen("teacher"), ids, pos, attn, hidden_states=True,
                                    mixer_outputs=self.mixer_loss,
                                    last_unnormed=self.last_layer_target == "unnormed")
         hs = t.hidden_states
@@ -160,17 +169,17 @@ def run(cfg: DictConfig) -> dict:
         raise StageError(f"ilkd.students must be both, mla or mamba, got {sc.students!r}")
 
     # cheap checks first: data (paths, emptiness, enough tokens for one batch) before any model is loaded
-    tokenizer = common.load_model_tokenizer(cfg.model.tokenizer)
+    tokenizer = load_model_tokenizer(cfg.model.tokenizer)
     # one checkpoint directory per set of students trained together (the pipeline may train them one by one)
     ckpt_dir = out_dir / ("checkpoints" if len(kinds) == 2 else f"checkpoints-{kinds[0]}")
-    trainer = common.build_trainer(cfg, "ilkd", out_dir, max_steps=1, stage_cfg=sc, ckpt_dir=ckpt_dir,
+    trainer = build_trainer(cfg, "ilkd", out_dir, max_steps=1, stage_cfg=sc, ckpt_dir=ckpt_dir,
                                    accumulate_grad_batches=sc.get("accumulate_grad_batches", 1))
-    steps, datamodule = common.plan_token_stage(cfg, sc, tokenizer, trainer)
-    placement = common.teacher_placement(cfg, trainer)  # checked before any model loads
+    steps, datamodule = plan_token_stage(cfg, sc, tokenizer, trainer)
+    placement = teacher_placement(cfg, trainer)  # checked before any model loads
 
-    teacher = common.load_teacher_model(cfg.model.teacher, cfg.model.base, dtype=common.teacher_dtype(cfg))
+    teacher = load_teacher_model(cfg.model.teacher, cfg.model.base, dtype=teacher_dtype(cfg))
     if len(tokenizer) > teacher.model.config.vocab_size:
-        raise common.TokenizerMismatchError(
+        raise TokenizerMismatchError(
             f"tokenizer {cfg.model.tokenizer!r} has {len(tokenizer)} tokens but the base {cfg.model.teacher!r} has a "
             f"{teacher.model.config.vocab_size}-row vocabulary")
 
@@ -179,12 +188,12 @@ def run(cfg: DictConfig) -> dict:
     mla_kwargs = OmegaConf.to_container(cfg.model.mla, resolve=True)
     # Under ZeRO-3 only rank 0 builds each student whole (on CPU, from the teacher); configure_model creates it
     # sharded and fills it from rank 0's copy one layer at a time.
-    builds = common.zero_stage(trainer) != 3 or trainer.global_rank == 0
+    builds = zero_stage(trainer) != 3 or trainer.global_rank == 0
     students, init_reports = {}, {}
     for kind in kinds:
         num_layers = teacher.model.config.num_hidden_layers
         kwargs = {k: v for k, v in mla_kwargs.items() if k != "layer_types"}
-        spec = common.StudentSpec(zebra_config_from_teacher(teacher.model.config, [kind] * num_layers, **kwargs))
+        spec = StudentSpec(zebra_config_from_teacher(teacher.model.config, [kind] * num_layers, **kwargs))
         init_reports[kind] = {}
         if builds:
             t0 = time.perf_counter()
@@ -198,22 +207,22 @@ def run(cfg: DictConfig) -> dict:
                        seq_len=int(sc.seq_len), optimizer=instantiate(sc.optimizer),
                        scheduler=instantiate(sc.scheduler), check_weights_moved=bool(cfg.get("check_weights_moved")))
     module.frozen_placement = placement
-    common.fit(trainer, module, datamodule, common.resolve_ckpt_path(cfg, ckpt_dir))
+    fit(trainer, module, datamodule, resolve_ckpt_path(cfg, ckpt_dir))
     students = dict(module.students.items())
     wall = time.perf_counter() - start
 
-    summary = common.stage_summary(trainer, module, wall)
-    report = {"stage": "ilkd", "config_hash": common.stage_hash("ilkd", cfg), "model": cfg.model.name,
+    summary = stage_summary(trainer, module, wall)
+    report = {"stage": "ilkd", "config_hash": stage_hash("ilkd", cfg), "model": cfg.model.name,
               "teacher": cfg.model.teacher, "teacher_quantisation": teacher.quantisation,
               "teacher_placement": placement,
               "last_layer_target": sc.last_layer_target, "mixer_loss": bool(sc.mixer_loss),
               "trained_together": list(kinds), **summary}
     # collective under ZeRO-3: every rank gathers each student (rank 0 gets the whole copy) and, with
     # export_check, runs the probe forward
-    saved = {kind: (common.exportable(trainer, s), common.probe_reference(cfg, s)) for kind, s in students.items()
+    saved = {kind: (exportable(s, trainer.global_rank), probe_reference(cfg, s)) for kind, s in students.items()
              if cfg.get("export", True)}
     if trainer.global_rank == 0:
-        data_desc = common.dataset_description(cfg.data, "sft") + f" (split {sc.split})"
+        data_desc = dataset_description(cfg.data, "sft") + f" (split {sc.split})"
         merged = read_report(out_dir)
         merged.update({k: v for k, v in report.items() if k != "students"})
         merged.setdefault("students", {})
@@ -221,13 +230,13 @@ def run(cfg: DictConfig) -> dict:
             merged["students"] = {}
         for kind, student in students.items():
             student.eval()
-            card = common.model_card(
+            card = model_card(
                 title=f"zebra {cfg.model.name} all-{kind.upper()} student after ILD", stage="ilkd", model=student,
                 base=str(cfg.model.teacher), teacher=str(cfg.model.teacher),
                 teacher_quantisation=teacher.quantisation, data=data_desc, tokens=module.tokens_seen,
                 extra={"last-layer target": sc.last_layer_target, "mixer loss": bool(sc.mixer_loss)})
-            kind_report = {"kind": kind, "config_hash": report["config_hash"], "params": common.count_params(student),
-                           "kv_fraction": common.kv_fraction(student.config), "init_errors": init_reports[kind],
+            kind_report = {"kind": kind, "config_hash": report["config_hash"], "params": count_parameters(student),
+                           "kv_fraction": kv_fraction(student.config), "init_errors": init_reports[kind],
                            "loss_first": summary["loss_first"], "loss_last": summary["loss_last"],
                            "export": str(out_dir / kind / "model")}
 
@@ -238,16 +247,17 @@ def run(cfg: DictConfig) -> dict:
 
             def write(tmp: Path, to_save=to_save, card=card, kind_report=kind_report, reference=reference,
                       student=student):
-                common.export_to(to_save, tokenizer, tmp / "model", card)
+                write_hf_model(to_save, tmp / "model", tokenizer, card)
                 if reference is not None:  # the finished export, loaded back as a user would
-                    kind_report["export_check"] = common.compare_export(tmp / "model", *reference, student)
-                common.write_json_atomic(tmp / "report.json", kind_report)
+                    kind_report["export_check"] = compare_export(tmp / "model", *reference, student)
+                write_json_atomic(tmp / "report.json", kind_report)
 
-            common.atomic_dir(out_dir / kind, write)  # model/ and its report appear together or not at all
+            with atomic_dir(out_dir / kind) as tmp:
+                write(tmp)  # model/ and its report appear together or not at all
             del to_save
             merged["students"][kind] = kind_report
-        common.write_json_atomic(out_dir / "report.json", merged)
-        common.drop_checkpoints(cfg, trainer, ckpt_dir)
+        write_json_atomic(out_dir / "report.json", merged)
+        drop_checkpoints(cfg, trainer, ckpt_dir)
         report = merged
         log.info("ilkd done: %s", out_dir)
     return report
@@ -255,6 +265,6 @@ def run(cfg: DictConfig) -> dict:
 
 def read_report(out_dir: Path) -> dict:
     try:
-        return common.read_json(out_dir / "report.json")
+        return read_json(out_dir / "report.json")
     except (OSError, ValueError):
         return {}

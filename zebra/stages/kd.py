@@ -18,11 +18,25 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import nn
 
-from zebra.stages import common, zero
-from zebra.stages.common import StageModule
-from zebra.stages.losses import chunked_kd_loss
+from zebra.stages import zero
+from zebra.stages.losses import chunked_kd_loss, lm_head_weight
+from zebra.stages.artifacts import dataset_description, export_stage_model, kv_fraction, model_card, stage_hash
+from zebra.stages.budget import plan_token_stage
+from zebra.stages.errors import MissingArtifactError, StageError, TokenizerMismatchError
+from zebra.stages.module import StageModule, StudentSpec, stage_summary
+from zebra.stages.teacher import TeacherOutputs, check_tokenizers_match, load_model_tokenizer, load_teacher_model, teacher_device, teacher_dtype, teacher_forward, teacher_placement
+from zebra.stages.trainer import build_trainer, drop_checkpoints, fit, resolve_ckpt_path
+from zebra.stages.zero import zero_stage
+from zebra.plan.describe import count_parameters
+from zebra.utils.files import write_json_atomic
 
 log = logging.getLogger("zebra.stages.kd")
+
+
+def student_hidden(student: nn.Module, batch: dict) -> torch.Tensor:
+    """Final (normed) hidden states of a ZebraForCausalLM on a packed batch; no logits."""
+    return student.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                         attention_mask=batch.get("attention_mask"), use_cache=False).last_hidden_state
 
 
 def next_token_labels(batch: dict) -> torch.Tensor:
@@ -38,7 +52,7 @@ class KDModule(StageModule):
     under ZeRO-3). `heldout`: batches on which the KL to the teacher is measured at the start and the end of
     training (`kl_before`, `kl_after`; every rank runs them, as a sharded student needs)."""
 
-    def __init__(self, student: nn.Module | common.StudentSpec, teacher: nn.Module, temperature: float = 1.0,
+    def __init__(self, student: nn.Module | StudentSpec, teacher: nn.Module, temperature: float = 1.0,
                  kl_weight: float = 1.0, ce_weight: float = 0.0, reduction: str = "sequence",
                  chunk_size: int | None = None, gradient_checkpointing: bool = False, seq_len: int = 0,
                  optimizer=None, scheduler=None, heldout: list | None = None, check_weights_moved: bool = False):
@@ -62,7 +76,7 @@ class KDModule(StageModule):
 
     def on_train_start(self) -> None:
         super().on_train_start()
-        self.register_with_engine([common.lm_head_weight(self.student)])  # the chunked loss reads it directly
+        self.register_with_engine([lm_head_weight(self.student)])  # the chunked loss reads it directly
         if self.kl_before is None:  # a resumed run keeps the value measured before its first step
             self.kl_before = self.measure_heldout()
 
@@ -86,19 +100,19 @@ class KDModule(StageModule):
         return kd_step_flops(config, self.frozen("teacher").config, self.seq_len)["total"]
 
     def kd_loss(self, batch: dict):
-        t = common.teacher_forward(self.frozen("teacher"), batch["input_ids"], batch["position_ids"],
+        t = teacher_forward(self.frozen("teacher"), batch["input_ids"], batch["position_ids"],
                                    batch.get("attention_mask"))
         return self.kd_loss_from_teacher(batch, t)
 
-    def kd_loss_from_teacher(self, batch: dict, t: common.TeacherOutputs, after_student_forward=None):
+    def kd_loss_from_teacher(self, batch: dict, t: TeacherOutputs, after_student_forward=None):
         """The loss given the teacher's forward `t` (split from `kd_loss` so that benchmarks time the teacher on
         its own; `after_student_forward()` is called between the student's forward and the loss)."""
-        hs = common.student_hidden(self.student, batch)
+        hs = student_hidden(self.student, batch)
         if after_student_forward is not None:
             after_student_forward()
-        teacher_head = common.lm_head_weight(self.frozen("teacher"))
+        teacher_head = lm_head_weight(self.frozen("teacher"))
         with zero.gathered([teacher_head]):  # a teacher partitioned in its own ZeRO-3 engine (no-op otherwise)
-            return chunked_kd_loss(hs, t.last_hidden_state, common.lm_head_weight(self.student), teacher_head,
+            return chunked_kd_loss(hs, t.last_hidden_state, lm_head_weight(self.student), teacher_head,
                                    mask=batch["loss_mask"].bool(),
                                    labels=next_token_labels(batch) if self.ce_weight else None,
                                    temperature=self.temperature, kl_weight=self.kl_weight, ce_weight=self.ce_weight,
@@ -125,14 +139,14 @@ def heldout_kl(student: nn.Module, teacher: nn.Module, batches, chunk_size: int 
     was = student.training
     student.eval()
     total, n = 0.0, 0
-    head = common.lm_head_weight(student)
+    head = lm_head_weight(student)
     device = head.device
     try:
         for batch in batches:
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-            t = common.teacher_forward(teacher, batch["input_ids"], batch["position_ids"], batch.get("attention_mask"))
-            hs = common.student_hidden(student, batch)
-            teacher_head = common.lm_head_weight(teacher)
+            t = teacher_forward(teacher, batch["input_ids"], batch["position_ids"], batch.get("attention_mask"))
+            hs = student_hidden(student, batch)
+            teacher_head = lm_head_weight(teacher)
             with zero.gathered([head, teacher_head]):  # read-only use of ZeRO-3 partitioned heads (no-op otherwise)
                 _, stats = chunked_kd_loss(hs, t.last_hidden_state, head, teacher_head,
                                            mask=batch["loss_mask"].bool(), reduction="sum", chunk_size=chunk_size)
@@ -151,7 +165,7 @@ def mla_layers_for(cfg: DictConfig, num_layers: int) -> list[int]:
     try:
         return resolve_mla_layers(cfg.mix, num_layers, smart_file)
     except FileNotFoundError as err:
-        raise common.MissingArtifactError(str(err)) from err
+        raise MissingArtifactError(str(err)) from err
 
 
 def student_tokenizer(cfg: DictConfig):
@@ -161,7 +175,7 @@ def student_tokenizer(cfg: DictConfig):
     try:
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError):
-        return common.load_model_tokenizer(cfg.model.tokenizer)
+        return load_model_tokenizer(cfg.model.tokenizer)
 
 
 def load_kd_teacher(cfg: DictConfig, student_tok, student_vocab: int, dtype: torch.dtype,
@@ -171,22 +185,22 @@ def load_kd_teacher(cfg: DictConfig, student_tok, student_vocab: int, dtype: tor
     spec = str(cfg.model.kd_teacher)
     teacher_tok = None
     if spec.startswith("random:"):
-        teacher_tok = common.load_model_tokenizer(cfg.model.tokenizer)
+        teacher_tok = load_model_tokenizer(cfg.model.tokenizer)
     elif not spec.endswith(".gguf"):
-        teacher_tok = common.load_model_tokenizer(spec)
+        teacher_tok = load_model_tokenizer(spec)
     if teacher_tok is not None:
-        common.check_tokenizers_match(student_tok, teacher_tok, "student", spec)
+        check_tokenizers_match(student_tok, teacher_tok, "student", spec)
     base = cfg.model.base
     if spec.startswith("random:") and cfg.model.get("kd_teacher_base"):  # e.g. an 8B-shaped random teacher
         from zebra.plan.presets import preset_base
 
         base = preset_base(str(cfg.model.kd_teacher_base))
-    teacher = common.load_teacher_model(spec, base, dtype=dtype, device=device)
+    teacher = load_teacher_model(spec, base, dtype=dtype, device=device)
     if teacher_tok is None and teacher.tokenizer is not None:
-        common.check_tokenizers_match(student_tok, teacher.tokenizer, "student", spec)
+        check_tokenizers_match(student_tok, teacher.tokenizer, "student", spec)
     tv = teacher.model.get_output_embeddings().weight.shape[0]
     if tv != student_vocab:
-        raise common.TokenizerMismatchError(
+        raise TokenizerMismatchError(
             f"teacher {spec!r} has {tv} LM-head rows but the student {student_vocab}: KD needs the same vocabulary")
     return teacher
 
@@ -202,28 +216,28 @@ def run(cfg: DictConfig) -> dict:
     out_dir = Path(cfg.paths.kd_dir)
     init = str(sc.get("student_init") or "ilkd")
     if init not in ("ilkd", "random"):
-        raise common.StageError(f"kd.student_init must be 'ilkd' or 'random', got {init!r}")
+        raise StageError(f"kd.student_init must be 'ilkd' or 'random', got {init!r}")
     if init == "random":  # throughput / memory runs at real shapes: no ILD exports needed
         num_layers = int(cfg.model.base.num_hidden_layers)
         layers = mla_layers_for(cfg, num_layers)
         config = zebra_config_from_preset(cfg.model, layer_types_for(num_layers, layers))
-        tokenizer = common.load_model_tokenizer(cfg.model.tokenizer)
+        tokenizer = load_model_tokenizer(cfg.model.tokenizer)
     else:
         configs = {k: load_ild_student(cfg, k, config_only=True) for k in ("mla", "mamba")}
         num_layers = configs["mla"].num_hidden_layers
         layers = mla_layers_for(cfg, num_layers)
         config = hybrid_config(configs["mla"], configs["mamba"], layers)
         tokenizer = student_tokenizer(cfg)
-    trainer = common.build_trainer(cfg, "kd", out_dir, max_steps=1, stage_cfg=sc,
+    trainer = build_trainer(cfg, "kd", out_dir, max_steps=1, stage_cfg=sc,
                                    accumulate_grad_batches=sc.get("accumulate_grad_batches", 1))
-    steps, dm = common.plan_token_stage(cfg, sc, tokenizer, trainer, assistant_only=sc.assistant_only)
-    placement = common.teacher_placement(cfg, trainer)  # checked before any model loads
+    steps, dm = plan_token_stage(cfg, sc, tokenizer, trainer, assistant_only=sc.assistant_only)
+    placement = teacher_placement(cfg, trainer)  # checked before any model loads
     # tokenizers must match before the teacher's weights load and long before training
-    teacher = load_kd_teacher(cfg, tokenizer, config.vocab_size, common.teacher_dtype(cfg),
-                              common.teacher_device(trainer))
+    teacher = load_kd_teacher(cfg, tokenizer, config.vocab_size, teacher_dtype(cfg),
+                              teacher_device(trainer))
     # Under ZeRO-3 only rank 0 assembles the whole hybrid (on CPU); configure_model creates it sharded.
-    spec = common.StudentSpec(config, random=init == "random")
-    if init == "ilkd" and (common.zero_stage(trainer) != 3 or trainer.global_rank == 0):
+    spec = StudentSpec(config, random=init == "random")
+    if init == "ilkd" and (zero_stage(trainer) != 3 or trainer.global_rank == 0):
         spec.full = assemble_hybrid(load_ild_student(cfg, "mla"), load_ild_student(cfg, "mamba"), layers)
 
     heldout = []
@@ -238,32 +252,32 @@ def run(cfg: DictConfig) -> dict:
                       optimizer=instantiate(sc.optimizer), scheduler=instantiate(sc.scheduler), heldout=heldout,
                       check_weights_moved=bool(cfg.get("check_weights_moved")))
     module.frozen_placement = placement
-    common.fit(trainer, module, dm, common.resolve_ckpt_path(cfg, out_dir / "checkpoints"))
+    fit(trainer, module, dm, resolve_ckpt_path(cfg, out_dir / "checkpoints"))
     hybrid = module.student
     kl_before, kl_after = module.kl_before, module.kl_after
     wall = time.perf_counter() - start
 
-    report = {"stage": "kd", "config_hash": common.stage_hash("kd", cfg), "model": cfg.model.name,
-              "mix": cfg.mix.name, "mla_layers": layers, "params": common.count_params(hybrid),
-              "kv_fraction": common.kv_fraction(hybrid.config), "teacher": str(cfg.model.kd_teacher),
+    report = {"stage": "kd", "config_hash": stage_hash("kd", cfg), "model": cfg.model.name,
+              "mix": cfg.mix.name, "mla_layers": layers, "params": count_parameters(hybrid),
+              "kv_fraction": kv_fraction(hybrid.config), "teacher": str(cfg.model.kd_teacher),
               "teacher_quantisation": teacher.quantisation, "teacher_placement": placement,
               "teacher_partitioned": zero.partitioned(teacher.model), "temperature": sc.temperature,
               "ce_weight": sc.ce_weight, "assistant_only": sc.assistant_only,
               "heldout_kl_before": kl_before, "heldout_kl_after": kl_after,
-              **common.stage_summary(trainer, module, wall)}
+              **stage_summary(trainer, module, wall)}
     hybrid.eval()
-    card = common.model_card(
+    card = model_card(
         title=f"zebra {cfg.model.name} {cfg.mix.name} hybrid after KD", stage="kd", model=hybrid,
         base=str(cfg.model.teacher), teacher=str(cfg.model.kd_teacher),
         teacher_quantisation=teacher.quantisation,
-        data=common.dataset_description(cfg.data, "sft") + f" (split {sc.split})", tokens=module.tokens_seen,
+        data=dataset_description(cfg.data, "sft") + f" (split {sc.split})", tokens=module.tokens_seen,
         extra={"held-out KL to teacher (before -> after KD)":
                f"{kl_before:.4f} -> {kl_after:.4f}" if kl_before is not None else "n/a"})
     # collective under ZeRO-3 (every rank gathers; rank 0 writes)
-    report["export_check"] = common.export_stage_model(cfg, trainer, hybrid, tokenizer, out_dir / "model", card,
+    report["export_check"] = export_stage_model(cfg, trainer, hybrid, tokenizer, out_dir / "model", card,
                                                        probe=heldout[0] if heldout else None)
     if trainer.global_rank == 0:
-        common.write_json_atomic(out_dir / "report.json", report)
-        common.drop_checkpoints(cfg, trainer, out_dir / "checkpoints")
+        write_json_atomic(out_dir / "report.json", report)
+        drop_checkpoints(cfg, trainer, out_dir / "checkpoints")
         log.info("kd done: %s", out_dir)
     return report

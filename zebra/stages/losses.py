@@ -11,9 +11,20 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+from zebra.stages.errors import StageError
 
 # elements of one chunk's [tokens, vocab] fp32 logits; ~256 MB, i.e. 512 tokens at a 128k vocabulary
 _DEFAULT_CHUNK_ELEMENTS = 1 << 26
+
+
+def lm_head_weight(model: nn.Module) -> torch.Tensor:
+    """The LM head weight the chunked losses multiply by (they never call the head's own forward)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else model.lm_head
+    if getattr(head, "bias", None) is not None:
+        raise StageError("the chunked KD loss assumes an LM head without bias")
+    return head.weight
 
 
 def auto_chunk_size(vocab_size: int, chunk_elements: int = _DEFAULT_CHUNK_ELEMENTS) -> int:

@@ -1,6 +1,6 @@
 """Stage `pipeline`: ilkd -> smart -> kd -> dpo in order, skipping finished stages.
 
-A stage is finished when its report.json exists, records the same config hash (zebra.stages.common.stage_hash,
+A stage is finished when its report.json exists, records the same config hash (zebra.stages.stage_hash,
 which chains the hashes of the stages it reads from) and its export is complete. `force=true` re-runs every
 stage; a stage that re-runs changes nothing upstream, but any stage after it whose inputs changed has a
 different hash and re-runs too. With `ckpt_path=last` the first unfinished stage resumes from its checkpoint.
@@ -15,8 +15,10 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
+from zebra.stages.artifacts import read_json, stage_hash
+from zebra.stages.errors import StageError
+from zebra.utils.files import write_json_atomic
 
-from zebra.stages import common
 
 log = logging.getLogger("zebra.stages.pipeline")
 
@@ -29,7 +31,7 @@ def stage_dir(cfg: DictConfig, name: str) -> Path:
 
 def _report_matches(report: Path, cfg: DictConfig, name: str) -> bool:
     try:
-        return common.read_json(report).get("config_hash") == common.stage_hash(name, cfg)
+        return read_json(report).get("config_hash") == stage_hash(name, cfg)
     except (OSError, ValueError):
         return False
 
@@ -71,10 +73,10 @@ def run(cfg: DictConfig) -> dict:
     order = list(cfg.stage.get("order") or STAGES)
     unknown = [s for s in order if s not in STAGES]
     if unknown:
-        raise common.StageError(f"stage.order has unknown stages {unknown}; known: {list(STAGES)}")
+        raise StageError(f"stage.order has unknown stages {unknown}; known: {list(STAGES)}")
     if cfg.mix.get("selection") == "smart" and "kd" in order and "smart" not in order \
             and not (stage_dir(cfg, "smart") / "sensitivity.json").is_file():
-        raise common.StageError("mix.selection=smart needs the smart stage: add it to stage.order or run it first")
+        raise StageError("mix.selection=smart needs the smart stage: add it to stage.order or run it first")
     summary, start, cpu_start = {}, time.perf_counter(), time.process_time()
     for name in order:
         if not cfg.get("force") and is_done(cfg, name):
@@ -100,6 +102,6 @@ def run(cfg: DictConfig) -> dict:
     summary["cpu_seconds"] = round(time.process_time() - cpu_start, 2)
     summary["threads"] = torch.get_num_threads()
     out = Path(cfg.paths.model_dir) / cfg.mix.name / "pipeline.json"
-    common.write_json_atomic(out, summary)
+    write_json_atomic(out, summary)
     log.info("pipeline done: %s", out)
     return summary

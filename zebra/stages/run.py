@@ -41,7 +41,7 @@ def run(cfg: DictConfig) -> dict:
         return out
     import lightning.pytorch as pl
 
-    from zebra.stages.common import set_threads
+    from zebra.stages.trainer import set_threads
 
     set_threads(cfg.get("num_threads"))
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)

@@ -14,9 +14,12 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
+from zebra.stages.artifacts import stage_hash
+from zebra.stages.budget import build_token_data
+from zebra.stages.errors import MissingArtifactError
+from zebra.stages.teacher import load_model_tokenizer, load_teacher_model
+from zebra.utils.files import atomic_dir, write_json_atomic
 
-from zebra.stages import common
-from zebra.stages.common import MissingArtifactError
 
 log = logging.getLogger("zebra.stages.smart")
 
@@ -51,9 +54,9 @@ def run(cfg: DictConfig) -> dict:
     out_dir = Path(cfg.paths.smart_dir)
     mla = load_ild_student(cfg, "mla").eval()
     mamba = load_ild_student(cfg, "mamba").eval()
-    tokenizer = common.load_model_tokenizer(cfg.model.tokenizer)
-    base = common.load_teacher_model(cfg.model.teacher, cfg.model.base, dtype=torch.float32)
-    dm = common.build_token_data(cfg, tokenizer, "heldout" if sc.split == "heldout" else sc.split, sc.seq_len,
+    tokenizer = load_model_tokenizer(cfg.model.tokenizer)
+    base = load_teacher_model(cfg.model.teacher, cfg.model.base, dtype=torch.float32)
+    dm = build_token_data(cfg, tokenizer, "heldout" if sc.split == "heldout" else sc.split, sc.seq_len,
                                  sc.batch_size)
     batches = dm.calibration_batches(int(sc.tokens), batch_size=int(sc.batch_size), split=sc.split)
     n_tokens = sum(int(b["loss_mask"].sum()) for b in batches)
@@ -63,7 +66,7 @@ def run(cfg: DictConfig) -> dict:
     num_layers = len(scores)
     selections = {n: select_layers(scores, n) for n in requested_sizes(cfg, num_layers)}
     wall = time.perf_counter() - start
-    report = {"stage": "smart", "config_hash": common.stage_hash("smart", cfg), "model": cfg.model.name,
+    report = {"stage": "smart", "config_hash": stage_hash("smart", cfg), "model": cfg.model.name,
               "base": cfg.model.teacher, "base_quantisation": base.quantisation, "calibration_split": sc.split,
               "calibration_tokens": n_tokens, "scores": scores,
               "selections": {str(n): v for n, v in selections.items()},
@@ -73,8 +76,9 @@ def run(cfg: DictConfig) -> dict:
         write_smart_outputs(tmp, scores, selections,
                             extra={"calibration_tokens": n_tokens, "base": str(cfg.model.teacher),
                                    "base_quantisation": base.quantisation})
-        common.write_json_atomic(tmp / "report.json", report)
+        write_json_atomic(tmp / "report.json", report)
 
-    common.atomic_dir(out_dir, write)
+    with atomic_dir(out_dir) as tmp:
+        write(tmp)
     log.info("smart done: %s (selections %s)", out_dir, selections)
     return report

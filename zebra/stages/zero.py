@@ -23,6 +23,17 @@ from torch import nn
 from zebra.model.mamba2 import is_partitioned
 
 
+def zero_stage(trainer) -> int:
+    """The DeepSpeed ZeRO stage of a Lightning trainer's strategy (0 when it is not DeepSpeed). Readable before
+    `fit`."""
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    strategy = getattr(trainer, "strategy", None)
+    if not isinstance(strategy, DeepSpeedStrategy):
+        return 0
+    return int(((strategy.config or {}).get("zero_optimization") or {}).get("stage", 0))
+
+
 def partitioned(model: nn.Module) -> bool:
     """True when some parameter of `model` is ZeRO-3-partitioned."""
     return any(is_partitioned(p) or hasattr(p, "ds_id") for p in model.parameters())
@@ -192,6 +203,15 @@ def consolidated_model(model: nn.Module, state: Mapping[str, torch.Tensor]) -> n
     if left:
         raise RuntimeError(f"consolidated model: tensors not restored from the gathered state: {left[:5]}")
     return copy.eval()
+
+
+def exportable(model: nn.Module, rank: int) -> nn.Module | None:
+    """The model to write, on rank 0 (None elsewhere): under ZeRO-3 a CPU copy gathered from the shards one unit
+    at a time, else the model itself. Collective: every rank must call it."""
+    if not partitioned(model):
+        return model if rank == 0 else None
+    state = state_dict_cpu(model, rank)
+    return consolidated_model(model, state) if rank == 0 else None
 
 
 def register_external(root: nn.Module, params: list[torch.nn.Parameter]) -> None:

@@ -1,0 +1,252 @@
+"""The Lightning Trainer of a training stage: `cfg.trainer` with the stage's step budget, checkpoints (retention,
+disk-space warning, resume from `ckpt_path`), throughput/MFU logging, loggers, and `fit` with what must follow it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+import warnings
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from torch import nn
+
+from zebra.stages import zero
+from zebra.stages.errors import StageError
+
+log = logging.getLogger("zebra.stages")
+
+
+def set_threads(num_threads: int | None) -> None:
+    """Intra-op threads: the configured number, else this process's share of the cores it may run on (the
+    cores divided by the processes a launcher started on this node: LOCAL_WORLD_SIZE from torchrun,
+    SLURM_NTASKS_PER_NODE under srun). Each process taking every core made the students' SVD init 10x slower
+    on a two-GPU node (experiments/README.md)."""
+    if not num_threads:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        local = os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("SLURM_NTASKS_PER_NODE") or "1"
+        try:
+            share = max(1, int(str(local).split("(")[0]))
+        except ValueError:
+            share = 1
+        num_threads = max(1, cores // share)
+    torch.set_num_threads(max(1, int(num_threads)))
+
+
+# ------------------------------------------------------------------------------------------------ callbacks
+def default_peak_flops(device: torch.device | str | None = None) -> float:
+    """Dense bf16 peak of known GPUs; CPUs get a nominal 50 GFLOP/s per core (MFU there is only indicative)."""
+    if device is not None and torch.device(device).type == "cuda" and torch.cuda.is_available():
+        name = torch.cuda.get_device_name(torch.device(device)).lower()
+        # H100/H200: the bf16 matmul rate measured on the lent cards (benchmarks.training), not the 989 spec
+        for key, peak in (("h200", 790e12), ("h100", 790e12), ("a100", 312e12), ("l40", 181e12),
+                          ("a10", 125e12), ("4090", 165e12), ("v100", 125e12)):
+            if key in name:
+                return peak
+        return 100e12
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return 50e9 * min(cores, torch.get_num_threads())
+
+
+class ThroughputMonitor(pl.Callback):
+    """Logs tokens/s and MFU every step (FLOPs per token from the module's `flops_per_token()`).
+
+    A step's time runs from the end of the previous micro-batch to the end of this one (data loading and the
+    optimizer included): GPU work is asynchronous, so only end-to-end intervals between the points where the
+    host waits for it (the logged loss) measure the device, not a start/end pair around one batch."""
+
+    def __init__(self, peak_flops: float | None = None, log_every_n_steps: int = 1):
+        self.peak_flops = peak_flops
+        self.every = max(1, int(log_every_n_steps))
+        self._t_last = None
+        self._fpt = None
+
+    def on_train_start(self, trainer, module):
+        self._fpt = float(module.flops_per_token()) if hasattr(module, "flops_per_token") else None
+        if self.peak_flops is None:
+            self.peak_flops = default_peak_flops(module.device)
+        self._t_last = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        now = time.perf_counter()
+        dt, self._t_last = now - (self._t_last or now), now
+        tokens = getattr(module, "last_step_tokens", 0) * trainer.world_size
+        if tokens and dt > 0 and trainer.global_step % self.every == 0:
+            tps = tokens / dt
+            metrics = {"perf/tokens_per_s": tps}
+            if self._fpt:
+                metrics["perf/mfu"] = tps * self._fpt / (self.peak_flops * trainer.world_size)
+            module.log_dict(metrics, on_step=True, on_epoch=False, prog_bar=True, logger=True, batch_size=1)
+
+
+class CheckpointDiskSpace(pl.Callback):
+    """Warns at the start of training when the planned checkpoints would not fit the free disk."""
+
+    def __init__(self, dirpath: str, keep: int = 1, weights_only: bool = False):
+        self.dirpath, self.keep, self.weights_only = dirpath, max(1, keep), weights_only
+
+    def estimate_bytes(self, module: nn.Module) -> int:
+        size = sum(t.numel() * t.element_size() for t in module.state_dict().values() if torch.is_tensor(t))
+        if not self.weights_only:  # AdamW: two fp32 moments per trainable parameter
+            size += sum(2 * 4 * p.numel() for p in module.parameters() if p.requires_grad)
+        return int(size)
+
+    def on_train_start(self, trainer, module):
+        if trainer.global_rank != 0:
+            return
+        need = self.estimate_bytes(module) * (self.keep + 1)  # + the one being written before the oldest goes
+        path = Path(self.dirpath)
+        probe = path
+        while not probe.exists() and probe.parent != probe:
+            probe = probe.parent
+        free = shutil.disk_usage(probe).free
+        if need > free:
+            msg = (f"checkpoints under {path} will need ~{need / 2**30:.1f} GiB ({self.keep} kept + last) but only "
+                   f"{free / 2**30:.1f} GiB are free; lower checkpoint.keep or use weights-only checkpoints")
+            warnings.warn(msg)
+            log.warning(msg)
+
+
+# ------------------------------------------------------------------------------------------------ trainer
+def build_loggers(cfg: DictConfig, stage: str, stage_dir: Path) -> list:
+    loggers = []
+    for key, lcfg in (cfg.get("logger") or {}).items():
+        if lcfg is None or "_target_" not in lcfg:
+            continue
+        target = lcfg._target_
+        kwargs = {}
+        if target.endswith("WandbLogger"):
+            kwargs["name"] = lcfg.get("name") or f"{cfg.model.name}-{stage}"
+            kwargs["group"] = lcfg.get("group") or f"{cfg.model.name}"
+            kwargs["save_dir"] = lcfg.get("save_dir") or str(stage_dir)
+        elif target.endswith("CSVLogger"):
+            kwargs["save_dir"] = lcfg.get("save_dir") or str(stage_dir)
+            kwargs["name"] = lcfg.get("name") or "csv"
+        elif target.endswith("TensorBoardLogger"):
+            kwargs["save_dir"] = lcfg.get("save_dir") or str(stage_dir)
+        loggers.append(instantiate(lcfg, **kwargs))
+    return loggers
+
+
+def build_strategy(scfg):
+    if scfg is None:
+        return "auto"
+    if "_target_" in scfg:
+        return instantiate(scfg)
+    return scfg.get("name", "auto")
+
+
+def build_trainer(cfg: DictConfig, stage: str, stage_dir: Path, max_steps: int, stage_cfg: DictConfig,
+                  extra_callbacks: list | None = None, ckpt_dir: Path | None = None, **overrides) -> pl.Trainer:
+    """The Lightning Trainer of one stage: `cfg.trainer` (instantiated), the stage's step budget, checkpoints under
+    `<stage_dir>/checkpoints` (retention + last), throughput/MFU and disk-space callbacks, the loggers."""
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+
+    ckpt_cfg = cfg.get("checkpoint") or {}
+    ckpt_dir = ckpt_dir or stage_dir / "checkpoints"
+    every = int(stage_cfg.get("checkpoint_every_n_steps") or ckpt_cfg.get("every_n_steps") or 0)
+    keep = int(ckpt_cfg.get("keep", 2))
+    weights_only = bool(ckpt_cfg.get("weights_only", False))
+    callbacks = []
+    if every > 0:
+        # newest `keep` step checkpoints (monitoring the step), and last.ckpt as a link to the newest: no copy
+        callbacks.append(ModelCheckpoint(dirpath=str(ckpt_dir), filename="step{step:06d}", auto_insert_metric_name=False,
+                                         every_n_train_steps=every, save_last="link", save_top_k=keep,
+                                         monitor="train/global_step", mode="max", save_weights_only=weights_only))
+        callbacks.append(CheckpointDiskSpace(str(ckpt_dir), keep=keep, weights_only=weights_only))
+    perf = cfg.get("perf") or {}
+    callbacks.append(ThroughputMonitor(peak_flops=perf.get("peak_flops"),
+                                       log_every_n_steps=int(cfg.trainer.get("log_every_n_steps", 1) or 1)))
+    for cb in (cfg.get("callbacks") or {}).values():
+        if cb is not None and "_target_" in cb:
+            callbacks.append(instantiate(cb))
+    callbacks.extend(extra_callbacks or [])
+    loggers = build_loggers(cfg, stage, stage_dir)
+    if loggers:
+        callbacks.append(LearningRateMonitor(logging_interval="step"))
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    return instantiate(cfg.trainer, max_steps=int(max_steps), callbacks=callbacks, logger=loggers or False,
+                       strategy=build_strategy(cfg.get("strategy")), default_root_dir=str(stage_dir),
+                       enable_checkpointing=every > 0, **overrides)
+
+
+def drop_checkpoints(cfg: DictConfig, trainer: pl.Trainer | None, ckpt_dir: Path) -> None:
+    """With `checkpoint.keep_after_stage: false`, remove a finished stage's checkpoints (rank 0, after its export
+    and report are written): its result is the export, and the smoke recipe's checkpoints would otherwise take
+    ~6 GB of disk."""
+    if (cfg.get("checkpoint") or {}).get("keep_after_stage", True):
+        return
+    if trainer is not None and trainer.global_rank != 0:
+        return
+    if Path(ckpt_dir).exists():
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        log.info("checkpoint.keep_after_stage=false: removed %s", ckpt_dir)
+
+
+def resolve_ckpt_path(cfg: DictConfig, ckpt_dir: Path) -> str | None:
+    """`ckpt_path=last` resumes from `<ckpt_dir>/last.ckpt` when it exists (a fresh start otherwise, so a
+    requeued job that never reached a checkpoint just starts); any other value is a path."""
+    ckpt = cfg.get("ckpt_path")
+    if ckpt in (None, "", "none", "null"):
+        return None
+    # a file, or under DeepSpeed a directory of per-rank shards (last.ckpt links to either)
+    if ckpt == "last":
+        last = Path(ckpt_dir) / "last.ckpt"
+        if last.exists():
+            return str(last)
+        log.info("ckpt_path=last but %s does not exist: starting fresh", last)
+        return None
+    if not Path(ckpt).exists():
+        raise StageError(f"ckpt_path {ckpt!r} does not exist")
+    return str(ckpt)
+
+
+def fit(trainer: pl.Trainer, module: pl.LightningModule, datamodule, ckpt_path: str | None) -> None:
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    finally:
+        finish_loggers(trainer)
+    if trainer.interrupted:
+        raise StageError("training was interrupted; no export written (resume with ckpt_path=last)")
+    restore_placement(trainer, module)
+
+
+def restore_placement(trainer: pl.Trainer, module: nn.Module) -> None:
+    """Put the trained module back where it trained. Lightning's teardown at the end of `fit` moves it to the
+    CPU; the export, its probe forward and the KD held-out pass after fit expect it on the training device.
+    Under ZeRO-3 the partitions (`ds_tensor`) never left the GPU, but the buffers (MLA's RoPE inverse
+    frequencies) and the persistent small parameters did: a probe forward then mixed CUDA activations with CPU
+    tensors."""
+    device = trainer.strategy.root_device
+    if device.type == "cpu":
+        return
+    if not zero.partitioned(module):
+        module.to(device)
+        return
+    # Small parameters below DeepSpeed's persistence threshold (norm weights) are held whole by every rank in
+    # `param.data`, which the teardown moved too; the others' `data` are empty placeholders (free to move).
+    for p in module.parameters():
+        if p.data.device != device:
+            p.data = p.data.to(device)
+    for sub in module.modules():
+        for name, buf in sub._buffers.items():
+            if buf is not None and buf.device != device:
+                sub._buffers[name] = buf.to(device)
+
+
+def finish_loggers(trainer: pl.Trainer) -> None:
+    """Close each stage's wandb run, so the next stage of a pipeline gets a run of its own."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    for lg in trainer.loggers:
+        if isinstance(lg, WandbLogger) and getattr(lg, "_experiment", None) is not None:
+            try:
+                lg.experiment.finish()
+            except Exception as err:  # never let logging break a finished training run
+                log.warning("could not finish the wandb run: %s", err)
