@@ -1,6 +1,5 @@
-"""Where the hybrid's decode step goes at its largest batch (generation benchmark, 2026-11-28 on an H200: zebra_8b
-at 32k x 739 took 137.6 ms with the matmul attention and 248 ms with the Triton one, 31% / 17% of its roofline,
-while the base at its own largest batch reached 65%).
+"""Where the hybrid's decode step goes at its largest batch (zebra_8b, 32k context), and the launch settings of the
+decode-attention kernels (results and the defaults they chose: this folder's README).
 
 1. The absorbed MLA attention alone at that shape (q [B, 1, heads, r_kv + d_rope] against the latent cache, v a
    prefix view of k, the static mask [1, 1, 1, S]): the matmul path and the Triton kernel over launch settings,
@@ -29,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from benchmarks.generation import run as G  # noqa: E402
 from zebra.model.ops.flash_decode import flash_decode  # noqa: E402
-from zebra.model.mla import decode_attention  # noqa: E402
+from zebra.model.ops.decode_attention import decode_attention  # noqa: E402
 
 
 def timed(fn, iters=5, calls=10):
@@ -119,8 +118,8 @@ def main() -> None:
     res = {"device": torch.cuda.get_device_name()}
     if cli.latent_sweep:
         with torch.inference_mode():
-            # (block_s, warps, stages, splits); in decode_latent_sweep_h200.jsonl the kernel is named "latent-t" (it
-            # was then the transposed form beside the untransposed "latent")
+            # (block_s, warps, stages, splits); decode_latent_sweep_h200.jsonl names the kernel "latent-t" (the
+            # transposed form, now the only one, beside the untransposed "latent")
             for batch, splits in ((8, (None, 16)), (cli.batch, (None,))):
                 grid = itertools.product((64, 128), (4, 8), (3, 4), splits)
                 attention(batch, cli.context, rows_file=cli.latent_sweep, grid=grid, latent=True)

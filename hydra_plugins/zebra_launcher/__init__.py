@@ -1,5 +1,5 @@
 """zebra's Hydra launchers: hydra-submitit-launcher's Slurm and local launchers plus what zebra needs for one
-process per device and requeue-and-resume (zebra/launch/submitit.py; experiments/slurm.md).
+process per device and requeue-and-resume (zebra/launch/submitit.py; docs/clusters.md).
 
 They live here because Hydra instantiates launcher plugins only from the `hydra_plugins` namespace package; the
 logic is in `zebra.launch.submitit`, imported lazily so that Hydra's plugin scan stays fast.

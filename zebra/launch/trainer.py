@@ -8,7 +8,7 @@ data-parallel equivalence checks and preemption drills.
   would make a run directory per copy), so this refuses with the command to use;
 - under Slurm it hands Lightning a `SLURMEnvironment(auto_requeue=False)`: submitit owns the requeue signal
   (USR2), Lightning's own SIGUSR1 handler (save an `hpc_ckpt` + `scontrol requeue`) is off, so a job is never
-  requeued twice or resumed from two places (experiments/slurm.md).
+  requeued twice or resumed from two places (docs/clusters.md).
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ def set_threads(num_threads: int | None) -> None:
     """Intra-op threads: the configured number, else this process's share of the cores it may run on (the
     cores divided by the processes a launcher started on this node: LOCAL_WORLD_SIZE from torchrun,
     SLURM_NTASKS_PER_NODE under srun). Each process taking every core made the students' SVD init 10x slower
-    on a two-GPU node (experiments/README.md)."""
+    on a two-GPU node."""
     if not num_threads:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         local = os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("SLURM_NTASKS_PER_NODE") or "1"
@@ -115,8 +115,9 @@ class CheckpointDiskSpace(pl.Callback):
 
 # ------------------------------------------------------------------------------------------------ trainer
 def build_loggers(cfg: DictConfig, stage: str, stage_dir: Path) -> list:
+    """`cfg.logger`'s loggers, writing under the stage's directory unless they name their own."""
     loggers = []
-    for key, lcfg in (cfg.get("logger") or {}).items():
+    for lcfg in cfg.logger.values():
         if lcfg is None or "_target_" not in lcfg:
             continue
         target = lcfg._target_
@@ -135,24 +136,24 @@ def build_loggers(cfg: DictConfig, stage: str, stage_dir: Path) -> list:
 
 
 def build_strategy(scfg):
-    if scfg is None:
-        return "auto"
-    if "_target_" in scfg:
-        return instantiate(scfg)
-    return scfg.get("name", "auto")
+    return instantiate(scfg) if "_target_" in scfg else scfg.name
 
 
-def build_trainer(cfg: DictConfig, stage: str, stage_dir: Path, max_steps: int, stage_cfg: DictConfig,
-                  extra_callbacks: list | None = None, ckpt_dir: Path | None = None, **overrides) -> pl.Trainer:
-    """The Lightning Trainer of one stage: `cfg.trainer` (instantiated), the stage's step budget, checkpoints under
-    `<stage_dir>/checkpoints` (retention + last), throughput/MFU and disk-space callbacks, the loggers."""
+def build_trainer(cfg: DictConfig, stage: str, sc: DictConfig, max_steps: int, world: int,
+                  ckpt_dir: Path | None = None) -> pl.Trainer:
+    """The Lightning Trainer of one stage (`sc`: its config node): `cfg.trainer` (instantiated) with the stage's
+    step budget and gradient accumulation, checkpoints under `ckpt_dir` (default `<stage dir>/checkpoints`;
+    retention + last), throughput/MFU and disk-space callbacks, `cfg.callbacks`, the loggers. `world`: the processes
+    the budget was planned for (zebra.stages.budget.world_size), which the Trainer must agree with."""
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 
-    ckpt_cfg = cfg.get("checkpoint") or {}
-    ckpt_dir = ckpt_dir or stage_dir / "checkpoints"
-    every = int(stage_cfg.get("checkpoint_every_n_steps") or ckpt_cfg.get("every_n_steps") or 0)
-    keep = int(ckpt_cfg.get("keep", 2))
-    weights_only = bool(ckpt_cfg.get("weights_only", False))
+    from zebra.stages.artifacts import checkpoint_dir, stage_dir
+
+    out_dir = stage_dir(cfg, stage)
+    ckpt_dir = ckpt_dir or checkpoint_dir(cfg, stage)
+    ckpt = cfg.checkpoint
+    every = int(sc.checkpoint_every_n_steps or ckpt.every_n_steps or 0)
+    keep, weights_only = int(ckpt.keep), bool(ckpt.weights_only)
     callbacks = []
     if every > 0:
         # newest `keep` step checkpoints (monitoring the step), and last.ckpt as a link to the newest: no copy
@@ -160,39 +161,27 @@ def build_trainer(cfg: DictConfig, stage: str, stage_dir: Path, max_steps: int, 
                                          every_n_train_steps=every, save_last="link", save_top_k=keep,
                                          monitor="train/global_step", mode="max", save_weights_only=weights_only))
         callbacks.append(CheckpointDiskSpace(str(ckpt_dir), keep=keep, weights_only=weights_only))
-    perf = cfg.get("perf") or {}
-    callbacks.append(ThroughputMonitor(peak_flops=perf.get("peak_flops"),
-                                       log_every_n_steps=int(cfg.trainer.get("log_every_n_steps", 1) or 1)))
-    for cb in (cfg.get("callbacks") or {}).values():
+    callbacks.append(ThroughputMonitor(peak_flops=cfg.perf.peak_flops,
+                                       log_every_n_steps=int(cfg.trainer.log_every_n_steps)))
+    for cb in cfg.callbacks.values():
         if cb is not None and "_target_" in cb:
             callbacks.append(instantiate(cb))
-    callbacks.extend(extra_callbacks or [])
-    loggers = build_loggers(cfg, stage, stage_dir)
+    loggers = build_loggers(cfg, stage, out_dir)
     if loggers:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
-    overrides = {k: v for k, v in overrides.items() if v is not None}
-    return instantiate(cfg.trainer, max_steps=int(max_steps), callbacks=callbacks, logger=loggers or False,
-                       strategy=build_strategy(cfg.get("strategy")), default_root_dir=str(stage_dir),
-                       enable_checkpointing=every > 0, **overrides)
-
-
-def drop_checkpoints(cfg: DictConfig, trainer: pl.Trainer | None, ckpt_dir: Path) -> None:
-    """With `checkpoint.keep_after_stage: false`, remove a finished stage's checkpoints (rank 0, after its export
-    and report are written): its result is the export, and the smoke recipe's checkpoints would otherwise take
-    ~6 GB of disk."""
-    if (cfg.get("checkpoint") or {}).get("keep_after_stage", True):
-        return
-    if trainer is not None and trainer.global_rank != 0:
-        return
-    if Path(ckpt_dir).exists():
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
-        log.info("checkpoint.keep_after_stage=false: removed %s", ckpt_dir)
+    trainer = instantiate(cfg.trainer, max_steps=int(max_steps), accumulate_grad_batches=int(sc.accumulate_grad_batches),
+                          callbacks=callbacks, logger=loggers or False, strategy=build_strategy(cfg.strategy),
+                          default_root_dir=str(out_dir), enable_checkpointing=every > 0)
+    if trainer.world_size != world:
+        raise StageError(f"the {stage} budget was planned for {world} processes (trainer.devices x trainer.num_nodes) "
+                         f"but the Trainer runs {trainer.world_size}; set trainer.devices to the processes per node")
+    return trainer
 
 
 def resolve_ckpt_path(cfg: DictConfig, ckpt_dir: Path) -> str | None:
     """`ckpt_path=last` resumes from `<ckpt_dir>/last.ckpt` when it exists (a fresh start otherwise, so a
     requeued job that never reached a checkpoint just starts); any other value is a path."""
-    ckpt = cfg.get("ckpt_path")
+    ckpt = cfg.ckpt_path
     if ckpt in (None, "", "none", "null"):
         return None
     # a file, or under DeepSpeed a directory of per-rank shards (last.ckpt links to either)

@@ -277,7 +277,7 @@ def flash_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.
     """softmax(scale * q k^T, masked) v -> [B, G, Q, Dv] in q's dtype (see the module docstring). `block_s`,
     `num_warps`, `num_stages` override the launch configuration, `torch_combine` combines the key ranges with torch
     ops instead of the kernel, `latent` False keeps the general kernel where v is a prefix view of k (True requires
-    the latent one) (measurements: experiments/decode_large_batch.py)."""
+    the latent one) (measurements: experiments/decode_attention)."""
     require_kernel_device(q, "flash_decode")
     b, g, nq, d = q.shape
     s, dv = k.shape[2], v.shape[3]
@@ -293,14 +293,14 @@ def flash_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.
     if pieces is not None:
         # 64 keys per block, 4 warps, 3 stages, about two programs per SM: at zebra_8b's 32k x 8 (each call
         # graph-timed, one H200) 59.2 us per call against 79.7 us for the general kernel, at 32k x 739 4.72 against
-        # 7.09 ms (experiments/decode_latent_sweep_h200.jsonl, "latent-t"; the untransposed form's wider grid, where
+        # 7.09 ms (experiments/decode_attention, "latent-t" in its latent sweep; the untransposed form's grid, where
         # 2 stages and four programs per SM took 88.6 us: decode_latent_sweep_rows_h200.jsonl). 8 warps or 128 keys
         # per block were slower in both forms.
         block_s, num_stages, per_sm = block_s or 64, num_stages or 3, 2
     else:
         # 64 keys per block, 4 warps, 2 stages: at MLA's shape (32 rows x 160 value columns, the widest tile here)
         # at 32k x 739 this ran in 7.3 ms against 25.8 ms for the earlier 32 keys / 8 warps, and 12.1 ms for the
-        # matmul path (H200, experiments/decode_large_batch_h200.json)
+        # matmul path (H200, experiments/decode_attention/decode_large_batch_h200.json)
         block_s = block_s or 64
         wide = block_q * next_pow2(dv, lo=16) > 32 * 128
         num_stages = num_stages or (2 if wide else None)
@@ -342,7 +342,7 @@ def flash_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.
         return combine_ranges_torch(out, mx, lsum, q.dtype)
     # combine the ranges in one kernel instead of combine_ranges_torch's six ops and its [B, G, splits, Q, Dv]
     # temporary (the hybrid's decode at batch 8 and 32k has 129 ranges per row); before/after:
-    # experiments/decode_large_batch.py
+    # experiments/decode_attention
     res = torch.empty(b, g, nq, dv, device=q.device, dtype=q.dtype)
     block_p = next_pow2(n_split)
     block_c = max(16, min(next_pow2(dv), 8192 // block_p))  # the [ranges, columns] tile within 8k fp32 values
