@@ -146,8 +146,8 @@ def equivalence_cmd(args, work: Path, data: Path, tokenizer: str, strategy: str,
 
 def equivalence(args, work: Path, data: Path, tokenizer: str, strategies: list[str], save=lambda r: None) -> dict:
     """The one-GPU runs of every strategy side by side, each on its own GPU with its own tokenised-data cache and
-    its share of the cores (last session's side-by-side runs raced on one datasets cache and each took every core
-    for the students' SVD init), then each strategy's two-GPU run."""
+    its share of the cores (side by side on one datasets cache they race, and each process taking every core
+    slows the students' SVD init), then each strategy's two-GPU run."""
     import torch
 
     model, seq, steps, global_batch, mix_n = EQ_MODEL[args.smoke]
