@@ -113,8 +113,8 @@ def make_optimizer(module, lr: float, device):
 
 # ------------------------------------------------------------------------------------------------ batches
 def make_batch(batch_size: int, seq_len: int, vocab: int, device, docs: int = 1, seed: int = 0):
-    """A token-mixture batch (as zebra.data.sft gives it): `docs` documents per row (position ids restart at 0 at each; the
-    last token of each document has no next-token target), no padding. Returns (batch, document lengths)."""
+    """A token-mixture batch (as zebra.data.sft gives it): `docs` documents per row (position ids restart at 0 at
+    each; the last token of each document has no next-token target), no padding. Returns (batch, document lengths)."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (batch_size, seq_len), generator=g)
     pos, mask, lengths = [], torch.ones(batch_size, seq_len, dtype=torch.bool), []

@@ -10,7 +10,8 @@ decode-attention kernels (results and the defaults they chose: this folder's REA
 0. (first) The Triton kernel's ranges combined by its combine kernel vs by torch ops, at batch 8, 64 and that
    batch (--combine-only: just this).
 
-    source .gpu/bootstrap.sh && python experiments/decode_attention/decode_large_batch.py --out $OUT/decode_large_batch.json
+    source .gpu/bootstrap.sh
+    python experiments/decode_attention/decode_large_batch.py --out $OUT/decode_large_batch.json
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@ module's output into a buffer made at the first (eager) call, so the copies are 
 Printed: each module's output difference (replay vs eager) in execution order, the first that differs, and the
 K cache slots each path wrote. One call, well under a minute on one GPU:
 
-    source .gpu/bootstrap.sh && python experiments/decode_graph_check/llama_graph_trace.py [--preset full|smoke] [--out trace.json]
+    source .gpu/bootstrap.sh
+    python experiments/decode_graph_check/llama_graph_trace.py [--preset full|smoke] [--out trace.json]
 """
 
 from __future__ import annotations

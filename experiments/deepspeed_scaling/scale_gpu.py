@@ -1,7 +1,7 @@
 """DeepSpeed ZeRO on two to eight GPUs, through `train.py` as a user runs it.
 
     python experiments/deepspeed_scaling/scale_gpu.py --out $OUT/scale_gpu.json            # a two-GPU machine
-    python experiments/deepspeed_scaling/scale_gpu.py --smoke --out /tmp/scale_smoke.json  # CPU, tiny shapes: checks the driver
+    python experiments/deepspeed_scaling/scale_gpu.py --smoke --out /tmp/scale_smoke.json  # CPU: checks the driver
 
 Part `equivalence`, for deepspeed_zero2 and deepspeed_zero3: `ilkd` then `kd` (a SmolLM2-135M-shaped random base
 as teacher; 6 MLA layers placed uniformly) once with one GPU and once with two, on the same global batch. Records
