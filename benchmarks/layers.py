@@ -28,7 +28,7 @@ from benchmarks.harness import GIB, Device
 from zebra.model.configuration_zebra import ZebraConfig
 from zebra.model.mamba2 import Mamba2Mixer
 from zebra.model.mla import MultiHeadLatentAttention
-from zebra.model.ops.ssd import select_backend
+from zebra.model.ops.dispatch import mamba_backend
 from zebra.model.packing import block_causal_mask
 from zebra.utils.files import write_json_atomic
 
@@ -163,7 +163,7 @@ def main(argv=None):
         m = Mamba2Mixer(cfg, 1).to(device=device, dtype=dtype)
         kw = {"doc_ids": doc_ids} if packed else {}
         res = time_fwd_bwd(lambda x: m(x, **kw), hidden(), warmup, iters)
-        res["backend"] = select_backend(device, dtype)
+        res["backend"] = mamba_backend(m.config, device, dtype)
         return res
 
     def theirs():

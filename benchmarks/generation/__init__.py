@@ -19,7 +19,7 @@ Per model, in this order (the JSON is rewritten after every measurement, so a ti
   decode    batch 8 at each context over a static cache filled with random values at that length (no prefill):
             a one-token greedy step (argmax fed back on the device, position advanced in place) recorded in a
             CUDA graph and replayed; median step time over the timed replays; once per decode-attention kernel
-            ("matmul", "sdpa": zebra.model.mla.decode_attention, used by both models), best reported.
+            ("matmul", "sdpa": zebra.model.ops.decode_attention, used by both models), best reported.
   max batch the largest batch whose cache and captured decode step fit at the longest context (grow x2, then
             bisect), and decode tokens/s there.
   roofline  bytes a decode step must move (every weight once, the whole static cache read, the Mamba2 states

@@ -12,7 +12,7 @@ import torch
 
 from zebra.model import ZebraConfig, ZebraForCausalLM
 from zebra.model.cache import measure_cache_bytes
-from zebra.model.mla import MultiHeadLatentAttention, decode_attention
+from zebra.model.ops.decode_attention import decode_attention
 from zebra.utils.paths import model_preset_file
 
 PRESET = model_preset_file("zebra_8b")
@@ -117,7 +117,6 @@ class ZebraRunner:
         self.config = zebra_config(preset)
         self.model = _build(lambda: ZebraForCausalLM(self.config), device, dtype, seed)
         self.device, self.dtype = torch.device(device), dtype
-        self.mla_modules = [m for m in self.model.modules() if isinstance(m, MultiHeadLatentAttention)]
 
     def describe(self) -> dict:
         c = self.config
@@ -163,8 +162,7 @@ class ZebraRunner:
         return out.logits
 
     def set_kernel(self, kernel):
-        for m in self.mla_modules:
-            m.decode_attention = kernel
+        self.model.config.mla_decode_attention = kernel
 
     def make_step(self, cache, ids, pos, greedy=True):
         """One decode token through the static path: reads `ids` [B, 1] and `pos` [1] (device tensors), returns
@@ -207,7 +205,7 @@ class LlamaRunner:
 
     def describe(self) -> dict:
         return {"class": "transformers.LlamaForCausalLM", "config": self.config.to_dict(),
-                "attention": f"{ATTN_NAME}: transformers sdpa (prefill) + zebra.model.mla.decode_attention (decode)"}
+                "attention": f"{ATTN_NAME}: transformers sdpa (prefill) + zebra.model.ops.decode_attention (decode)"}
 
     def new_cache(self, batch, max_length):
         from transformers import StaticCache

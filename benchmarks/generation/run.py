@@ -1,8 +1,8 @@
 """The generation benchmark's run: per model the check, cache, prefill, decode, profile and largest-batch
 measurements (what they are: the package docstring), written to the JSON after each one; and the command line.
 
-    python -m benchmarks.generation --out experiments/generation/generation_bench.json     # GPU (~3-5 min on an H100)
-    python -m benchmarks.generation --smoke --device cpu --out /tmp/gen.json                # tiny shapes, checks the code
+    python -m benchmarks.generation                                            # GPU (~3-5 min on an H100)
+    python -m benchmarks.generation --smoke --device cpu --out /tmp/gen.json   # tiny shapes, checks the code
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from benchmarks.generation.models import PRESET, RUNNERS, SMOKE_PRESET, load_pre
 from benchmarks.generation.report import best_decode, plot, print_summary, summarize
 from benchmarks.harness import (GIB, Device, DeviceBroken, copy_bandwidth, ints, is_oom, raise_if_sticky, release,
                                 versions)
-from zebra.model.mla import DECODE_KERNELS
-from zebra.model.ops.ssd import select_backend
+from zebra.model import ZebraConfig
+from zebra.model.ops.dispatch import DECODE_KERNELS, mamba_backend
 from zebra.model.ops.triton_util import interpreting
 from zebra.utils.files import write_json_atomic
 
@@ -516,7 +516,7 @@ def meta(args, device) -> dict:
     dev = Device(device)
     info = {"versions": versions("transformers", "mamba_ssm", "causal_conv1d", "triton"), "device": device,
             "dtype": args.dtype, "device_name": dev.name(),
-            "mamba_backend": select_backend(device, getattr(torch, args.dtype)),
+            "mamba_backend": mamba_backend(ZebraConfig(), device, getattr(torch, args.dtype)),
             "args": {k: v for k, v in vars(args).items() if k not in ("plot",)},
             "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     if dev.cuda:

@@ -407,11 +407,12 @@ def run_ilkd(args, shapes, device, peak, report, save, log):
 
 # ------------------------------------------------------------------------------------------------ main
 def run_versions(device) -> dict:
-    from zebra.model.ops.ssd import _causal_conv1d_kernels, select_backend
+    from zebra.model import ZebraConfig
+    from zebra.model.ops.dispatch import causal_conv1d_kernels, mamba_backend
 
     info = versions("transformers", "lightning", "mamba_ssm", "causal_conv1d", "triton")
-    info.update(mamba_backend=select_backend(device, torch.bfloat16),
-                causal_conv1d_kernels=_causal_conv1d_kernels() is not None,
+    info.update(mamba_backend=mamba_backend(ZebraConfig(), device, torch.bfloat16),
+                causal_conv1d_kernels=causal_conv1d_kernels() is not None,
                 env={k: os.environ.get(k) for k in ("ZEBRA_MAMBA_KERNELS", "PYTORCH_CUDA_ALLOC_CONF")})
     if torch.device(device).type == "cuda":
         info["device"] = torch.cuda.get_device_name(device)

@@ -1,5 +1,5 @@
 """The fused inference kernels on the GPU (pytest -m gpu): decode of a small hybrid with them (the default for
-inference with the GPU kernels) against the same decode with ZEBRA_FUSED_KERNELS=0 (eager add + RMSNorm, torch
+inference with the GPU kernels) against the same decode with `config.fused_kernels` off (eager add + RMSNorm, torch
 conv step, eager decay and mamba_ssm's state update), in fp32 and bf16; and each kernel against its reference on
 CUDA tensors."""
 
@@ -40,10 +40,11 @@ def decode(model, ids, steps=6):
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 5e-2)])
 def test_fused_decode_equals_eager_decode(monkeypatch, dtype, tol):
+    monkeypatch.delenv("ZEBRA_FUSED_KERNELS", raising=False)
     model = small_hybrid(dtype)
     ids = torch.randint(0, 500, (3, 40), device=DEV, generator=torch.Generator(DEV).manual_seed(1))
     fused = decode(model, ids)
-    monkeypatch.setenv("ZEBRA_FUSED_KERNELS", "0")
+    model.config.fused_kernels = False
     eager = decode(model, ids)
     rel = ((fused - eager).norm() / eager.norm()).item()
     assert rel < tol, rel

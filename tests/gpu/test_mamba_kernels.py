@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from zebra.model.cache import MambaLayerCache
 from zebra.model.configuration_zebra import ZebraConfig
 from zebra.model.mamba2 import Mamba2Mixer
-from zebra.model.ops.ssd import chunk_scan, select_backend, ssd_chunked_scan, state_update
+from zebra.model.ops.dispatch import mamba_backend
+from zebra.model.ops.ssd import chunk_scan, ssd_chunked_scan, state_update
 
 pytestmark = pytest.mark.gpu
 
@@ -30,7 +31,7 @@ def rel(a, b):
 def kernels(monkeypatch):
     monkeypatch.delenv("ZEBRA_MAMBA_KERNELS", raising=False)
     assert torch.cuda.is_available(), "the gpu tests need a CUDA device"
-    assert select_backend("cuda") == "mamba_ssm", "mamba_ssm must import on the GPU machine"
+    assert mamba_backend(ZebraConfig(), "cuda") == "mamba_ssm", "mamba_ssm must import on the GPU machine"
 
 
 def doc_ids_for(b, length, starts):
@@ -120,7 +121,7 @@ def small_mixer():
     return m.cuda().to(torch.bfloat16)
 
 
-def test_mixer_packed_forward_and_gradients(monkeypatch):
+def test_mixer_packed_forward_and_gradients():
     """The whole layer in bf16, kernels vs our torch path, both against float64. Parameter gradients are sums
     over every token (dD = sum dy * x cancels heavily), so the kernels' error is judged against the error
     the torch path itself makes in bf16 rather than against a fixed bound."""
@@ -139,7 +140,7 @@ def test_mixer_packed_forward_and_gradients(monkeypatch):
         return {"out": out, "input": inp.grad, **{n: p.grad for n, p in module.named_parameters()}}
 
     got_k = run(m, torch.bfloat16)
-    monkeypatch.setenv("ZEBRA_MAMBA_KERNELS", "torch")
+    m_torch.config.mamba_kernels = "torch"  # its own copy of the config
     got_t = run(m_torch, torch.bfloat16)
     want = run(ref, torch.float64)
     for name in want:
@@ -148,7 +149,7 @@ def test_mixer_packed_forward_and_gradients(monkeypatch):
         assert err_k < (FWD_TOL if name == "out" else GRAD_TOL) or err_k < 1.5 * err_t, name
 
 
-def test_mixer_prefill_then_decode(monkeypatch):
+def test_mixer_prefill_then_decode():
     m = small_mixer()
     ref = copy.deepcopy(m).double()
     b, L, cut = 2, 150, 130
@@ -167,8 +168,7 @@ def test_mixer_prefill_then_decode(monkeypatch):
         return torch.cat(outs, 1), cache.ssm_state
 
     out_k, state_k = run(m, torch.bfloat16)
-    monkeypatch.setenv("ZEBRA_MAMBA_KERNELS", "torch")
-    out_r, state_r = run(ref, torch.float64)
+    out_r, state_r = run(ref, torch.float64)  # float64: the torch path
     assert rel(out_k[:, cut:], out_r[:, cut:]) < FWD_TOL  # the decode steps
     assert rel(out_k, out_r) < FWD_TOL
     assert rel(state_k, state_r) < FWD_TOL

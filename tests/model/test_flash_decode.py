@@ -71,7 +71,8 @@ def test_no_mask_and_half_precision(flash):
 
 
 def test_decode_attention_takes_the_triton_kernel(flash):
-    from zebra.model.mla import DECODE_KERNELS, decode_attention
+    from zebra.model.ops.decode_attention import decode_attention
+    from zebra.model.ops.dispatch import DECODE_KERNELS
 
     assert "triton" in DECODE_KERNELS
     q, k, v = rand(1, 2, 4, 32, seed=8), rand(1, 2, 50, 32, seed=9), rand(1, 2, 50, 32, seed=10)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from zebra.model.ops import ssd
 from zebra.model.ops.ssd import ssd_step
 
 
@@ -48,8 +49,9 @@ def test_shape_errors_name_the_shapes(fused):
 
 
 def test_mixer_decode_takes_the_fused_update_and_matches_the_eager_step(fused, monkeypatch):
-    """Decode through a whole hybrid with the kernel path selected (as on a GPU with mamba_ssm; the other
-    kernels fall back to torch on CPU, so only the state update differs) equals the eager decode."""
+    """Decode through a whole hybrid with the kernel backend selected (as on a GPU with mamba_ssm; its own kernels
+    fall back to torch on CPU, so the fused conv step and state update are what differ) equals the eager decode;
+    `config.fused_kernels` switches the fused kernels off, ZEBRA_FUSED_KERNELS overrides the config."""
     import sys
     from pathlib import Path
 
@@ -66,10 +68,11 @@ def test_mixer_decode_takes_the_fused_update_and_matches_the_eager_step(fused, m
         cache = model.make_cache(2)
         with torch.no_grad():
             out = [model(input_ids=ids[:, :5], past_key_values=cache, use_cache=True).logits[:, -1]]
-            if kernel_path:  # after the prefill (its chunked scan has no CPU kernel)
-                monkeypatch.setattr(mamba2, "select_backend", lambda device, dtype=None: "mamba_ssm")
-            for t in range(5, 9):
-                out.append(model(input_ids=ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits[:, -1])
+            with monkeypatch.context() as m:
+                if kernel_path:  # after the prefill (its chunked scan has no CPU kernel)
+                    m.setattr(mamba2, "mamba_backend", lambda config, device, dtype=None: "mamba_ssm")
+                for t in range(5, 9):
+                    out.append(model(input_ids=ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits[:, -1])
         return torch.stack(out, 1)
 
     eager = decode(False)
@@ -79,3 +82,15 @@ def test_mixer_decode_takes_the_fused_update_and_matches_the_eager_step(fused, m
     got = decode(True)
     assert len(calls) == 2 * 4  # two Mamba2 layers x four decoded tokens
     torch.testing.assert_close(got, eager, rtol=2e-5, atol=2e-5)
+
+    # switched off, the step takes the backend's state update (mamba_ssm's, standing in for it here: the torch one)
+    eager_steps = []
+    monkeypatch.setattr(mamba2, "state_update", lambda *a, backend, **k: eager_steps.append(backend)
+                        or ssd.state_update(*a, backend="torch", **k))
+    model.config.fused_kernels = False
+    calls.clear()
+    torch.testing.assert_close(decode(True), eager, rtol=2e-5, atol=2e-5)
+    assert not calls and eager_steps == ["mamba_ssm"] * (2 * 4)
+    monkeypatch.setenv("ZEBRA_FUSED_KERNELS", "1")
+    decode(True)
+    assert len(calls) == 2 * 4 and len(eager_steps) == 2 * 4

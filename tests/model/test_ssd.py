@@ -4,9 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from zebra.model.ops import ssd
-from zebra.model.ops.ssd import (causal_conv1d_torch, conv_step, select_backend, ssd_chunked_scan,
-                             ssd_sequential_reference, ssd_step)
+from zebra.model.ops.ssd import (causal_conv1d_torch, conv_step, ssd_chunked_scan, ssd_sequential_reference,
+                                 ssd_step)
 
 DT = torch.float64
 CHUNK = 16
@@ -174,23 +173,3 @@ def test_conv_continues_from_state_and_steps():
         o, state = conv_step(xBC[:, t], state, weight, bias)
         outs.append(o)
     assert rel(torch.stack(outs, 1), full) < 1e-12
-
-
-# ---------------------------------------------------------------------------------------------------
-# kernel choice
-# ---------------------------------------------------------------------------------------------------
-
-def test_backend_is_torch_without_kernels(monkeypatch):
-    monkeypatch.delenv("ZEBRA_MAMBA_KERNELS", raising=False)
-    assert select_backend("cpu") == "torch"
-    if ssd._mamba_ssm_kernels() is None:  # true on the CPU machines: CUDA alone is not enough
-        assert select_backend(torch.device("cuda")) == "torch"
-    assert select_backend(torch.device("cuda"), torch.float64) == "torch"  # float64 is the reference precision
-    monkeypatch.setenv("ZEBRA_MAMBA_KERNELS", "torch")
-    assert select_backend(torch.device("cuda")) == "torch"
-    monkeypatch.setenv("ZEBRA_MAMBA_KERNELS", "mamba_ssm")
-    with pytest.raises(RuntimeError):
-        select_backend("cpu")
-    monkeypatch.setenv("ZEBRA_MAMBA_KERNELS", "triton")
-    with pytest.raises(ValueError):
-        select_backend("cpu")

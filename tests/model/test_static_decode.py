@@ -11,7 +11,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from test_modeling import make_model, rel  # the same tiny float64 models (tests/model)
-from zebra.model.mla import DECODE_KERNELS, DECODE_SPLIT_MIN, DECODE_SPLITS, MultiHeadLatentAttention, decode_attention
+from zebra.model.ops.decode_attention import DECODE_SPLIT_MIN, DECODE_SPLITS, decode_attention
+from zebra.model.ops.dispatch import DECODE_KERNELS
 
 MIXES = {"mla": ["mla", "mla"], "mamba": ["mamba", "mamba"], "mixed": ["mla", "mamba", "mamba", "mla"]}
 
@@ -50,7 +51,7 @@ def static_decode(model, ids, prefill, max_length, chunked_static=False):
 @pytest.mark.parametrize("mix", MIXES)
 @pytest.mark.parametrize("chunked_static,prefill", [(False, 7), (True, 7), (True, 20)])
 def test_static_decode_equals_full_forward(mix, chunked_static, prefill):
-    """prefill 20 > absorb_max_tokens: the static path's materialised attention."""
+    """prefill 20 > mla_absorb_max_tokens: the static path's materialised attention."""
     model = make_model(MIXES[mix])
     ids = torch.randint(0, 97, (2, 30))
     full = model(ids, use_cache=False).logits
@@ -74,9 +75,8 @@ def test_static_decode_from_an_empty_cache(mix):
 
 
 @pytest.mark.parametrize("kernel", ["matmul", "sdpa"])
-def test_static_decode_equals_dynamic_cache(kernel, monkeypatch):
-    monkeypatch.setattr(MultiHeadLatentAttention, "decode_attention", kernel)
-    model = make_model(MIXES["mixed"])
+def test_static_decode_equals_dynamic_cache(kernel):
+    model = make_model(MIXES["mixed"], mla_decode_attention=kernel)
     ids = torch.randint(0, 97, (3, 20))
     dyn_cache = model.make_cache(3)
     dyn = [model(ids[:, :9], past_key_values=dyn_cache).logits[:, -1:]]

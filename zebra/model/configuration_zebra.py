@@ -10,6 +10,8 @@ import math
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
+from .ops.dispatch import DECODE_KERNELS, MAMBA_KERNELS, check_choice
+
 LAYER_TYPES = ("mla", "mamba")
 MLA_ROPE_VARIANTS = ("pairs", "reference")
 
@@ -70,6 +72,12 @@ class ZebraConfig(PreTrainedConfig):
     mamba_dt_init_floor: float = 1e-4
     mamba_A_init_min: float = 1.0
     mamba_A_init_max: float = 16.0
+
+    # --- kernels (ops/dispatch.py: what each runs, and the environment variables that override them) ---
+    mamba_kernels: str = "auto"  # "auto" (mamba_ssm's on CUDA where it imports) | "torch" | "mamba_ssm"
+    fused_kernels: bool = True  # the Triton inference kernels (CUDA, gradients off)
+    mla_decode_attention: str = "matmul"  # the absorbed attention's kernel: "matmul" | "sdpa" | "triton"
+    mla_absorb_max_tokens: int = 16  # MLA calls of at most this many new tokens after a history: absorbed form
 
     def __post_init__(self, **kwargs):
         if self.num_key_value_heads is None:
@@ -188,3 +196,9 @@ class ZebraConfig(PreTrainedConfig):
              "need 0 < mamba_A_init_min <= mamba_A_init_max")
         if not math.isfinite(self.rms_norm_eps) or self.rms_norm_eps <= 0:
             raise ValueError(f"ZebraConfig.rms_norm_eps: must be positive, got {self.rms_norm_eps}")
+        check_choice("ZebraConfig.mamba_kernels", self.mamba_kernels, MAMBA_KERNELS)
+        check_choice("ZebraConfig.mla_decode_attention", self.mla_decode_attention, DECODE_KERNELS)
+        need(isinstance(self.fused_kernels, bool), "fused_kernels",
+             f"must be True or False, got {self.fused_kernels!r}")
+        need(self.mla_absorb_max_tokens >= 0, "mla_absorb_max_tokens",
+             f"must be >= 0, got {self.mla_absorb_max_tokens}")

@@ -2,8 +2,9 @@
 
 Shaped so that an attention layer maps onto it (C <- W_q, B <- W_k, x <- W_v, out_proj <- W_o): x and B are
 projected at the KV width d_xb = g * head_dim, pass the depthwise conv at that width, and are then repeated
-to the h heads exactly as GQA repeats K/V; C has one group per head. The scan, conv and kernel choice live
-in `ops/ssd.py`; this file is the layer around them.
+to the h heads exactly as GQA repeats K/V; C has one group per head. The scan and conv live in `ops/ssd.py`,
+the kernel choice (`config.mamba_kernels`, `config.fused_kernels`) in `ops/dispatch.py`; this file is the layer
+around them, and decides the kernels once per call for all of its parts.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ from torch import nn
 
 from .cache import MambaLayerCache
 from .configuration_zebra import ZebraConfig
+from .ops.dispatch import fused_inference, mamba_backend
 from .ops.fused_state_update import fused_state_update
-from .ops.ssd import chunk_scan, conv1d, conv_update, gated_rmsnorm, select_backend, state_update
-from .ops.triton_util import fused_inference
+from .ops.ssd import chunk_scan, conv1d, conv_update, gated_rmsnorm, state_update
 
 # Kept in (at least) fp32 whatever the module is cast to, and excluded from weight decay.
 FP32_PARAMS = ("A_log", "D", "dt_bias")
@@ -34,8 +35,7 @@ class GatedRMSNorm(nn.Module):
         self.group_size = group_size
         self.eps = eps
 
-    def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        backend = select_backend(y.device, y.dtype)
+    def forward(self, y: torch.Tensor, z: torch.Tensor, backend: str = "torch") -> torch.Tensor:
         return gated_rmsnorm(y, z, self.weight, self.eps, self.group_size, backend=backend)
 
 
@@ -49,11 +49,11 @@ class DepthwiseCausalConv(nn.Conv1d):
 
     def forward(self, xBC: torch.Tensor, *, seq_idx: torch.Tensor | None = None,
                 conv_state: torch.Tensor | None = None, decode: bool = False, activation: bool = True,
-                backend: str = "torch") -> torch.Tensor:
+                backend: str = "torch", fused: bool = False) -> torch.Tensor:
         weight = self.weight.squeeze(1)  # [conv_dim, d_conv]
         if decode:
             return conv_update(xBC[:, 0], conv_state, weight, self.bias, activation=activation,
-                               backend=backend)[:, None]
+                               backend=backend, fused=fused)[:, None]
         return conv1d(xBC, weight, self.bias, seq_idx=seq_idx, conv_state=conv_state, activation=activation,
                       backend=backend)
 
@@ -141,7 +141,7 @@ class Mamba2Mixer(nn.Module):
                 doc_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 cache: MambaLayerCache | None = None, cache_position: torch.Tensor | None = None,
                 **kwargs) -> torch.Tensor:
-        """hidden_states [B, T, H] -> [B, T, H] (contract in .notes/INTERFACES.md; position_ids unused).
+        """hidden_states [B, T, H] -> [B, T, H] (the mixer call of ZebraDecoderLayer, as MLA; position_ids unused).
 
         attention_mask [B, past + T] (0 = pad): pads get their pre-conv xBC, x and dt zeroed, so they never
         reach a conv window or the state. doc_ids [B, T]: state and conv taps reset at document
@@ -151,7 +151,8 @@ class Mamba2Mixer(nn.Module):
         (from zero states it equals the full forward), which reads no host-side length: CUDA-graph safe.
         """
         b, t, _ = hidden_states.shape
-        backend = select_backend(hidden_states.device, hidden_states.dtype)
+        backend = mamba_backend(self.config, hidden_states.device, hidden_states.dtype)
+        fused = backend == "mamba_ssm" and fused_inference(self.config)  # the GPU kernels' backend implies CUDA
         has_past = cache is not None and cache.length > 0
         if doc_ids is not None and has_past:
             raise ValueError("doc_ids (packed rows) are only supported without a cache history")
@@ -166,7 +167,7 @@ class Mamba2Mixer(nn.Module):
         decode = cache is not None and t == 1 and (has_past or cache_position is not None)
         if decode:
             xBC = self.conv1d(xBC, conv_state=cache.conv_state, decode=True, activation=self.use_conv_activation,
-                              backend=backend)
+                              backend=backend, fused=fused)
         else:
             pre_conv = xBC
             xBC = self.conv1d(xBC, seq_idx=doc_ids, conv_state=cache.conv_state if has_past else None,
@@ -175,7 +176,7 @@ class Mamba2Mixer(nn.Module):
                 self._store_conv_state(cache, pre_conv, doc_ids)
         x, B, C = xBC.split([self.d_xb, self.d_xb, self.nheads * self.d_state], dim=-1)
 
-        if decode and keep is None and backend == "mamba_ssm" and fused_inference():
+        if decode and keep is None and fused:
             # inference on a GPU: decay, softplus, the per-head copies of x and B and the update in one kernel
             # (with a padding mask `_ssm` zeroes the pads' steps)
             y = fused_state_update(cache.ssm_state, x[:, 0].reshape(b, self.n_xb_groups, self.headdim), dt[:, 0],
@@ -189,7 +190,7 @@ class Mamba2Mixer(nn.Module):
 
         y = y.reshape(b, t, self.d_inner)
         if self.use_gated_norm:
-            y = self.norm(y, z)
+            y = self.norm(y, z, backend=backend)
         return self.out_proj(y.to(self.out_proj.weight.dtype))
 
     def _ssm(self, x, B, C, dt, keep, cache, decode, has_past, doc_ids, backend) -> torch.Tensor:

@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cache import MLALayerCache
+from .ops.decode_attention import decode_attention
+from .ops.dispatch import decode_kernel
 from .packing import block_causal_mask
 from .rope import MLARotaryEmbedding
 
@@ -77,56 +79,10 @@ def memoized(memo: dict | None, key, compute):
     return memo[key]
 
 
-DECODE_KERNELS = ("matmul", "sdpa", "triton")
-DECODE_SPLITS, DECODE_SPLIT_MIN = 16, 4096  # "matmul": key ranges of the values GEMM, from this many keys
-
-
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
-                     kernel: str = "matmul") -> torch.Tensor:
-    """softmax(scale * q k^T, masked) v for few queries against many keys -> [B, G, Q, Dv].
-
-    q [B, G, Q, D], k [B, G, S, D], v [B, G, S, Dv]: G key/value heads, each with the Q query rows that read it
-    (query heads folded into rows, so no GQA repeat is needed). mask: bool, broadcastable to [B, G, Q, S], True =
-    attend (every row must see at least one key), or None.
-    - "sdpa": torch's fused attention. With a mask that is its memory-efficient kernel, one thread block per
-      (batch, head, block of query rows): few blocks when batch x heads is small.
-    - "matmul": two batched GEMMs around a softmax (scores in q's dtype, the softmax accumulating in fp32, as
-      transformers' eager attention). The scores GEMM spreads the long key axis over the whole GPU; the
-      probabilities x values GEMM reduces over it, so for long S it is split into DECODE_SPLITS key ranges
-      (more, smaller GEMMs in one batch) whose partial outputs are summed.
-    - "triton": zebra.model.ops.flash_decode, split-key attention with an online softmax that reads the keys and
-      values once (CUDA; on CPU only under Triton's interpreter).
-    """
-    if kernel == "sdpa":
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-    if kernel == "triton":
-        from .ops.flash_decode import flash_decode
-
-        return flash_decode(q, k, v, mask, scale)
-    if kernel != "matmul":
-        raise ValueError(f"decode attention kernel must be one of {DECODE_KERNELS}, got {kernel!r}")
-    scores = torch.matmul(q * scale, k.transpose(-1, -2))
-    if mask is not None:
-        scores.masked_fill_(~mask, float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    b, g, nq, s = probs.shape
-    n = DECODE_SPLITS
-    if s < DECODE_SPLIT_MIN or s % n:
-        return torch.matmul(probs, v)
-    parts = torch.matmul(probs.view(b, g, nq, n, s // n).transpose(2, 3), v.unflatten(2, (n, s // n)))
-    return parts.sum(2)  # [B, G, n, Q, Dv] -> [B, G, Q, Dv]
-
-
 class MultiHeadLatentAttention(nn.Module):
-    # Absorbed attention for calls of at most this many new tokens against a cache history (decode, short
-    # continuations); longer chunks (chunked prefill) materialise K/V, where the absorbed form would hold
-    # h x T x S scores and mask entries.
-    absorb_max_tokens = 16
-    # Kernel of the absorbed attention (`decode_attention`): "matmul" or "sdpa".
-    decode_attention = "matmul"
-
     def __init__(self, config, layer_idx: int | None = None):
         super().__init__()
+        self.config = config  # read at each call: mla_absorb_max_tokens, mla_decode_attention (ops/dispatch.py)
         self.layer_idx = layer_idx
         self.num_heads = config.num_attention_heads  # h
         self.num_kv_heads = config.num_key_value_heads  # g
@@ -149,10 +105,10 @@ class MultiHeadLatentAttention(nn.Module):
                 attention_mask: torch.Tensor | None = None, cache: MLALayerCache | None = None,
                 absorb: bool | None = None, cache_position: torch.Tensor | None = None, memo: dict | None = None,
                 **kwargs) -> torch.Tensor:
-        """hidden_states [B, T, H] -> [B, T, H] (contract in .notes/INTERFACES.md).
+        """hidden_states [B, T, H] -> [B, T, H] (the mixer call of ZebraDecoderLayer, as Mamba2Mixer).
 
         `absorb`: None picks the absorbed form when the cache already holds tokens and at most
-        `absorb_max_tokens` are new (decode); True / False force one form (tests, benchmarks).
+        `config.mla_absorb_max_tokens` are new (decode); True / False force one form (tests, benchmarks).
         `cache_position` [T] (device tensor, static cache only): the slots the new tokens are written to; the
         CUDA-graph-safe path (module docstring). `attention_mask` is then [B, max_length] over the slots.
         `memo`: a dict shared by the layers of one forward (static path), which keeps the RoPE cos/sin and the slot
@@ -187,7 +143,7 @@ class MultiHeadLatentAttention(nn.Module):
         mask, is_causal = attention_mask_for(t, s, doc_ids, attention_mask, hidden_states.device)
 
         if absorb is None:
-            absorb = past > 0 and t <= self.absorb_max_tokens
+            absorb = past > 0 and t <= self.config.mla_absorb_max_tokens
         if absorb:
             if entries is None:
                 entries = torch.cat([latent, k_rope], dim=-1)
@@ -207,7 +163,7 @@ class MultiHeadLatentAttention(nn.Module):
         mask = memoized(memo, ("mask", entries.shape[1]),
                         lambda: static_attention_mask(cache_position, entries.shape[1], attention_mask))
         if absorb is None:
-            absorb = q_nope.shape[2] <= self.absorb_max_tokens
+            absorb = q_nope.shape[2] <= self.config.mla_absorb_max_tokens
         if absorb:
             return self._absorbed(q_nope, q_rope, entries, mask, False)
         latent, k_rope = entries.split([self.kv_lora_rank, self.d_rope], dim=-1)
@@ -252,7 +208,7 @@ class MultiHeadLatentAttention(nn.Module):
             mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril()[None, None]
         if mask is not None:
             mask = mask.expand(mask.shape[0], h, t, s).reshape(mask.shape[0], 1, h * t, s)
-        out = decode_attention(q, k, v, mask, self.softmax_scale, self.decode_attention)
+        out = decode_attention(q, k, v, mask, self.softmax_scale, decode_kernel(self.config))
 
         # Up-project the attended latents with each head's group's value rows.
         out = torch.einsum("bgntr,gvr->bgntv", out.view(b, g, n, t, r), w_uv)

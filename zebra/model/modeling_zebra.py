@@ -20,18 +20,19 @@ from .cache import HybridCache
 from .configuration_zebra import ZebraConfig
 from .mamba2 import Mamba2Mixer, is_partitioned
 from .mla import MultiHeadLatentAttention
+from .ops.dispatch import fused_inference
 from .ops.fused_mlp import fused_silu_mul
 from .ops.fused_norm import fused_rms_norm
-from .ops.triton_util import fused_inference
 from .packing import doc_ids_from_position_ids, is_packed
 from .rope import MLARotaryEmbedding
 
 
 class ZebraRMSNorm(nn.Module):
-    def __init__(self, hidden_size: int, eps: float):
+    def __init__(self, hidden_size: int, eps: float, config: ZebraConfig | None = None):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
+        self.config = config  # its `fused_kernels` switch; without a config (a norm on its own) always eager
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """`weight * rms_norm(x)`; with `residual`, (`weight * rms_norm(residual + x)`, `residual + x`).
@@ -39,7 +40,7 @@ class ZebraRMSNorm(nn.Module):
         Llama's numerics: x * rsqrt(mean(x^2) + eps) computed in fp32 for bf16/fp16 inputs (torch's rms_norm
         upcasts them), rounded to x's dtype, then scaled by the weight. For inference on CUDA one Triton kernel
         does the add and the norm (zebra.model.ops.fused_norm: three kernels become one)."""
-        if fused_inference(x) and not is_partitioned(self.weight):
+        if self.config is not None and fused_inference(self.config, x) and not is_partitioned(self.weight):
             return fused_rms_norm(x, self.weight, self.eps, residual)
         if residual is not None:
             summed = residual + x
@@ -50,13 +51,14 @@ class ZebraRMSNorm(nn.Module):
 class ZebraMLP(nn.Module):
     def __init__(self, config: ZebraConfig):
         super().__init__()
+        self.config = config
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_proj(x), self.up_proj(x)
-        if fused_inference(x):  # one kernel instead of two (zebra.model.ops.fused_mlp)
+        if fused_inference(self.config, x):  # one kernel instead of two (zebra.model.ops.fused_mlp)
             return self.down_proj(fused_silu_mul(gate, up))
         return self.down_proj(F.silu(gate) * up)
 
@@ -68,10 +70,10 @@ class ZebraDecoderLayer(GradientCheckpointingLayer):
         super().__init__()
         self.layer_idx = layer_idx
         self.layer_type = config.layer_types[layer_idx]
-        self.input_layernorm = ZebraRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.input_layernorm = ZebraRMSNorm(config.hidden_size, config.rms_norm_eps, config)
         mixer_cls = MultiHeadLatentAttention if self.layer_type == "mla" else Mamba2Mixer
         self.mixer = mixer_cls(config, layer_idx)
-        self.post_attention_layernorm = ZebraRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = ZebraRMSNorm(config.hidden_size, config.rms_norm_eps, config)
         self.mlp = ZebraMLP(config)
 
     def forward(self, hidden_states: torch.Tensor, position_ids: torch.Tensor | None = None,
@@ -122,7 +124,7 @@ class ZebraModel(ZebraPreTrainedModel):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
         self.layers = nn.ModuleList([ZebraDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
-        self.norm = ZebraRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = ZebraRMSNorm(config.hidden_size, config.rms_norm_eps, config)
         self.gradient_checkpointing = False
         self.post_init()
 

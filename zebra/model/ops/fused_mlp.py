@@ -6,7 +6,8 @@ gate and up and writes the product, with the eager numerics: SiLU in fp32 rounde
 product in fp32 rounded again (as `F.silu` and `*` do for 16-bit tensors).
 
 Inference only (no autograd); `ZebraMLP` takes it for CUDA tensors when gradients are off and
-`ZEBRA_FUSED_KERNELS` is not 0. Runs on CPU tensors under Triton's interpreter (`TRITON_INTERPRET=1`, the tests).
+`config.fused_kernels` is on (ops/dispatch.py). Runs on CPU tensors under Triton's interpreter
+(`TRITON_INTERPRET=1`, the tests).
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@ numerics: sum rounded to its dtype, rms in fp32, the normed row rounded to x's d
 (as `F.rms_norm` then `weight *` do; Llama's RMSNorm).
 
 Inference only (no autograd); `ZebraRMSNorm` takes it for CUDA tensors when gradients are off and
-`ZEBRA_FUSED_KERNELS` is not 0. Runs on CPU tensors under Triton's interpreter (`TRITON_INTERPRET=1`, the tests).
+`config.fused_kernels` is on (ops/dispatch.py). Runs on CPU tensors under Triton's interpreter
+(`TRITON_INTERPRET=1`, the tests).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Mamba2's SSD scan and depthwise causal conv in plain PyTorch, and the one place that picks kernels.
+"""Mamba2's SSD scan and depthwise causal conv in plain PyTorch, and the calls that run them on mamba_ssm's kernels.
 
 The recurrence, per head h (state S [P, N]):
 
@@ -23,17 +23,11 @@ on CPU and as the reference for the CUDA kernels; `ssd_step` is one decode token
 
 from __future__ import annotations
 
-import functools
-import logging
-import os
-from types import SimpleNamespace
-
 import torch
 import torch.nn.functional as F
 
-from .triton_util import fused_inference
-
-logger = logging.getLogger(__name__)
+from .dispatch import causal_conv1d_kernels, mamba_ssm_kernels
+from .fused_conv_step import fused_conv_update
 
 
 def _compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
@@ -247,62 +241,16 @@ def conv_step(x, conv_state, weight, bias=None, activation=True):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Kernel choice: the one place that decides between mamba_ssm's CUDA kernels and the code above.
+# The backends: mamba_ssm's (and causal-conv1d's) kernels for backend "mamba_ssm", the code above for "torch"
+# (dispatch.mamba_backend picks one from the config).
 # ---------------------------------------------------------------------------------------------------
-
-@functools.lru_cache(maxsize=None)
-def _mamba_ssm_kernels():
-    """mamba_ssm's Triton SSD scan and state update, or None (never required on CPU)."""
-    try:
-        from mamba_ssm.ops.triton.selective_state_update import selective_state_update
-        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
-    except Exception as e:  # not installed, or installed but broken (triton/CUDA mismatch)
-        if not isinstance(e, ImportError) or "mamba_ssm" not in str(e):
-            logger.warning("mamba_ssm is present but failed to import (%s); using the PyTorch SSD scan", e)
-        return None
-    try:  # fused gate * norm (forward and backward in one pass each); older releases lack it
-        from mamba_ssm.ops.triton.layernorm_gated import rmsnorm_fn
-    except Exception:
-        rmsnorm_fn = None
-    return SimpleNamespace(chunk_scan=mamba_chunk_scan_combined, state_update=selective_state_update,
-                           gated_rmsnorm=rmsnorm_fn)
-
-
-@functools.lru_cache(maxsize=None)
-def _causal_conv1d_kernels():
-    try:
-        from causal_conv1d import causal_conv1d_fn, causal_conv1d_update
-    except Exception:
-        return None
-    return SimpleNamespace(conv=causal_conv1d_fn, update=causal_conv1d_update)
-
-
-def select_backend(device, dtype: torch.dtype | None = None) -> str:
-    """The kernels for `device`: "mamba_ssm" on CUDA when mamba_ssm imports, else "torch". float64 always
-    takes the torch path (the kernels are for fp32/bf16/fp16; float64 is the reference precision).
-
-    ZEBRA_MAMBA_KERNELS=torch forces the PyTorch path; =mamba_ssm insists on the kernels (an error without
-    them). Read on every call, so tests can switch it. causal-conv1d is used under "mamba_ssm" when present.
-    """
-    choice = os.environ.get("ZEBRA_MAMBA_KERNELS", "auto").strip().lower()
-    if choice == "torch" or dtype == torch.float64:
-        return "torch"
-    on_cuda = torch.device(device).type == "cuda"
-    if choice == "mamba_ssm":
-        if not on_cuda or _mamba_ssm_kernels() is None:
-            raise RuntimeError("ZEBRA_MAMBA_KERNELS=mamba_ssm needs a CUDA device and an importable mamba_ssm")
-        return "mamba_ssm"
-    if choice != "auto":
-        raise ValueError(f"ZEBRA_MAMBA_KERNELS must be auto, torch or mamba_ssm, got {choice!r}")
-    return "mamba_ssm" if on_cuda and _mamba_ssm_kernels() is not None else "torch"
-
 
 def chunk_scan(x, dt, A, B, C, D, chunk_size, initial_state=None, seq_idx=None, backend="torch"):
     """Train / prefill scan. Returns (y [B, L, H, P] in x's dtype, final_state [B, H, P, N])."""
     if backend == "torch":
         return ssd_chunked_scan(x, dt, A, B, C, D, initial_state=initial_state, seq_idx=seq_idx,
                                 chunk_size=chunk_size)
-    k = _mamba_ssm_kernels()
+    k = mamba_ssm_kernels()
     seq = None if seq_idx is None else monotone_seq_idx(seq_idx).contiguous()
     # dt is final (softplus and pad zeros applied by us), so no dt_bias and no kernel softplus.
     y, final_state = k.chunk_scan(x, dt, A, B, C, chunk_size, D=D, initial_states=initial_state, seq_idx=seq,
@@ -320,7 +268,7 @@ def state_update(state, x, dt, A, B, C, D, backend="torch", dt_bias=None):
         y, new = ssd_step(state, x, dt, A, B, C, D, dt_bias=dt_bias)
         state.copy_(new)
         return y
-    k = _mamba_ssm_kernels()
+    k = mamba_ssm_kernels()
     b, h, p = x.shape
     n = B.shape[-1]
     # Per-head scalars broadcast over headdim (and d_state) with stride 0: the kernel's "tie_hdim" fast path.
@@ -338,7 +286,7 @@ def state_update(state, x, dt, A, B, C, D, backend="torch", dt_bias=None):
 
 def conv1d(xBC, weight, bias=None, seq_idx=None, conv_state=None, activation=True, backend="torch"):
     """The causal conv of `causal_conv1d_torch`, through causal-conv1d's kernel where it can do it."""
-    k = _causal_conv1d_kernels() if backend == "mamba_ssm" else None
+    k = causal_conv1d_kernels() if backend == "mamba_ssm" else None
     W = weight.shape[-1]
     # causal_conv1d takes seq_idx or initial states, not both, and widths 2..4.
     if k is not None and 2 <= W <= 4 and (seq_idx is None or conv_state is None):
@@ -352,15 +300,13 @@ def conv1d(xBC, weight, bias=None, seq_idx=None, conv_state=None, activation=Tru
     return causal_conv1d_torch(xBC, weight, bias, seq_idx=seq_idx, conv_state=conv_state, activation=activation)
 
 
-def conv_update(x, conv_state, weight, bias=None, activation=True, backend="torch"):
-    """Decode one token through the conv, updating `conv_state` [B, D, W] in place. Returns [B, D]."""
-    k = _causal_conv1d_kernels() if backend == "mamba_ssm" else None
+def conv_update(x, conv_state, weight, bias=None, activation=True, backend="torch", fused=False):
+    """Decode one token through the conv, updating `conv_state` [B, D, W] in place. Returns [B, D].
+    `fused` (dispatch.fused_inference): without causal-conv1d, one Triton kernel instead of eight torch ones."""
+    k = causal_conv1d_kernels() if backend == "mamba_ssm" else None
     if k is not None and conv_state.dtype == x.dtype and conv_state.shape[-1] >= weight.shape[-1] - 1:
         return k.update(x, conv_state, weight, bias, activation="silu" if activation else None)
-    if backend == "mamba_ssm" and fused_inference(x):
-        # no causal-conv1d: one Triton kernel instead of eight torch ones
-        from .fused_conv_step import fused_conv_update
-
+    if fused:
         return fused_conv_update(x, conv_state, weight, bias, activation)
     out, new_state = conv_step(x, conv_state, weight, bias, activation)
     conv_state.copy_(new_state)
@@ -369,7 +315,7 @@ def conv_update(x, conv_state, weight, bias=None, activation=True, backend="torc
 
 def gated_rmsnorm(y, z, weight, eps, group_size, backend="torch"):
     """RMSNorm_group(y * SiLU(z)) * weight (mamba_ssm's norm_before_gate=False), in y's dtype."""
-    k = _mamba_ssm_kernels() if backend == "mamba_ssm" else None
+    k = mamba_ssm_kernels() if backend == "mamba_ssm" else None
     if k is not None and k.gated_rmsnorm is not None:
         return k.gated_rmsnorm(y, weight, None, z=z, eps=eps, group_size=group_size, norm_before_gate=False)
     cd = _compute_dtype(y.dtype)

@@ -1,23 +1,11 @@
-"""What the project's Triton kernels (flash_decode, fused_norm, fused_conv_step, fused_state_update) share: the
-switch for the fused inference kernels, Triton's interpreter, and the one place that imports Triton."""
+"""What the project's Triton kernels (flash_decode, fused_norm, fused_mlp, fused_conv_step, fused_state_update)
+share: Triton's interpreter, block sizes, and the one place that imports Triton."""
 
 from __future__ import annotations
 
 import os
 
 import torch
-
-
-def fused_kernels_enabled() -> bool:
-    """The fused inference kernels: on unless ZEBRA_FUSED_KERNELS=0, which gives the eager path (for
-    before/after measurements)."""
-    return os.environ.get("ZEBRA_FUSED_KERNELS", "1") != "0"
-
-
-def fused_inference(t: torch.Tensor | None = None) -> bool:
-    """Whether a step takes the fused Triton kernels: no autograd (the kernels have no backward), not switched
-    off, and `t` on CUDA (omitted where the caller has already chosen the GPU kernels, backend "mamba_ssm")."""
-    return (t is None or t.is_cuda) and not torch.is_grad_enabled() and fused_kernels_enabled()
 
 
 def next_pow2(n: int, lo: int = 1) -> int:
