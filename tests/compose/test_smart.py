@@ -10,8 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from zebra.compose.smart import (base_attention_mask, layer_sensitivities, select_layers, terminal_layers,
-                                 write_smart_outputs)
+from zebra.compose.smart import layer_sensitivities, select_layers, terminal_layers, write_smart_outputs
 from zebra.compose.students import assemble_hybrid, build_student
 
 
@@ -156,18 +155,6 @@ def test_sensitivities_packed_and_padded_batches(tiny_llama):
     got = layer_sensitivities(base, mamba, mla, packed)
     expected = layer_sensitivities(base, mamba, mla, separate)
     assert got == pytest.approx(expected, rel=1e-8, abs=1e-12)
-
-
-def test_base_mask_is_block_causal():
-    batch = {"input_ids": torch.zeros(1, 5, dtype=torch.long), "position_ids": torch.tensor([[0, 1, 0, 1, 2]]),
-             "attention_mask": torch.tensor([[1, 1, 1, 1, 0]])}
-    mask = base_attention_mask(batch, torch.float32)
-    allowed = (mask == 0)[0, 0]
-    # pads are hidden as keys; a pad query still sees its document (its row is never empty) but never counts
-    expected = torch.tensor([[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [0, 0, 1, 0, 0], [0, 0, 1, 1, 0], [0, 0, 1, 1, 1]],
-                            dtype=torch.bool)
-    assert torch.equal(allowed, expected)
-    assert base_attention_mask({"input_ids": torch.zeros(2, 4, dtype=torch.long)}, torch.float32) is None
 
 
 def test_write_outputs(tmp_path):

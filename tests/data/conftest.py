@@ -11,20 +11,20 @@ from tokenizers import AddedToken
 
 os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 
-from zebra.data import load_default_tokenizer  # noqa: E402
+from zebra.compose.teacher import load_tokenizer  # noqa: E402
 
 LLAMA3_SPECIAL = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
 
 
 @pytest.fixture(scope="session")
 def tok():
-    return load_default_tokenizer()
+    return load_tokenizer("smollm2_135m")
 
 
 @pytest.fixture(scope="session")
 def llama3_tok():
     """SmolLM2's tokenizer plus the Llama-3 special tokens: enough for the reference template."""
-    t = load_default_tokenizer()
+    t = load_tokenizer("smollm2_135m")
     t.add_tokens([AddedToken(s, special=True, normalized=False) for s in LLAMA3_SPECIAL], special_tokens=True)
     t.bos_token = "<|begin_of_text|>"
     return t

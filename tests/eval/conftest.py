@@ -25,9 +25,9 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def smol_tokenizer():
-    from zebra.data.tokenizers import load_default_tokenizer
+    from zebra.compose.teacher import load_tokenizer
 
-    return load_default_tokenizer()
+    return load_tokenizer("smollm2_135m")
 
 
 def tiny_llama(tokenizer, seed=0, layers=4):

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from zebra.eval.models import NotAModelError, TokenizerMismatchError, tokenizer_differences
+from zebra.eval.models import NotAModelError, TokenizerMismatchError
 from zebra.eval.evaluate import run_cli as main
 
 SMALL = ["--seq-len", "64", "--max-tokens", "192", "--sft-batches", "1", "--limit", "6", "--batch-size", "16"]
@@ -53,14 +53,15 @@ def test_report_lists_teacher_assembled_and_final(run_report, tiny_teacher_dir):
 def test_assembled_hybrid_is_rebuilt_from_the_ild_exports(run_report, tiny_run, tiny_teacher_dir, smol_tokenizer):
     from transformers import LlamaForCausalLM
 
-    from zebra.eval.heldout import score_text, text_rows
+    from zebra.eval.heldout import text_rows
+    from zebra.eval.metrics import score_batches
     from zebra.eval.models import build_assembled
 
     report, _ = run_report
     teacher = LlamaForCausalLM.from_pretrained(tiny_teacher_dir).eval()
     hybrid = build_assembled(tiny_run, [0, 2]).model
     rows, _ = text_rows(smol_tokenizer, None, 64, 192)
-    direct = score_text(hybrid, teacher, rows)
+    direct = score_batches(hybrid, teacher, rows)
     assert direct["kl_to_teacher"] == pytest.approx(report["models"]["assembled"]["heldout"]["text"]["kl_to_teacher"],
                                                     rel=1e-6)
 
@@ -104,15 +105,6 @@ def test_tokenizer_mismatch(tmp_path, tiny_run, tiny_teacher_dir, smol_tokenizer
     with pytest.raises(TokenizerMismatchError, match="tokenizer of .* differs from the teacher's"):
         main(["--teacher", str(tiny_teacher_dir), "--models", str(other), "--tasks", "none", "--heldout", "text",
               "--seq-len", "32", "--max-tokens", "64", "--no-plots", "--out", str(tmp_path / "eval")])
-
-
-def test_tokenizer_differences(smol_tokenizer):
-    import copy
-
-    assert tokenizer_differences(smol_tokenizer, smol_tokenizer) == []
-    other = copy.deepcopy(smol_tokenizer)
-    other.eos_token = "<|im_start|>"
-    assert any("eos_token" in d for d in tokenizer_differences(smol_tokenizer, other))
 
 
 def test_unknown_task_fails_before_loading(tiny_teacher_dir, monkeypatch):

@@ -10,16 +10,14 @@ This is how METHOD §2.2's "which RoPE variant initialises better" question is a
 from __future__ import annotations
 
 import json
-import math
-import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from zebra.compose.smart import at_least_fp32, kl_sum, layer_sensitivities, select_layers
+from zebra.compose.smart import layer_sensitivities, select_layers
 from zebra.compose.students import assemble_hybrid, build_student
 from zebra.compose.teacher import Teacher, load_teacher
+from zebra.eval.metrics import score_batches
 
 # METHOD §2.2's dims for the embedded base (full rank would be r_q 576, r_kv 384)
 DEFAULT_MLA_KWARGS = {
@@ -75,38 +73,13 @@ def _read_text_file(path: Path) -> str:
     return "\n\n".join(parts)
 
 
-def token_rows(tokenizer, text: str, seq_len: int, max_tokens: int | None) -> list[torch.Tensor]:
-    """The text's token ids cut into rows of at most seq_len tokens (each row is scored on its own)."""
+def token_rows(tokenizer, text: str, seq_len: int, max_tokens: int | None) -> list[dict]:
+    """The text's token ids cut into rows of at most seq_len tokens, each a batch of its own ({"input_ids":
+    [1, n]}: every token but the last counts, zebra.eval.metrics)."""
     ids = tokenizer(text, add_special_tokens=True, return_tensors="pt").input_ids[0]
     if max_tokens is not None:
         ids = ids[:max_tokens]
-    return [r[None] for r in ids.split(seq_len) if r.numel() > 1]
-
-
-@torch.no_grad()
-def _log_probs(model, row: torch.Tensor) -> torch.Tensor:
-    """log p(next token) [T-1, V] (at least fp32) for one row."""
-    device = model.model.embed_tokens.weight.device
-    hidden = model.model(input_ids=row.to(device), use_cache=False).last_hidden_state[0, :-1]
-    return F.log_softmax(at_least_fp32(model.lm_head(hidden)), dim=-1).cpu()
-
-
-@torch.no_grad()
-def score_model(model, teacher_model, rows: list[torch.Tensor]) -> dict:
-    """Perplexity and mean per-token KL(teacher || model) over the rows (KL omitted for the teacher itself)."""
-    nll, kl, tokens, start = 0.0, 0.0, 0, time.perf_counter()
-    for row in rows:
-        logp = _log_probs(model, row)
-        targets = row[0, 1:]
-        nll -= float(logp.gather(-1, targets[:, None]).sum())
-        if model is not teacher_model:
-            kl += kl_sum(_log_probs(teacher_model, row), logp)
-        tokens += targets.numel()
-    out = {"perplexity": math.exp(nll / tokens), "nll": nll / tokens, "tokens": tokens,
-           "seconds": round(time.perf_counter() - start, 2)}
-    if model is not teacher_model:
-        out["kl_to_teacher"] = kl / tokens
-    return out
+    return [{"input_ids": r[None]} for r in ids.split(seq_len) if r.numel() > 1]
 
 
 def untrained_student_report(teacher: Teacher | str = "smollm2_135m", text: str | Path | None = None,
@@ -139,22 +112,22 @@ def untrained_student_report(teacher: Teacher | str = "smollm2_135m", text: str 
     rows = token_rows(tok, text, seq_len, max_tokens)
     if not rows:
         raise ValueError("the held-out text is too short to score")
-    log(f"held-out text: {text_source}, {sum(r.numel() for r in rows)} tokens in {len(rows)} rows")
+    log(f"held-out text: {text_source}, {sum(r['input_ids'].numel() for r in rows)} tokens in {len(rows)} rows")
 
     report = {"teacher": teacher.source, "text_source": text_source, "mla_kwargs": dict(zebra_config_kwargs),
               "seed": seed, "models": {}}
-    report["models"]["teacher"] = score_model(base, base, rows)
+    report["models"]["teacher"] = score_batches(base, base, rows)
     log(f"teacher: {report['models']['teacher']}")
 
     students = {}
     for variant in ("pairs", "reference"):
         kwargs = {**zebra_config_kwargs, "mla_rope": variant}
         students[variant], init = build_student(base, kwargs, "mla")
-        report["models"][f"mla_{variant}"] = {**score_model(students[variant], base, rows), "init_mean": init["mean"]}
+        report["models"][f"mla_{variant}"] = {**score_batches(students[variant], base, rows), "init_mean": init["mean"]}
         log(f"all-MLA {variant}: {report['models'][f'mla_{variant}']}")
     torch.manual_seed(seed)
     mamba, _ = build_student(base, zebra_config_kwargs, "mamba")
-    report["models"]["mamba"] = score_model(mamba, base, rows)
+    report["models"]["mamba"] = score_batches(mamba, base, rows)
     log(f"all-Mamba2: {report['models']['mamba']}")
 
     if hybrid_rope is None:
@@ -169,14 +142,13 @@ def untrained_student_report(teacher: Teacher | str = "smollm2_135m", text: str 
         if calibration_text is None:
             raise ValueError("mla_indices='smart' needs calibration_text (text other than the evaluation text)")
         cal = held_out_text(calibration_text)[0]
-        batches = [{"input_ids": r} for r in token_rows(tok, cal, seq_len, max_tokens)]
-        scores = layer_sensitivities(base, mamba, mla, batches)
+        scores = layer_sensitivities(base, mamba, mla, token_rows(tok, cal, seq_len, max_tokens))
         indices = select_layers(scores, n_mla)
         report["smart_scores"] = scores
     else:
         indices = sorted(int(i) for i in mla_indices)
     hybrid = assemble_hybrid(mla, mamba, indices)
-    report["models"]["hybrid"] = {**score_model(hybrid, base, rows), "mla_indices": indices, "mla_rope": hybrid_rope,
+    report["models"]["hybrid"] = {**score_batches(hybrid, base, rows), "mla_indices": indices, "mla_rope": hybrid_rope,
                                   "placement": mla_indices if isinstance(mla_indices, str) else "given"}
     log(f"hybrid ({len(indices)} MLA, {hybrid_rope}): {report['models']['hybrid']}")
     if out_path is not None:

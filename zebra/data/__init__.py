@@ -10,7 +10,6 @@ from .formatting import CHAT_TEMPLATES, REFERENCE_TEMPLATE, format_conversation,
 from .preference import PreferenceDataModule
 from .sft import TokenMixtureDataModule
 from .sources import SHIPPED_DIR, shipped_path
-from .tokenizers import load_default_tokenizer, load_tokenizer
 
 __all__ = [
     "CHAT_TEMPLATES",
@@ -20,7 +19,5 @@ __all__ = [
     "TokenMixtureDataModule",
     "format_conversation",
     "format_conversations",
-    "load_default_tokenizer",
-    "load_tokenizer",
     "shipped_path",
 ]

@@ -13,7 +13,7 @@ Truncation follows TRL's DPO rule: when prompt + longer reply exceeds `max_lengt
 last `max_prompt_length` tokens (cut from the left, keeping a leading bos); if still too long, both
 replies are cut from the right to fit `max_length`.
 
-Batches (INTERFACES.md): chosen_/rejected_ input_ids, attention_mask, loss_mask [B, T], right-padded to
+Batches: chosen_/rejected_ input_ids, attention_mask, loss_mask [B, T], right-padded to
 one common T so a stage can stack chosen and rejected. loss_mask marks the reply tokens themselves
 (labels): the log-prob of token t comes from the logits at t - 1.
 """
@@ -31,12 +31,14 @@ import torch
 from datasets import Features, List, Value
 from torch.utils.data import DataLoader
 
+from zebra.compose.teacher import cache_root
+
 from .cache import DocStore, build_cached, is_cached, stable_hash
 from .formatting import format_completions
 from .sampling import GlobalOrderSampler, ResumableDataLoader
 from .sft import world_info
 from .sources import Source, as_spec_list, normalise_messages
-from .tokenizers import LazyTokenizer, zebra_cache_dir
+from .tokenizers import LazyTokenizer
 
 PAIR_COLUMNS = ("prompt_ids", "chosen_ids", "chosen_mask", "rejected_ids", "rejected_mask")
 PAIR_FEATURES = Features(
@@ -182,7 +184,7 @@ class PreferenceDataModule(pl.LightningDataModule):
         self.chat_template, self.max_length, self.max_prompt_length = chat_template, max_length, max_prompt_length
         self.batch_size, self.heldout_fraction, self.seed = batch_size, heldout_fraction, seed
         self.num_workers, self.num_proc = num_workers, num_proc
-        self.cache_dir = Path(cache_dir) if cache_dir is not None else zebra_cache_dir("data")
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else cache_root() / "data"
         self._records: dict[str, PreferenceRecords] | None = None
 
     def _tokenizer_fp(self) -> str:

@@ -26,12 +26,14 @@ import torch
 from datasets import Features, List, Value
 from torch.utils.data import DataLoader
 
+from zebra.compose.teacher import cache_root
+
 from .cache import DocStore, build_cached, is_cached, stable_hash
 from .formatting import format_conversations, format_texts
 from .packing import SPLITS, PackedRows, layout, mix_documents, split_documents
 from .sampling import GlobalOrderSampler, ResumableDataLoader
 from .sources import Source, as_spec_list
-from .tokenizers import LazyTokenizer, zebra_cache_dir
+from .tokenizers import LazyTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +69,8 @@ class TokenMixtureDataModule(pl.LightningDataModule):
 
     Args:
         sources: list of source dicts (see sources.py); default: the shipped SFT set.
-        tokenizer: tokenizer object, hub name or local directory; None = the embedded SmolLM2 tokenizer.
+        tokenizer: tokenizer object or spec (zebra.compose.teacher.load_tokenizer: embedded name, GGUF file,
+            directory, hub id); None = the embedded SmolLM2 tokenizer.
         chat_template: "tokenizer" (its own template) or "reference" (simplified Llama-3, METHOD §6).
         seq_len: tokens per packed row.
         batch_size: rows per batch on each rank.
@@ -126,7 +129,7 @@ class TokenMixtureDataModule(pl.LightningDataModule):
         self.heldout_max_docs = heldout_max_docs
         self.seed, self.max_tokens, self.assistant_only = int(seed), max_tokens, assistant_only
         self.num_workers, self.pin_memory, self.num_proc = num_workers, pin_memory, num_proc
-        self.cache_dir = Path(cache_dir) if cache_dir is not None else zebra_cache_dir("data")
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else cache_root() / "data"
         self._stores: list[DocStore] | None = None
         self._rows: dict[str, PackedRows] = {}
 

@@ -40,10 +40,12 @@ from pathlib import Path
 import torch
 
 from zebra.eval.harness import expand_task_names, headline_metric, resolve_tasks, run_lm_eval
-from zebra.eval.heldout import HELDOUT_SETS, score_batches, score_text, sft_batches, text_rows
+from zebra.eval.heldout import HELDOUT_SETS, sft_batches, text_rows
+from zebra.eval.metrics import score_batches
 from zebra.eval.models import (Candidate, EvalInputError, LoadedModel, cache_info, check_model_dir,
                                check_same_tokenizer, check_same_vocab, count_parameters, discover_candidates,
                                discover_mixes, lm_head_rows, load_eval_teacher, precheck_export)
+from zebra.stages import artifacts
 
 log = logging.getLogger("zebra.eval.evaluate")
 
@@ -73,10 +75,7 @@ def _score_model(m: LoadedModel, teacher, data: dict, tasks: list[str], opts: di
     if m.notes:
         row["notes"] = list(m.notes)
     for name, d in data.items():
-        if name == "text":
-            row["heldout"][name] = score_text(m.model, teacher, d["rows"])
-        else:
-            row["heldout"][name] = score_batches(m.model, teacher, d["batches"])
+        row["heldout"][name] = score_batches(m.model, teacher, d["batches"])
     primary = "sft" if "sft" in row["heldout"] else ("text" if "text" in row["heldout"] else None)
     if primary:
         row["heldout_set"] = primary
@@ -136,9 +135,9 @@ def evaluate(teacher_spec: str = "smollm2_135m", candidates: list[Candidate] | N
     data, data_desc = {}, {}
     if "text" in sets:
         rows, source = text_rows(tok, opts["text"], int(opts["seq_len"]), opts["max_tokens"])
-        data["text"] = {"rows": rows}
+        data["text"] = {"batches": rows}
         data_desc["text"] = {"source": source, "rows": len(rows), "seq_len": int(opts["seq_len"]),
-                             "tokens": int(sum(r.numel() for r in rows))}
+                             "tokens": int(sum(r["input_ids"].numel() for r in rows))}
     if "sft" in sets:
         batches, source = sft_batches(tok, data_cfg, int(opts["seq_len"]), int(opts["sft_batch_size"]),
                                       opts["sft_batches"])
@@ -300,9 +299,9 @@ def _resolve_model_dir(path: Path) -> Path:
     """`--artifacts` may name <paths.root>/<model.name> or <paths.root> holding exactly one model's runs."""
     if not path.is_dir():
         raise EvalInputError(f"artifacts directory {path} does not exist")
-    if (path / "ilkd").is_dir() or discover_mixes(path):
+    if artifacts.holds_run(path):
         return path
-    runs = [d for d in sorted(path.iterdir()) if d.is_dir() and ((d / "ilkd").is_dir() or discover_mixes(d))]
+    runs = [d for d in sorted(path.iterdir()) if artifacts.holds_run(d)]
     if len(runs) == 1:
         return runs[0]
     if runs:
@@ -314,7 +313,7 @@ def _teacher_from_report(model_dir: Path, mix: str | None) -> str | None:
     if mix is None:
         return None
     try:
-        return json.loads((model_dir / mix / "kd" / "report.json").read_text()).get("teacher")
+        return json.loads((artifacts.layout(model_dir, "kd", mix) / "report.json").read_text()).get("teacher")
     except (OSError, ValueError):
         return None
 
@@ -371,9 +370,9 @@ def run_cli(argv=None) -> dict:
         candidates, final = discover_candidates(model_dir, args.mix, args.mla_layers, args.students)
         mixes = discover_mixes(model_dir)
         mix = args.mix or (mixes[0] if len(mixes) == 1 else None)
-        plot_dirs = {"ilkd": model_dir / "ilkd", "smart": model_dir / "smart"}
+        plot_dirs = {s: artifacts.layout(model_dir, s, mix) for s, st in artifacts.STAGES.items()
+                     if mix or not st.per_mix}
         if mix:
-            plot_dirs.update({"kd": model_dir / mix / "kd", "dpo": model_dir / mix / "dpo"})
             layers = next((c.mla_layers for c in candidates if c.role == "assembled"), None)
             if layers:
                 highlight = {model_dir.name: len(layers)}
@@ -429,7 +428,7 @@ def run_eval(cfg) -> dict:
             from zebra.plan.mixes import resolve_mla_layers
 
             c.mla_layers = resolve_mla_layers(cfg.mix, int(cfg.model.base.num_hidden_layers),
-                                              Path(cfg.paths.smart_dir) / "sensitivity.json")
+                                              artifacts.output_path(cfg, "smart"))
             c.layers_from, c.skipped = f"mix {mix}", None
     for path in extra_models:
         p = check_model_dir(path)
@@ -446,8 +445,7 @@ def run_eval(cfg) -> dict:
     base = OmegaConf.to_container(cfg.model.base, resolve=True)
     return evaluate(str(cfg.model.kd_teacher), candidates, model_dir / mix / "eval", final=final,
                     teacher_base=base, tokenizer_spec=str(cfg.model.tokenizer), data_cfg=cfg.data.get("sft"),
-                    plot_dirs={"ilkd": model_dir / "ilkd", "smart": model_dir / "smart", "kd": model_dir / mix / "kd",
-                               "dpo": model_dir / mix / "dpo"},
+                    plot_dirs={s: artifacts.stage_dir(cfg, s) for s in artifacts.STAGES},
                     kv_highlight={str(cfg.model.name): len(layers)} if layers else None,
                     log_fn=log.info if logging.getLogger().handlers else None, **opts)
 

@@ -25,14 +25,15 @@ def load_chat_model(model_dir: str | Path, dtype: str = "auto", device: str = "a
     """(model in eval mode, tokenizer) of an exported directory; a clear error when it is not one or has no chat
     template."""
     import zebra  # noqa: F401  (registers the hybrid with the Auto classes)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    from zebra.eval.models import check_model_dir, has_tokenizer_files
+    from zebra.compose.teacher import has_tokenizer_files, load_tokenizer
+    from zebra.eval.models import check_model_dir
 
     path = check_model_dir(model_dir)
     if not has_tokenizer_files(path):
         raise ValueError(f"{path} has no tokenizer files; export the model with its tokenizer")
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = load_tokenizer(str(path))
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError(f"the tokenizer in {path} has no chat template")
     if device == "auto":

@@ -1,32 +1,25 @@
-"""Held-out perplexity and next-token KL(teacher || model), on two kinds of held-out data.
+"""The two kinds of held-out data that perplexity and KL(teacher || model) are measured on (zebra.eval.metrics).
 
 - "text": plain prose (zebra/data/shipped/heldout.txt by default, or any file), cut into rows of `seq_len`
-  tokens, each scored on its own (zebra.compose.report's helpers, shared with the untrained-student report).
+  tokens, each a batch of its own (zebra.compose.report's rows, shared with the untrained-student report).
 - "sft": the held-out split of the token mixture (chat conversations formatted with the chat template, packed with
   document boundaries), the split the KD stage measures its held-out KL on. Every model sees the packed rows as
   separate documents (the teacher through a block-causal mask, the hybrid through its position ids), and only the
   positions of the batch's loss_mask count.
-
-Perplexity = exp(mean NLL of the next token); KL = mean over the same positions of sum_v p_t(v) log(p_t(v) / p_m(v)).
 """
 
 from __future__ import annotations
 
-import math
-import time
 from pathlib import Path
 
-import torch
-
-from zebra.compose.report import held_out_text, score_model, token_rows
-from zebra.compose.smart import counted_positions, kl_sum, selected_log_probs
+from zebra.compose.report import held_out_text, token_rows
 
 HELDOUT_SETS = ("text", "sft")
 
 
 def text_rows(tokenizer, text: str | Path | None = None, seq_len: int = 512,
-              max_tokens: int | None = 4096) -> tuple[list[torch.Tensor], str]:
-    """Rows [1, <=seq_len] of the held-out text and a description of where it came from."""
+              max_tokens: int | None = 4096) -> tuple[list[dict], str]:
+    """Rows of the held-out text as batches ({"input_ids": [1, <=seq_len]}) and where the text came from."""
     if isinstance(text, str) and Path(text).is_file():
         text = Path(text)
     body, source = held_out_text(text)
@@ -34,12 +27,6 @@ def text_rows(tokenizer, text: str | Path | None = None, seq_len: int = 512,
     if not rows:
         raise ValueError(f"the held-out text ({source}) is too short to score")
     return rows, source
-
-
-def score_text(model, teacher, rows: list[torch.Tensor]) -> dict:
-    """{perplexity, nll, tokens, seconds[, kl_to_teacher]} over independent rows."""
-    with torch.no_grad():
-        return score_model(model, teacher, rows)
 
 
 def sft_batches(tokenizer, data_cfg=None, seq_len: int = 512, batch_size: int = 2,
@@ -67,31 +54,3 @@ def sft_batches(tokenizer, data_cfg=None, seq_len: int = 512, batch_size: int = 
     if not batches:
         raise ValueError(f"the held-out split of {source} is empty")
     return batches, source
-
-
-def _is_zebra(model) -> bool:
-    return getattr(model.config, "model_type", None) == "zebra"
-
-
-@torch.no_grad()
-def score_batches(model, teacher, batches: list[dict]) -> dict:
-    """{perplexity, nll, tokens, seconds[, kl_to_teacher]} over the counted positions of packed batches."""
-    nll, kl, tokens, start = 0.0, 0.0, 0, time.perf_counter()
-    for batch in batches:
-        positions = counted_positions(batch).clone()
-        positions[:, -1] = False  # no next token inside this row
-        if not positions.any():
-            continue
-        logp = selected_log_probs(model, batch, positions, is_base=not _is_zebra(model))
-        targets = batch["input_ids"][:, 1:][positions[:, :-1]].to(logp.device)
-        nll -= float(logp.gather(-1, targets[:, None]).sum())
-        if model is not teacher:
-            kl += kl_sum(selected_log_probs(teacher, batch, positions, is_base=not _is_zebra(teacher)), logp)
-        tokens += int(targets.numel())
-    if tokens == 0:
-        raise ValueError("the held-out batches hold no counted tokens")
-    out = {"perplexity": math.exp(nll / tokens), "nll": nll / tokens, "tokens": tokens,
-           "seconds": round(time.perf_counter() - start, 2)}
-    if model is not teacher:
-        out["kl_to_teacher"] = kl / tokens
-    return out

@@ -14,15 +14,7 @@ from pathlib import Path
 
 import torch
 
-# Strings whose token ids two tokenizers must agree on (plain text, digits, code, whitespace, non-ASCII).
-PROBE_TEXTS = (
-    "The quick brown fox jumps over the lazy dog.",
-    "Zebra-Llama distils 1,234,567 tokens in 2025; pass key 90210.",
-    "def f(x):\n    return x ** 2  # squares\n",
-    "  leading spaces and\ttabs\n\nnew lines",
-    "Café, naïve, Ångström, 東京, emoji 🙂",
-)
-EMBEDDED_QUANTISATION = "4-bit GGUF (Q4_1 weights, Q8_0 embeddings), dequantised to float"
+from zebra.compose.teacher import has_tokenizer_files, load_teacher, load_tokenizer, tokenizer_differences
 
 
 class EvalInputError(ValueError):
@@ -72,41 +64,6 @@ def check_model_dir(path: str | Path) -> Path:
     return p
 
 
-def _special_tokens(tok) -> dict:
-    return {attr: getattr(tok, attr, None) for attr in ("bos_token", "eos_token", "pad_token", "unk_token")}
-
-
-def tokenizer_differences(a, b) -> list[str]:
-    """What differs between tokenizers `a` and `b` in ways that change token ids or special tokens: vocabulary
-    size and entries, bos/eos/pad/unk and the other special tokens, and the ids of a few probe strings."""
-    diffs = []
-    if len(a) != len(b):
-        diffs.append(f"vocabulary size {len(a)} vs {len(b)}")
-    else:
-        va, vb = a.get_vocab(), b.get_vocab()
-        if va != vb:
-            n = sum(1 for k, v in va.items() if vb.get(k) != v)
-            diffs.append(f"{n} vocabulary entries map to different ids")
-    sa, sb = _special_tokens(a), _special_tokens(b)
-    for k in sa:
-        # a missing pad token is commonly filled with eos at load time; that changes no token id
-        if k == "pad_token" and None in (sa[k], sb[k]):
-            continue
-        if sa[k] != sb[k]:
-            diffs.append(f"{k} {sa[k]!r} vs {sb[k]!r}")
-    xa = sorted(map(str, getattr(a, "all_special_tokens", None) or []))
-    xb = sorted(map(str, getattr(b, "all_special_tokens", None) or []))
-    if set(xa) - {sa["pad_token"]} != set(xb) - {sb["pad_token"]}:
-        only_a, only_b = sorted(set(xa) - set(xb)), sorted(set(xb) - set(xa))
-        diffs.append(f"special tokens differ (only in the first: {only_a[:6]}, only in the second: {only_b[:6]})")
-    for text in PROBE_TEXTS:
-        ia, ib = a(text, add_special_tokens=False).input_ids, b(text, add_special_tokens=False).input_ids
-        if ia != ib:
-            diffs.append(f"{text!r} encodes to {ia[:8]}... vs {ib[:8]}...")
-            break
-    return diffs
-
-
 def check_same_tokenizer(model_tok, teacher_tok, model_name: str, teacher_name: str) -> None:
     diffs = tokenizer_differences(model_tok, teacher_tok)
     if diffs:
@@ -126,8 +83,6 @@ def check_same_vocab(model, teacher, model_name: str, teacher_name: str) -> None
 
 def precheck_export(path: Path, teacher_tok, teacher_rows: int, name: str, teacher_name: str) -> None:
     """The cheap part of the checks, before any weight is read: config vocab size and the exported tokenizer."""
-    from transformers import AutoTokenizer
-
     cfg = json.loads((check_model_dir(path) / "config.json").read_text())
     rows = cfg.get("vocab_size")
     if rows is not None and int(rows) != int(teacher_rows):
@@ -135,15 +90,11 @@ def precheck_export(path: Path, teacher_tok, teacher_rows: int, name: str, teach
             f"{name} ({path}) has a {rows}-token vocabulary but the teacher {teacher_name} has {teacher_rows}: the "
             "vocabularies differ, so KL to the teacher cannot be computed")
     if has_tokenizer_files(path):
-        check_same_tokenizer(AutoTokenizer.from_pretrained(path), teacher_tok, f"{name} ({path})", teacher_name)
+        check_same_tokenizer(load_tokenizer(str(path)), teacher_tok, f"{name} ({path})", teacher_name)
 
 
 def lm_head_rows(model) -> int:
     return int(model.get_output_embeddings().weight.shape[0])
-
-
-def has_tokenizer_files(path: Path) -> bool:
-    return any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
 
 
 # ------------------------------------------------------------------------------------------------ loading
@@ -151,12 +102,12 @@ def load_exported(path: str | Path, name: str | None = None, role: str = "given"
                   device: str | torch.device = "cpu") -> LoadedModel:
     """An exported model directory (a zebra hybrid or a plain transformers model) and its tokenizer."""
     import zebra  # noqa: F401  (registers the hybrid with the Auto classes)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     start = time.perf_counter()
     p = check_model_dir(path)
     model = AutoModelForCausalLM.from_pretrained(p, dtype=dtype).to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(p) if has_tokenizer_files(p) else None
+    tokenizer = load_tokenizer(str(p)) if has_tokenizer_files(p) else None
     notes = [] if tokenizer is not None else ["no tokenizer in the export: the teacher's is used"]
     return LoadedModel(name or p.name, role, model, tokenizer, str(p), notes, time.perf_counter() - start)
 
@@ -172,36 +123,17 @@ class TeacherInfo:
 
 def load_eval_teacher(spec: str, base: dict | None = None, tokenizer_spec: str | None = None,
                       dtype=torch.float32, device: str | torch.device = "cpu") -> TeacherInfo:
-    """The teacher named by `spec`: an embedded name (smollm2_135m), a GGUF, a local directory or a hub id
-    (zebra.compose.teacher.load_teacher), or `random:<seed>` with the `model.base` block (tests; built exactly as
-    the training stages build it, with `tokenizer_spec` naming its tokenizer)."""
+    """The teacher named by `spec` (zebra.compose.teacher.load_teacher: an embedded name, a GGUF, a local directory,
+    a hub id), or `random:<seed>` built from the `model.base` block `base` exactly as the ILD stage builds it (on
+    CPU, then moved), with the tokenizer `tokenizer_spec` names (default: the embedded one)."""
     start = time.perf_counter()
     spec = str(spec)
     if spec.startswith("random:"):
-        from zebra.stages.common import load_teacher_model  # the stages' own construction, so the seeds agree
-
-        t = load_teacher_model(spec, base, dtype=dtype)
-        tokenizer = load_named_tokenizer(tokenizer_spec or "smollm2_135m")
-        return TeacherInfo(t.model.to(device).eval(), tokenizer, spec, t.quantisation, time.perf_counter() - start)
-    from zebra.compose.teacher import EMBEDDED_TEACHERS, load_teacher
-
-    t = load_teacher(spec, dtype=dtype, device=device)
-    if spec in EMBEDDED_TEACHERS:
-        quant = EMBEDDED_QUANTISATION
-    elif spec.endswith(".gguf"):
-        quant = "GGUF (quantised), dequantised to float"
+        t = load_teacher(spec, dtype=dtype, device="cpu", base=base, tokenizer=tokenizer_spec or "default")
+        t.model.to(device)
     else:
-        quant = "none"
-    return TeacherInfo(t.model.eval(), t.tokenizer, spec, quant, time.perf_counter() - start)
-
-
-def load_named_tokenizer(spec: str):
-    """A tokenizer by name: the embedded default (smollm2_135m / default), a directory or a hub id."""
-    from zebra.data.tokenizers import load_default_tokenizer, load_tokenizer
-
-    if spec in ("smollm2_135m", "default", None):
-        return load_default_tokenizer()
-    return load_tokenizer(spec)
+        t = load_teacher(spec, dtype=dtype, device=device)
+    return TeacherInfo(t.model.eval(), t.tokenizer, spec, t.quantisation, time.perf_counter() - start)
 
 
 # ------------------------------------------------------------------------------------------------ artifacts

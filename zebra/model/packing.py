@@ -1,7 +1,8 @@
 """Packed sequences: documents inside a batch row, marked by position ids that restart at 0.
 
-Shared by the hybrid (MLA masking, Mamba2 state resets) and by the stages, which give the teacher the
-same block-causal mask so its targets never see context the students cannot.
+Shared by the hybrid (MLA masking, Mamba2 state resets) and by everything that runs a Llama teacher beside
+it (the stages, SMART, held-out metrics), which gives the teacher the same block-causal mask
+(`packed_attention_mask`) so its outputs never see context the students cannot.
 """
 
 from __future__ import annotations
@@ -46,3 +47,31 @@ def block_causal_mask(doc_ids: torch.Tensor, pad_mask: torch.Tensor | None = Non
         mask = mask & pad_mask[:, None, :].bool()
         mask = mask | torch.eye(t, dtype=torch.bool, device=doc_ids.device)[None]
     return mask[:, None]
+
+
+def packed_attention_mask(position_ids: torch.Tensor | None, attention_mask: torch.Tensor | None = None,
+                          dtype: torch.dtype = torch.float32, attn_implementation: str | None = "sdpa"
+                          ) -> torch.Tensor | None:
+    """The 4-D mask that gives a Hugging Face Llama (a teacher or base) the hybrid's view of a packed, possibly
+    right-padded batch: queries attend keys of their own document only, never padding.
+
+    transformers' `create_causal_mask` passes a 4-D mask through as given. SDPA takes it boolean (True = attend);
+    eager attention adds it, so it gets 0 / finfo.min floats. None when every row is one unpadded document
+    (plain causal attention, the fastest path). `position_ids` None: one document per row.
+    """
+    padded = attention_mask is not None and not bool(attention_mask.bool().all())
+    packed = position_ids is not None and is_packed(position_ids)
+    if not padded and not packed:
+        return None
+    if position_ids is not None:
+        doc_ids = doc_ids_from_position_ids(position_ids)
+    else:
+        doc_ids = torch.zeros(attention_mask.shape, dtype=torch.int32, device=attention_mask.device)
+    mask = block_causal_mask(doc_ids, attention_mask if padded else None)
+    impl = attn_implementation or "sdpa"
+    if impl == "eager":
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+    if impl != "sdpa":
+        raise ValueError(f"attention implementation {impl!r} cannot take a packed (document-causal) mask; "
+                         "use sdpa or eager")
+    return mask
