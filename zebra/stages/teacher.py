@@ -4,18 +4,16 @@ packed forward with the students' masking (DESIGN §2, §5)."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from zebra.model.packing import block_causal_mask, doc_ids_from_position_ids, is_packed
+from zebra.compose.teacher import Teacher, load_teacher, load_tokenizer, tokenizer_differences
+from zebra.model.packing import packed_attention_mask
 from zebra.stages.errors import StageError, TokenizerMismatchError
 from zebra.stages.zero import zero_stage
-
-EMBEDDED_QUANTISATION = {"smollm2_135m": "4-bit GGUF (Q4_1 weights, Q8_0 embeddings), dequantised to float"}
 
 
 def torch_dtype(name: str | torch.dtype | None) -> torch.dtype:
@@ -37,15 +35,6 @@ def freeze(module: nn.Module) -> nn.Module:
 
 
 # ------------------------------------------------------------------------------------------------ loading
-@dataclasses.dataclass
-class LoadedTeacher:
-    model: nn.Module  # LlamaForCausalLM, frozen, eval
-    source: str
-    quantisation: str  # "none", or how the weights were quantised
-    path: str | None = None
-    tokenizer: Any = None  # the tokenizer shipped with the weights (None for `random:`)
-
-
 def llama_config_from_base(base: dict):
     """A LlamaConfig from a `model.base` block of the config (architecture numbers only)."""
     from transformers import LlamaConfig
@@ -55,71 +44,20 @@ def llama_config_from_base(base: dict):
 
 
 def load_teacher_model(spec: str, base: dict | None = None, dtype=torch.float32,
-                       device: torch.device | str | None = None) -> LoadedTeacher:
-    """The frozen base/teacher Llama named by `spec`.
-
-    `random:<seed>` builds a random LlamaForCausalLM from `base` (the `model.base` block) with that seed: tests
-    and smoke runs need nothing from the hub. Anything else goes to `zebra.compose.teacher.load_teacher` (embedded
-    name, GGUF file, local directory, hub id).
-    """
-    from transformers import LlamaForCausalLM
-
-    spec = str(spec)
-    if spec.startswith("random:"):
-        if base is None:
-            raise StageError(f"teacher {spec!r} needs the model.base block to build a random Llama")
-        seed = int(spec.split(":", 1)[1] or 0)
-        config = llama_config_from_base(base)
-        config._attn_implementation = "sdpa"
-        # built in its final dtype, on its device (an 8B random init takes seconds on a GPU, minutes on CPU)
-        previous = torch.get_default_dtype()
-        with torch.random.fork_rng(devices=[]), torch.device(device or "cpu"):
-            torch.manual_seed(seed)
-            torch.set_default_dtype(dtype)
-            try:
-                model = LlamaForCausalLM(config)
-            finally:
-                torch.set_default_dtype(previous)
-        model.to(dtype)
-        return LoadedTeacher(freeze(model), spec, f"none (random init, seed {seed})")
-    from zebra.compose.teacher import load_teacher
-
-    t = load_teacher(spec, dtype=dtype)
-    if device is not None:
-        t.model.to(device)
-    quant = EMBEDDED_QUANTISATION.get(spec) or ("GGUF (quantised), dequantised to float"
-                                                if str(spec).endswith(".gguf") else "none")
-    return LoadedTeacher(freeze(t.model), spec, quant, t.path, t.tokenizer)
+                       device: torch.device | str | None = None) -> Teacher:
+    """The frozen base/teacher Llama named by `spec` (zebra.compose.teacher.load_teacher: an embedded name, a GGUF
+    file, a local directory, a hub id, or `random:<seed>` built from `base`, the `model.base` block, on `device`)."""
+    if str(spec).startswith("random:") and base is None:
+        raise StageError(f"teacher {spec!r} needs the model.base block to build a random Llama")
+    t = load_teacher(str(spec), dtype=dtype, device=device or "cpu",
+                     base=llama_config_from_base(base) if base is not None else None)
+    freeze(t.model)
+    return t
 
 
 def load_model_tokenizer(spec: str):
-    """The tokenizer named by `model.tokenizer` / a teacher spec: an embedded name, a directory, a GGUF or a hub id."""
-    from zebra.compose.teacher import load_tokenizer
-
-    spec = str(spec)
-    if spec.startswith("random:"):
-        raise StageError(f"{spec!r} names a random model, not a tokenizer; set model.tokenizer")
+    """The tokenizer named by `model.tokenizer` / a teacher spec (zebra.compose.teacher.load_tokenizer)."""
     return load_tokenizer(spec)
-
-
-def tokenizer_differences(a, b) -> list[str]:
-    """What differs between two tokenizers in ways that change token ids or special tokens."""
-    diffs = []
-    va, vb = a.get_vocab(), b.get_vocab()
-    if len(va) != len(vb):
-        diffs.append(f"vocabulary size {len(va)} vs {len(vb)}")
-    elif va != vb:
-        n = sum(1 for k, v in va.items() if vb.get(k) != v)
-        diffs.append(f"{n} vocabulary entries map to different ids")
-    for attr in ("bos_token", "eos_token", "pad_token", "unk_token"):
-        x, y = getattr(a, attr, None), getattr(b, attr, None)
-        if x != y:
-            diffs.append(f"{attr} {x!r} vs {y!r}")
-    sa = sorted(map(str, getattr(a, "all_special_tokens", []) or []))
-    sb = sorted(map(str, getattr(b, "all_special_tokens", []) or []))
-    if sa != sb:
-        diffs.append(f"special tokens {sa[:8]} vs {sb[:8]}")
-    return diffs
 
 
 def check_tokenizers_match(student_tok, teacher_tok, student_name: str, teacher_name: str,
@@ -163,28 +101,6 @@ def teacher_dtype(cfg: DictConfig) -> torch.dtype:
 
 
 # ------------------------------------------------------------------------------------------------ forward
-def packed_attention_mask(config, position_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                          dtype: torch.dtype) -> torch.Tensor | None:
-    """The teacher's 4-D mask for a (possibly packed, possibly right-padded) batch.
-
-    transformers' `create_causal_mask` returns a 4-D mask as given, so the teacher sees exactly the students'
-    block-causal structure: queries attend keys of their own document only, never padding. SDPA takes a boolean
-    mask (True = attend); eager attention adds the mask, so it gets 0 / -inf-like floats. None when the batch
-    is one unpadded document per row (plain causal attention, the fastest path).
-    """
-    padded = attention_mask is not None and not bool(attention_mask.all())
-    if not padded and not is_packed(position_ids):
-        return None
-    mask = block_causal_mask(doc_ids_from_position_ids(position_ids), attention_mask if padded else None)
-    impl = getattr(config, "_attn_implementation", "sdpa") or "sdpa"
-    if impl == "eager":
-        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
-    if impl not in ("sdpa",):
-        raise StageError(f"teacher attention implementation {impl!r} cannot take a packed (document-causal) mask; "
-                         "use sdpa or eager")
-    return mask
-
-
 @dataclasses.dataclass
 class TeacherOutputs:
     last_hidden_state: torch.Tensor  # after the final norm [B, T, H]
@@ -203,7 +119,8 @@ def teacher_forward(teacher: nn.Module, input_ids: torch.Tensor, position_ids: t
     (forward hooks on `self_attn`, never `output_attentions`) and the last layer's un-normed output."""
     inner = teacher.model
     embeds = inner.embed_tokens(input_ids)
-    mask = packed_attention_mask(teacher.config, position_ids, attention_mask, embeds.dtype)
+    mask = packed_attention_mask(position_ids, attention_mask, embeds.dtype,
+                                 getattr(teacher.config, "_attn_implementation", "sdpa"))
     handles, mixers, last = [], [None] * len(inner.layers) if mixer_outputs else None, {}
     try:
         if mixer_outputs:
