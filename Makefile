@@ -31,7 +31,13 @@ train: setup
 	$(PY) train.py +experiment=default stage=eval
 
 # The Slurm tests start a real single-node Slurm: Debian's slurm-wlm and munge (installed as root, idempotent).
+# `test`: everything but the GPU and the slow tests (minutes on 2 cores); `test-all` adds the slow ones
+# (multi-process DeepSpeed/DDP runs, the real teacher, the benchmark smoke runs, Slurm requeue).
 test: setup
+	bash .ci/install-slurm.sh
+	$(PY) -m pytest -m "not gpu and not slow" -q
+
+test-all: setup
 	bash .ci/install-slurm.sh
 	$(PY) -m pytest -m "not gpu" -q
 

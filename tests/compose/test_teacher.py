@@ -3,6 +3,7 @@ the errors for everything that cannot be a teacher."""
 
 import json
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -37,19 +38,22 @@ def llama_dir(tmp_path, tiny_llama):
 # the embedded default (real SmolLM2-135M-Instruct, 4-bit GGUF)
 # --------------------------------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_smollm2_converts_once_and_answers(tmp_path, monkeypatch):
-    monkeypatch.setenv("ZEBRA_CACHE", str(tmp_path / "cache"))  # force a fresh conversion
-    first = load_teacher("smollm2_135m")
-    assert first.converted and first.path.startswith(str(tmp_path / "cache" / "teachers"))
+def test_smollm2_converts_once_and_answers(smollm2_teacher, gguf_conversions, zebra_cache):
+    # the session's first load of the teacher or of its tokenizer converted the GGUF (tests/conftest.py)
+    first = smollm2_teacher
+    conversions = [c for c in gguf_conversions if c.gguf == T.embedded_gguf_path()]
+    assert len(conversions) == 1, conversions
+    teachers = zebra_cache / "teachers"
+    assert first.path.startswith(str(teachers))
     second = load_teacher("smollm2_135m")
     assert not second.converted and second.path == first.path
-    print(f"\nSmolLM2 teacher: first load (GGUF conversion) {first.load_seconds:.2f}s, "
-          f"second load (cache) {second.load_seconds:.2f}s, ratio {first.load_seconds / second.load_seconds:.0f}x")
-    assert second.load_seconds * 5 <= first.load_seconds
+    print(f"\nSmolLM2 teacher: GGUF conversion {conversions[0].seconds:.2f}s, "
+          f"load from the cache {second.load_seconds:.2f}s, ratio {conversions[0].seconds / second.load_seconds:.0f}x")
+    assert second.load_seconds * 5 <= conversions[0].seconds
     # the cache holds no temporary leftovers, and records its source
-    entries = sorted(p.name for p in (tmp_path / "cache" / "teachers").iterdir())
-    assert entries == ["smollm2_135m"]
-    assert json.loads((tmp_path / "cache" / "teachers" / "smollm2_135m" / "zebra_teacher.json").read_text())["source"]
+    assert [p.name for p in teachers.iterdir() if p.name.startswith(".")] == []
+    marker = json.loads((Path(first.path) / T._MARKER).read_text())
+    assert marker["converted_from"] == str(T.embedded_gguf_path())
 
     # identical weights either way
     for (n1, p1), (n2, p2) in zip(first.model.state_dict().items(), second.model.state_dict().items()):

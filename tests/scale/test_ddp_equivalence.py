@@ -1,5 +1,5 @@
-"""Acceptance 1 (issue 5): a 2-process DDP run (gloo, CPU) of `ilkd` and `kd` on the tiny preset follows the same
-loss curve as the single-process run on the same global batch.
+"""A 2-process DDP run (gloo, CPU) of `ilkd` and `kd` on the tiny preset follows the same loss curve as the
+single-process run on the same global batch.
 
 Processes are started one per rank by torchrun (DESIGN §5); Lightning must not start any itself, and Hydra makes
 one run directory for both ranks. The loss of each step is the mean over ranks of the ranks' losses (StepTrace),
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pytest
 
-from scale_helpers import assert_same_loss_curves, finish, padded_tokens_per_batch, start, tiny_data
+from tests.helpers.runs import assert_same_loss_curves, finish, padded_tokens_per_batch, start, tiny_data
 
 pytestmark = pytest.mark.slow
 

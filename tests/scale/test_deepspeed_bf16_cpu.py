@@ -16,7 +16,7 @@ import json
 import pytest
 import torch
 
-from scale_helpers import finish, start, tiny_data
+from tests.helpers.runs import finish, start, tiny_data
 
 pytestmark = pytest.mark.slow
 

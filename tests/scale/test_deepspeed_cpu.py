@@ -1,6 +1,6 @@
 """DeepSpeed ZeRO-2 and ZeRO-3 through the stages, on CPU processes (DeepSpeed's CPU accelerator, gloo).
 
-The same code runs on GPUs (issue 5, acceptance 2 there); here it is checked without one, in fp32, where it can be
+The same code runs on GPUs; here it is checked without one, in fp32, where it can be
 exact: `ilkd` then `kd` on the tiny preset, two processes against one on the same global batch.
 - the loss of every step matches the one-process run of the same strategy;
 - every parameter that trains has moved from its starting value (a ZeRO-3 trap: a parameter read outside its
@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from scale_helpers import assert_same_loss_curves, REPO, finish, start, step_losses, tiny_data, trace_runs
+from tests.helpers.runs import assert_same_loss_curves, finish, start, step_losses, tiny_data, trace_runs
 
 pytestmark = pytest.mark.slow
 
@@ -45,9 +45,10 @@ def ild_starting_students():
     from omegaconf import OmegaConf
 
     from zebra.compose.students import build_student
-    from zebra.stages.common import load_teacher_model
+    from zebra.stages.teacher import load_teacher_model
+    from zebra.utils.paths import model_preset_file
 
-    model_cfg = OmegaConf.load(REPO / "conf" / "model" / "tiny.yaml")
+    model_cfg = OmegaConf.load(model_preset_file("tiny"))
     teacher = load_teacher_model(model_cfg.teacher, model_cfg.base).model
     mla = OmegaConf.to_container(model_cfg.mla, resolve=True)
     return {kind: build_student(teacher, mla, kind=kind)[0] for kind in ("mla", "mamba")}
@@ -142,7 +143,7 @@ def test_zero3_run_killed_and_resumed_follows_the_uninterrupted_one(tmp_path):
 
     full, killed = tmp_path / "full", tmp_path / "killed"
     launch(full)
-    launch(killed, "+callbacks.kill._target_=zebra.stages.common.StopAtStep", "+callbacks.kill.step=3")
+    launch(killed, "+callbacks.kill._target_=tests.stages.crash.StopAtStep", "+callbacks.kill.step=3")
     last = killed / "tiny" / "paper" / "kd" / "checkpoints" / "last.ckpt"
     assert last.is_dir(), "a ZeRO-3 checkpoint is a directory of shards"
     launch(killed, "ckpt_path=last")

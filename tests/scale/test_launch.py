@@ -6,17 +6,14 @@ from __future__ import annotations
 import os
 
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
+from tests.helpers.configs import compose_cfg
+from tests.helpers.runs import subprocess_env, tiny_data, trace_runs, train
 from zebra.launch import _process_start_time, launch_stamp, with_resume
 from zebra.launch.submitit import resolve_resources
 from zebra.launch.trainer import LaunchError, cluster_plugins
-from zebra.stages.config import register_resolvers
 
-from scale_helpers import REPO, subprocess_env, tiny_data, trace_runs, train
-
-register_resolvers()
 LAUNCH_VARS = ("TORCHELASTIC_RUN_ID", "RANK", "LOCAL_RANK", "WORLD_SIZE", "GROUP_RANK", "LOCAL_WORLD_SIZE",
                "SLURM_NTASKS", "SLURM_NTASKS_PER_NODE", "SLURM_JOB_NAME", "SLURM_JOB_ID", "SLURM_STEP_ID",
                "SLURM_PROCID", "SLURM_LOCALID",
@@ -71,8 +68,7 @@ def test_slurm_gets_lightning_auto_requeue_off(bare_env):
 
 
 def test_trainer_config_carries_the_plugin(bare_env):
-    with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
-        cfg = compose(config_name="config", overrides=["trainer=ddp_cpu"])
+    cfg = compose_cfg(["trainer=ddp_cpu"])
     assert cfg.trainer.plugins._target_ == "zebra.launch.trainer.cluster_plugins"
     with pytest.raises(Exception, match="not started by a launcher"):
         instantiate(cfg.trainer.plugins)
@@ -106,9 +102,7 @@ def test_launcher_resources_follow_the_trainer():
 @pytest.mark.parametrize("launcher, cls", [("submitit_slurm", "ZebraSlurmLauncher"),
                                            ("submitit_local", "ZebraLocalLauncher")])
 def test_launcher_configs(launcher, cls):
-    with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
-        cfg = compose(config_name="config", overrides=[f"hydra/launcher={launcher}", "trainer=ddp_cpu"],
-                      return_hydra_config=True)
+    cfg = compose_cfg([f"hydra/launcher={launcher}", "trainer=ddp_cpu"], return_hydra_config=True)
     node = cfg.hydra.launcher
     assert node._target_ == f"hydra_plugins.zebra_launcher.{cls}"
     assert node.tasks_per_node == 2 and node.nodes == 1  # one task per device

@@ -1,19 +1,14 @@
-"""`stage=describe`'s memory plan (zebra/plan/describe.py): the model-state arithmetic per strategy on known numbers, the
-zebra_8b case of acceptance 3 (~18 bytes/param / 2 = ~75 GB per GPU under ZeRO-3 on two GPUs), and what the
-other knobs change."""
+"""`stage=describe`'s memory plan (zebra/plan/describe.py): the model-state arithmetic per strategy on known
+numbers, the zebra_8b case (~18 bytes/param / 2 = ~75 GB per GPU under ZeRO-3 on two GPUs), and what the other
+knobs change."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
+from tests.helpers.configs import compose_cfg
 from zebra.plan.describe import (cache_at_context, describe, layer_activation_elements, model_activation_elements,
-                            model_state_bytes)
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "stages"))
-from stage_helpers import compose_cfg  # noqa: E402
+                                 model_state_bytes)
 
 P, FROZEN, LARGEST = 1_000_000_000, 100_000_000, 50_000_000
 
@@ -89,10 +84,12 @@ def test_activations_scale_with_tokens_and_checkpointing():
 
 
 def test_layer_activation_formula_on_known_dims():
-    from zebra.plan.describe import zebra_config_from_preset
     from omegaconf import OmegaConf
 
-    model = OmegaConf.load(Path(__file__).resolve().parents[2] / "conf" / "model" / "tiny.yaml")
+    from zebra.plan.describe import zebra_config_from_preset
+    from zebra.utils.paths import model_preset_file
+
+    model = OmegaConf.load(model_preset_file("tiny"))
     cfg = zebra_config_from_preset(model, ["mla", "mamba", "mla", "mamba"])
     # tiny: H 64, I 128, h 4, g 2, r_q 32, r_kv 16, d_rope 8, d_nope 8, d_v 16
     common = 4 * 64 + 4 * 128
@@ -125,7 +122,7 @@ def test_random_kd_teacher_takes_the_named_preset_base():
     cfg = describe_cfg("model=zebra_1b", "mix=paper", "model.kd_teacher=random:1", "model.kd_teacher_base=zebra_8b")
     assert describe(cfg)["memory"]["teacher_params"] == 8_030_261_248
     tiny = describe_cfg("model=tiny", "mix=paper", "model.kd_teacher=random:1", "model.kd_teacher_base=smollm2_135m")
-    from zebra.stages.common import load_model_tokenizer
+    from zebra.stages.teacher import load_model_tokenizer
 
     teacher = load_kd_teacher(tiny, load_model_tokenizer("smollm2_135m"), 49152, torch.float32)
     assert teacher.model.config.hidden_size == 576 and teacher.model.config.num_hidden_layers == 30

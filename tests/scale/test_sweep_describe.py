@@ -1,12 +1,12 @@
-"""Acceptance 5 (issue 5): a Hydra multirun sweep of `stage=describe` over `mix.n_mla` prints one JSON line per job,
-the KV fraction grows with the number of MLA layers, and each job writes its description into its own
-deterministic artifact directory (the mix's name carries n_mla)."""
+"""A Hydra multirun sweep of `stage=describe` over `mix.n_mla` prints one JSON line per job, the KV fraction grows
+with the number of MLA layers, and each job writes its description into its own deterministic artifact directory
+(the mix's name carries n_mla)."""
 
 from __future__ import annotations
 
 import json
 
-from scale_helpers import train
+from tests.helpers.runs import train
 
 
 def json_lines(text: str) -> list[dict]:

@@ -1,5 +1,5 @@
-"""Two "nodes" on one machine (issue 8's rehearsal on CPU): two torchrun launcher groups with distinct node ranks and
-one rendezvous on loopback, as Slurm would start them, run `kd` under ZeRO-3 with `trainer.num_nodes=2`.
+"""Two "nodes" on one machine (a multi-node rehearsal on CPU): two torchrun launcher groups with distinct node ranks
+and one rendezvous on loopback, as Slurm would start them, run `kd` under ZeRO-3 with `trainer.num_nodes=2`.
 
 The loss of every step matches a one-node run of the same processes on the same global batch, every trained tensor
 moves (the stage's own check, gathered from the shards), and the export consolidates and loads with the in-memory
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from scale_helpers import TRAIN, finish, start, step_losses, subprocess_env, tiny_data, trace_runs
+from tests.helpers.runs import TRAIN, finish, start, step_losses, subprocess_env, tiny_data, trace_runs
 
 pytestmark = pytest.mark.slow
 

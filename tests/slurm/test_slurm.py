@@ -1,4 +1,4 @@
-"""Acceptance 4 (issue 5) on a real single-node Slurm (tests/slurm/conftest.py), through Hydra's submitit launcher
+"""On a real single-node Slurm (tests/slurm/conftest.py), through Hydra's submitit launcher
 (`hydra/launcher=submitit_slurm`, zebra's launcher class):
 
 (a) a two-job multirun sweep completes and each job writes its artifacts into its own deterministic directory;
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from scale_helpers import TRAIN, subprocess_env, tiny_data, trace_runs
+from tests.helpers.runs import TRAIN, subprocess_env, tiny_data, trace_runs
 
 pytestmark = pytest.mark.slurm
 

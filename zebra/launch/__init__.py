@@ -1,6 +1,6 @@
 """How zebra's processes are started and restarted (DESIGN.md §5): one process per device, started by a launcher
 (torchrun, srun, submitit with `tasks_per_node = devices`), never by Lightning re-executing `train.py`; and
-Slurm requeue owned by submitit (experiments/slurm.md).
+Slurm requeue owned by submitit (docs/clusters.md).
 
 Here: what both sides need and what OmegaConf resolves (`launch_stamp`, registered by
 zebra.stages.config.register_resolvers), without Lightning. The Lightning side (trainer plugin, step-trace
@@ -16,15 +16,13 @@ import time
 import warnings
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-
 # conf/hydra/launcher/submitit_{slurm,local}.yaml keep the names users know from hydra-submitit-launcher, so Hydra
 # validates them against that plugin's schema of the same name (typed keys, which we want) and warns that such
 # automatic matching is deprecated; that one warning is expected and says nothing to a user.
 warnings.filterwarnings("ignore", message=r"(?s).*'hydra/launcher/submitit_(slurm|local)' is validated against "
                         r"ConfigStore schema", category=UserWarning)
 
-# Values of `ckpt_path` that mean "no checkpoint given" (zebra.stages.common.resolve_ckpt_path).
+# Values of `ckpt_path` that mean "no checkpoint given" (zebra.stages.trainer.resolve_ckpt_path).
 _NO_CKPT = ("", "null", "none", "None", "~")
 
 

@@ -4,8 +4,8 @@ The launcher classes themselves live in `hydra_plugins/zebra_launcher` (Hydra in
 the `hydra_plugins` package) and call the functions here:
 
 - `prepare_launch` (submitting process): one task per device (DESIGN §5; the yaml takes tasks_per_node and nodes
-  from the trainer) and `gpus_per_node: null` = trainer.devices on GPU; the repository goes on the jobs'
-  PYTHONPATH, so a job can unpickle the launcher and import zebra whatever directory it was submitted from.
+  from the trainer) and `gpus_per_node: null` = trainer.devices on GPU. Jobs run the submitting interpreter, in
+  whose environment zebra is installed, so they unpickle the launcher whatever directory they were submitted from.
 - `prepare_job` (each task of a job, before Hydra composes the job's config): zebra's OmegaConf resolvers are
   registered (the job never imports train.py); a job that Slurm restarted (`SLURM_RESTART_COUNT > 0`: requeued
   by submitit, preempted in REQUEUE mode, node failure) gets `ckpt_path=last`; under submitit's local executor
@@ -13,7 +13,7 @@ the `hydra_plugins` package) and call the functions here:
   launcher instead of starting its own.
 - `resubmission` (submitit's signal handler on rank 0, USR2): the same job again, with `ckpt_path=last`.
 
-Requeue has one owner, submitit (experiments/slurm.md): Lightning's SLURM auto-requeue is switched off by
+Requeue has one owner, submitit (docs/clusters.md): Lightning's SLURM auto-requeue is switched off by
 `zebra.launch.trainer.cluster_plugins`.
 """
 
@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from zebra.launch import REPO_ROOT, restart_count, with_resume
+from zebra.launch import restart_count, with_resume
 
 GPU_ACCELERATORS = ("gpu", "cuda")
 
@@ -58,9 +58,6 @@ def prepare_launch(launcher) -> None:
     """Called in the submitting process before the jobs are submitted."""
     trainer_cfg = launcher.config.get("trainer") if launcher.config is not None else None
     launcher.params = resolve_resources(launcher.params, trainer_cfg)
-    path = os.environ.get("PYTHONPATH", "")
-    if str(REPO_ROOT) not in path.split(os.pathsep):
-        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), path) if p)
 
 
 def export_local_distributed_env() -> None:

@@ -1,27 +1,35 @@
-"""Helpers for the scale-out tests: run train.py in subprocesses (one per rank when a launcher starts several),
-small local data, step traces written by zebra.launch.trainer.StepTrace.
-
-(A uniquely named module, so test files can import it whatever other conftest.py files are loaded.)
-"""
+"""train.py in subprocesses (one per rank when a launcher starts several), small local data, and the step traces
+written by zebra.launch.trainer.StepTrace: what the scale-out and Slurm tests share."""
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+from zebra.data.synthetic import write_sft
+from zebra.launch.proctree import kill_tree
+from zebra.launch.trainer import read_step_trace
+
 REPO = Path(__file__).resolve().parents[2]
 TRAIN = str(REPO / "train.py")
-from zebra.data.synthetic import write_sft  # noqa: E402
-from zebra.launch.proctree import kill_tree  # noqa: E402
-from zebra.launch.trainer import read_step_trace  # noqa: E402
+
+
+@functools.cache
+def _convert_default_teacher(cache: str | None) -> None:
+    from zebra.compose.teacher import load_tokenizer
+
+    load_tokenizer()
 
 
 def subprocess_env(**extra: str) -> dict:
+    """The environment of a train.py process. The embedded teacher (whose tokenizer the tiny preset uses) is
+    converted into the session's cache here first, once, not by every rank of the run at the same time."""
+    _convert_default_teacher(os.environ.get("ZEBRA_CACHE"))
     env = dict(os.environ)
-    env.update({"HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "TOKENIZERS_PARALLELISM": "false",
-                "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)})
+    env.update({"HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "TOKENIZERS_PARALLELISM": "false"})
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID"):
         env.pop(key, None)  # never inherit a launcher's variables from the test runner
     env.update(extra)
@@ -80,7 +88,7 @@ def padded_tokens_per_batch(data: Path, split: str, seq_len: int, global_batch: 
     """Padding tokens in each global batch a stage will train on (one process; the rows do not depend on how
     they are spread over ranks)."""
     from zebra.data.sft import TokenMixtureDataModule
-    from zebra.stages.common import load_model_tokenizer
+    from zebra.stages.teacher import load_model_tokenizer
 
     dm = TokenMixtureDataModule(tokenizer=load_model_tokenizer("smollm2_135m"), sources=[{"path": str(data)}],
                                 split=split, seq_len=seq_len, batch_size=global_batch, max_tokens=max_tokens,
