@@ -474,6 +474,12 @@ def _special_tokens(tok) -> dict:
     return {attr: getattr(tok, attr, None) for attr in ("bos_token", "eos_token", "pad_token", "unk_token")}
 
 
+def _other_special_tokens(tok, named: dict) -> set[str]:
+    """The special tokens apart from a pad token of its own (one that is also bos/eos/unk stays)."""
+    others = set(map(str, getattr(tok, "all_special_tokens", None) or [])) - {named["pad_token"]}
+    return others | {v for k, v in named.items() if k != "pad_token" and v is not None}
+
+
 def tokenizer_differences(a, b) -> list[str]:
     """What differs between tokenizers `a` and `b` in ways that change token ids or special tokens: vocabulary
     size and entries, bos/eos/pad/unk and the other special tokens, and the ids of a few probe strings (which
@@ -493,9 +499,8 @@ def tokenizer_differences(a, b) -> list[str]:
             continue
         if sa[k] != sb[k]:
             diffs.append(f"{k} {sa[k]!r} vs {sb[k]!r}")
-    xa = set(map(str, getattr(a, "all_special_tokens", None) or []))
-    xb = set(map(str, getattr(b, "all_special_tokens", None) or []))
-    if xa - {sa["pad_token"]} != xb - {sb["pad_token"]}:
+    xa, xb = (_other_special_tokens(t, s) for t, s in ((a, sa), (b, sb)))
+    if xa != xb:
         only_a, only_b = sorted(xa - xb), sorted(xb - xa)
         diffs.append(f"special tokens differ (only in the first: {only_a[:6]}, only in the second: {only_b[:6]})")
     for text in PROBE_TEXTS:
