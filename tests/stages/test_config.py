@@ -12,6 +12,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from stage_helpers import CONF, compose_cfg
+from zebra.stages.artifacts import STAGES, stage_dir
 
 ROOT = CONF.parent
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
@@ -25,15 +26,14 @@ def test_default_config_composes_every_group():
     assert cfg.trainer.gradient_clip_val == 1.0
     assert set(cfg.logger) == {"wandb", "csv"}
     # deterministic artifact directories, independent of Hydra's run dir
-    assert cfg.paths.ilkd_dir == "/tmp/zebra-root/smollm2_135m/ilkd"
-    assert cfg.paths.smart_dir == "/tmp/zebra-root/smollm2_135m/smart"
-    assert cfg.paths.kd_dir == "/tmp/zebra-root/smollm2_135m/6mla-smart/kd"
-    assert cfg.paths.dpo_dir == "/tmp/zebra-root/smollm2_135m/6mla-smart/dpo"
+    assert {s: str(stage_dir(cfg, s)) for s in STAGES} == {
+        "ilkd": "/tmp/zebra-root/smollm2_135m/ilkd", "smart": "/tmp/zebra-root/smollm2_135m/smart",
+        "kd": "/tmp/zebra-root/smollm2_135m/6mla-smart/kd", "dpo": "/tmp/zebra-root/smollm2_135m/6mla-smart/dpo"}
 
 
 def test_paths_root_from_environment(monkeypatch):
     monkeypatch.setenv("ZEBRA_ROOT", "/data/zebra")
-    assert compose_cfg([]).paths.kd_dir == "/data/zebra/smollm2_135m/6mla-smart/kd"
+    assert str(stage_dir(compose_cfg([]), "kd")) == "/data/zebra/smollm2_135m/6mla-smart/kd"
     monkeypatch.delenv("ZEBRA_ROOT")
     assert compose_cfg([]).paths.root == str(Path.cwd() / "artifacts")
 
@@ -41,7 +41,7 @@ def test_paths_root_from_environment(monkeypatch):
 def test_explicit_mix_uses_join_resolver():
     cfg = compose_cfg(["mix=explicit", "mix.mla_layers=[0,7,15]", "paths.root=/r"])
     assert cfg.mix.name == "explicit-0-7-15"
-    assert cfg.paths.kd_dir == "/r/smollm2_135m/explicit-0-7-15/kd"
+    assert str(stage_dir(cfg, "kd")) == "/r/smollm2_135m/explicit-0-7-15/kd"
 
 
 def test_optimizer_and_scheduler_partials():
@@ -57,7 +57,7 @@ def test_optimizer_and_scheduler_partials():
         assert tuple(g["betas"]) == (0.9, 0.999) and g["eps"] == 1e-8 and g["weight_decay"] == 0.0
         sched = instantiate(cfg[stage].scheduler)(opt, total_steps=10)
         assert isinstance(sched, torch.optim.lr_scheduler.LambdaLR)
-    assert cfg.dpo.optimizer.lr == 5e-7 and cfg.dpo.beta == 0.01 and cfg.dpo.scheduler.warmup_ratio == 0.1
+    assert cfg.dpo.optimizer.lr == 5e-7 and cfg.dpo.module.beta == 0.01 and cfg.dpo.scheduler.warmup_ratio == 0.1
 
 
 def test_unknown_group_value_names_the_options():

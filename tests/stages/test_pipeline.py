@@ -71,5 +71,5 @@ def test_pipeline_skips_finished_stages_and_reruns_changed_ones(pipeline_run, da
     root, _, _, extra = pipeline_run
     again = run(compose_cfg(tiny_overrides(root, data_files, extra)))
     assert all(again[s]["skipped"] for s in ("ilkd", "smart", "kd", "dpo"))
-    changed = run(compose_cfg(tiny_overrides(root, data_files, extra + ["dpo.beta=0.05"])))
+    changed = run(compose_cfg(tiny_overrides(root, data_files, extra + ["dpo.module.beta=0.05"])))
     assert [changed[s]["skipped"] for s in ("ilkd", "smart", "kd", "dpo")] == [True, True, True, False]

@@ -297,7 +297,7 @@ def memory_estimate(cfg, config: ZebraConfig, opts: dict) -> dict:
         if stage == "kd":
             teacher_spec = str(cfg["model"].get("kd_teacher") or cfg["model"]["teacher"])
             teacher_kept = None  # the teacher's final hidden states, from its base below
-            chunk = int((cfg.get("kd") or {}).get("chunk_size") or auto_chunk_size(V))
+            chunk = int(((cfg.get("kd") or {}).get("module") or {}).get("chunk_size") or auto_chunk_size(V))
             # per vocabulary chunk ~4 fp32 [chunk, V] buffers (logits, log-softmaxes, gradient); the LM head's fp32
             # gradient accumulator [V, H]; the hidden-state gradient [tokens, H]
             loss_workspace = 4 * 4 * min(chunk, tokens) * V + 4 * V * H + act_bytes * tokens * H

@@ -1,65 +1,236 @@
-"""Stage artifacts: the config hash that says whether a stage's result is current, exports with their model card,
-and reports."""
+"""The stage graph and the artifacts each stage leaves for the next (DESIGN §5).
+
+`STAGES` is the graph: what each stage reads, which config keys its result depends on, and what it exports. Every
+stage writes into one directory under `paths.model_dir` (per mix once the layer choice is made):
+
+    <model_dir>/ilkd/{mla,mamba}/{model/, report.json}   one part per student; ilkd/report.json covers both
+    <model_dir>/smart/{sensitivity.json, sensitivity.png, report.json}
+    <model_dir>/<mix>/kd/{model/, report.json, checkpoints/}
+    <model_dir>/<mix>/dpo/{model/, report.json, checkpoints/}
+
+`finish` writes a part's outputs and then its report.json, which records the config hash (`stage_hash`): a part is
+done (`is_done`) when its output exists and its report carries the current config's hash. `load` is how a stage
+reads an earlier one's export. A new stage is one row in `STAGES` plus its runner `zebra.stages.<name>.run`.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
+import os
+import shutil
+import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Callable
 
-import lightning.pytorch as pl
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from zebra.model import export
 from zebra.model.cache import measure_cache_bytes
 from zebra.plan.describe import count_parameters
 from zebra.stages import zero
+from zebra.stages.errors import MissingArtifactError
 from zebra.stages.export_check import compare_export, probe_reference
+from zebra.utils import files
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
 
 log = logging.getLogger("zebra.stages")
 
 
-def to_container(cfg) -> Any:
-    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, (DictConfig,)) or OmegaConf.is_config(cfg) \
-        else cfg
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    inputs: Callable[[DictConfig], tuple[str, ...]]  # stages whose exports it reads; their hashes enter its own
+    hashed: tuple[str, ...]  # config keys its result depends on
+    output: str  # what a finished part holds beside its report.json
+    what: str  # the output, named for messages ("{part}" stands for the part)
+    parts: tuple[str, ...] = ("",)  # sub-directories finished one by one; "" is the stage directory itself
+    per_mix: bool = False  # under <model_dir>/<mix.name>: the stage depends on the layer choice
+    unhashed: tuple[str, ...] = ()  # keys inside `hashed` that change which parts run, not their result
 
 
+def _kd_inputs(cfg: DictConfig) -> tuple[str, ...]:
+    return ("ilkd", "smart") if cfg.mix.selection == "smart" else ("ilkd",)
+
+
+STAGES: dict[str, Stage] = {
+    "ilkd": Stage(inputs=lambda cfg: (),
+                  hashed=("model.name", "model.teacher", "model.tokenizer", "model.base", "model.mla", "data.sft",
+                          "ilkd", "seed"),
+                  output="model", what="the ILD'd {part} student", parts=("mla", "mamba"),
+                  unhashed=("ilkd.students",)),
+    "smart": Stage(inputs=lambda cfg: ("ilkd",), hashed=("data.sft", "smart", "seed"), output="sensitivity.json",
+                   what="SMART's layer sensitivities"),
+    "kd": Stage(inputs=_kd_inputs,
+                hashed=("mix", "model.kd_teacher", "model.kd_teacher_base", "data.sft", "kd", "seed"),
+                output="model", what="the KD'd hybrid", per_mix=True),
+    "dpo": Stage(inputs=lambda cfg: ("kd",), hashed=("data.preference", "dpo", "seed"), output="model",
+                 what="the DPO'd hybrid", per_mix=True),
+}
+
+
+# ------------------------------------------------------------------------------------------------ layout
+def layout(model_dir: Path | str, stage: str, mix: str | None = None) -> Path:
+    """The directory of `stage` in a run directory `<paths.root>/<model.name>` (per-mix stages need `mix`)."""
+    if STAGES[stage].per_mix:
+        if mix is None:
+            raise ValueError(f"stage {stage!r} has one directory per mix: name the mix")
+        return Path(model_dir) / mix / stage
+    return Path(model_dir) / stage
+
+
+def stage_dir(cfg: DictConfig, stage: str, part: str = "") -> Path:
+    return layout(cfg.paths.model_dir, stage, str(cfg.mix.name)) / part
+
+
+def output_path(cfg: DictConfig, stage: str, part: str = "") -> Path:
+    return stage_dir(cfg, stage, part) / STAGES[stage].output
+
+
+def checkpoint_dir(cfg: DictConfig, stage: str, parts: tuple[str, ...] = ()) -> Path:
+    """`checkpoints/`, or `checkpoints-<parts>/` for a run that trains some of the stage's parts: each set of parts
+    trained together resumes from its own."""
+    whole = not parts or set(parts) == set(STAGES[stage].parts)
+    return stage_dir(cfg, stage) / ("checkpoints" if whole else "checkpoints-" + "-".join(parts))
+
+
+def holds_run(model_dir: Path | str) -> bool:
+    """Whether `model_dir` holds a training run: some stage's directory (a per-mix one inside any mix)."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        return False
+    if any(layout(model_dir, s).is_dir() for s, st in STAGES.items() if not st.per_mix):
+        return True
+    return any(layout(model_dir, s, d.name).is_dir() for d in model_dir.iterdir() if d.is_dir()
+               for s, st in STAGES.items() if st.per_mix)
+
+
+# ------------------------------------------------------------------------------------------------ identity
 def config_hash(*parts) -> str:
-    """Stable short hash of resolved config pieces (dicts, lists, scalars)."""
-    blob = json.dumps([to_container(p) for p in parts], sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    """Stable short hash of config pieces (resolved configs, dicts, lists, scalars)."""
+    plain = [OmegaConf.to_container(p, resolve=True) if OmegaConf.is_config(p) else p for p in parts]
+    return hashlib.sha256(json.dumps(plain, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _model_identity(cfg: DictConfig) -> dict:
-    m = cfg.model
-    return {"name": m.name, "teacher": m.teacher, "tokenizer": m.tokenizer, "base": m.base, "mla": m.mla}
+def _hashed_value(cfg: DictConfig, key: str, unhashed: tuple[str, ...]):
+    value = OmegaConf.select(cfg, key, default=None)
+    if OmegaConf.is_config(value):
+        value = OmegaConf.to_container(value, resolve=True)
+    for skip in unhashed:
+        if skip.startswith(key + ".") and isinstance(value, dict):
+            value.pop(skip[len(key) + 1:], None)
+    return value
 
 
-def stage_hash(name: str, cfg: DictConfig) -> str:
+def stage_hash(cfg: DictConfig, stage: str) -> str:
     """Hash of everything a stage's result depends on, chained through the stages it reads from, so that
     `stage=pipeline` re-runs a stage when its own config or any upstream stage's changed."""
-    sft = cfg.data.get("sft")
-    if name == "ilkd":  # which students a run trains does not change either student's result
-        ild = {k: v for k, v in to_container(cfg.ilkd).items() if k != "students"}
-        return config_hash("ilkd", _model_identity(cfg), sft, ild, cfg.seed)
-    if name == "smart":
-        return config_hash("smart", stage_hash("ilkd", cfg), sft, cfg.smart, cfg.seed)
-    if name == "kd":
-        upstream = [stage_hash("ilkd", cfg)]
-        if cfg.mix.get("selection") == "smart":
-            upstream.append(stage_hash("smart", cfg))
-        teacher = [cfg.model.kd_teacher, cfg.model.get("kd_teacher_base")]
-        return config_hash("kd", upstream, cfg.mix, teacher, sft, cfg.kd, cfg.seed)
-    if name == "dpo":
-        return config_hash("dpo", stage_hash("kd", cfg), cfg.data.get("preference"), cfg.dpo, cfg.seed)
-    raise ValueError(f"no stage hash for {name!r}")
+    st = STAGES[stage]
+    upstream = {name: stage_hash(cfg, name) for name in st.inputs(cfg)}
+    return config_hash(stage, upstream, {key: _hashed_value(cfg, key, st.unhashed) for key in st.hashed})
 
 
-def read_json(path: Path | str) -> dict:
-    with open(path) as f:
-        return json.load(f)
+def _exported(cfg: DictConfig, stage: str, part: str) -> bool:
+    out = output_path(cfg, stage, part)
+    return (out / "config.json").is_file() if STAGES[stage].output == "model" else out.is_file()
+
+
+def is_done(cfg: DictConfig, stage: str, part: str | None = None) -> bool:
+    """Every part (or the one named) exported, with a report that records this config's hash."""
+    digest = stage_hash(cfg, stage)
+    return all(_exported(cfg, stage, p) and load(cfg, stage, "report", p).get("config_hash") == digest
+               for p in ((part,) if part is not None else STAGES[stage].parts))
+
+
+def exported(cfg: DictConfig, stage: str) -> bool:
+    """Every part's output exists, whichever config made it (what a reading stage needs)."""
+    return all(_exported(cfg, stage, p) for p in STAGES[stage].parts)
+
+
+# ------------------------------------------------------------------------------------------------ reading
+def load(cfg: DictConfig, stage: str, kind: str = "model", part: str = "", dtype: torch.dtype = torch.float32):
+    """What a stage exported. `kind`: "model" (ZebraForCausalLM in `dtype`; A_log, D, dt_bias stay fp32), "config"
+    (its ZebraConfig), "tokenizer", "output" (the path of the output, checked), or "report" (its report.json; {}
+    before the stage has written one). A missing export raises MissingArtifactError naming the command to run."""
+    if kind == "report":
+        try:
+            with open(stage_dir(cfg, stage, part) / "report.json") as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return {}
+    st = STAGES[stage]
+    path = output_path(cfg, stage, part)
+    if not _exported(cfg, stage, part):
+        which = f" with {stage}.students=both or {part}," if len(st.parts) > 1 else ""
+        raise MissingArtifactError(
+            f"{st.what.format(part=part)} is missing: {path} (run `python train.py stage={stage}` first,{which} with "
+            "the same model/mix/paths settings)")
+    if kind == "output":
+        return path
+    if st.output != "model":
+        raise ValueError(f"stage {stage!r} exports {st.output}, not a model: load it as kind='output'")
+    if kind == "config":
+        from zebra.model import ZebraConfig
+
+        return ZebraConfig.from_pretrained(path)
+    if kind == "tokenizer":
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(path)
+    if kind == "model":
+        from zebra.model import ZebraForCausalLM
+
+        return ZebraForCausalLM.from_pretrained(path, dtype=dtype)
+    raise ValueError(f"unknown artifact kind {kind!r}: model, config, tokenizer, output or report")
+
+
+# ------------------------------------------------------------------------------------------------ writing
+def finish(cfg: DictConfig, stage: str, trainer: pl.Trainer | None, report: dict, *, part: str = "", model=None,
+           tokenizer=None, card: dict | None = None, probe: dict | None = None,
+           outputs: Callable[[Path], None] | None = None, checkpoints: Path | None = None) -> dict:
+    """Finish a stage (or one part of it): its report.json is removed first, then its outputs are written (the
+    Hugging Face `model/` with its card, renamed into place whole; or the files `outputs(tmp)` writes, each
+    renamed into place), then the report, last, which marks the part done. `checkpoints` are removed afterwards
+    under `checkpoint.keep_after_stage: false`. Returns the report (with `export_check` when a model is given).
+
+    Collective when a model is given: every rank must call it. Under ZeRO-3 the shards are gathered one decoder
+    layer at a time into a CPU copy on rank 0 (zebra.stages.zero), which writes; with `export_check: true` the
+    export is loaded back with `from_pretrained` and its logits on a probe batch compared with the in-memory
+    model's. `card`: model_card's arguments but the model. `export: false` writes the report only."""
+    rank = trainer.global_rank if trainer is not None else 0
+    to_save = reference = None
+    if model is not None and cfg.export:
+        to_save = zero.exportable(model, rank)
+        reference = probe_reference(model, probe) if cfg.export_check else None
+    if rank != 0:
+        return report
+    d = stage_dir(cfg, stage, part)
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "report.json").unlink(missing_ok=True)  # not done while its outputs change
+    if model is not None:
+        report["export_check"] = None
+        if to_save is None:
+            log.info("export=false: no model export written to %s", d / "model")
+        else:
+            export.save_hf_model(to_save, d / "model", tokenizer, model_card(model=to_save, **(card or {})))
+            del to_save
+            if reference is not None:  # the finished export, loaded back as a user would
+                report["export_check"] = compare_export(d / "model", *reference, model)
+    if outputs is not None:
+        with tempfile.TemporaryDirectory(dir=d, prefix=".outputs-") as tmp:
+            outputs(Path(tmp))
+            for f in Path(tmp).iterdir():
+                os.replace(f, d / f.name)
+    files.write_json_atomic(d / "report.json", report)
+    if checkpoints is not None and not cfg.checkpoint.keep_after_stage and Path(checkpoints).exists():
+        # the stage's result is its export (the smoke recipe's checkpoints would take ~6 GB)
+        shutil.rmtree(checkpoints, ignore_errors=True)
+        log.info("checkpoint.keep_after_stage=false: removed %s", checkpoints)
+    return report
 
 
 def kv_fraction(config) -> float:
@@ -91,32 +262,10 @@ def model_card(*, title: str, stage: str, model, base: str, teacher: str, teache
     ]
     for k, v in (extra or {}).items():
         lines.append(f"| {k} | {v} |")
-    if teacher_quantisation not in ("none",) and not teacher_quantisation.startswith("none"):
+    if not teacher_quantisation.startswith("none"):
         lines += ["", f"Every number for this model was measured against a quantised teacher ({teacher_quantisation})."]
     lines += ["", "Load with `import zebra; AutoModelForCausalLM.from_pretrained(path)`.", ""]
     return "\n".join(lines)
-
-
-def export_stage_model(cfg: DictConfig, trainer: pl.Trainer | None, model, tokenizer, dst: Path | str, card: str,
-                       probe: dict | None = None) -> dict | None:
-    """Write a stage's trained model to `dst` (atomically) as a Hugging Face directory; returns the export
-    check (below) on rank 0, None elsewhere or when it is off.
-
-    Collective: every rank must call it. Under ZeRO-3 the shards are gathered one decoder layer at a time into a
-    CPU state dict on rank 0 (zebra.stages.zero), which writes the export from that; other strategies export the
-    model as it is. With `export_check: true` the export is loaded back with `from_pretrained` (dtype and device
-    of the in-memory model) and its logits on a probe batch are compared with the in-memory model's.
-    """
-    if not cfg.export:
-        log.info("export=false: no model export written to %s", dst)
-        return None
-    to_save = zero.exportable(model, trainer.global_rank if trainer is not None else 0)
-    reference = probe_reference(cfg, model, probe)
-    if to_save is None:
-        return None
-    export.save_hf_model(to_save, dst, tokenizer, card)
-    del to_save
-    return compare_export(dst, *reference, model) if reference is not None else None
 
 
 def dataset_description(data_cfg, key: str) -> str:

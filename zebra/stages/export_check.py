@@ -6,13 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
 
 
-def probe_reference(cfg: DictConfig, model, probe: dict | None = None):
-    """(probe ids, the in-memory model's logits on them) when `export_check` is on, else None. Collective."""
-    if not cfg.export_check:
-        return None
+def probe_reference(model, probe: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(probe ids, the in-memory model's logits on them). Collective under ZeRO-3."""
     ids = probe_ids(probe, model.config.vocab_size)
     return ids, model_logits(model, ids)
 

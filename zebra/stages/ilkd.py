@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 
 import torch
 from hydra.utils import instantiate
@@ -20,21 +19,19 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from zebra.model.packing import doc_ids_from_position_ids, is_packed
-from zebra.stages.artifacts import dataset_description, kv_fraction, model_card, read_json, stage_hash
-from zebra.stages.budget import plan_token_stage
-from zebra.stages.errors import StageError, TokenizerMismatchError
-from zebra.stages.export_check import compare_export, probe_reference
-from zebra.stages.module import StageModule, StudentSpec, stage_summary
-from zebra.stages.teacher import load_model_tokenizer, load_teacher_model, teacher_dtype, teacher_forward, teacher_placement
-from zebra.stages.trainer import build_trainer, drop_checkpoints, fit, resolve_ckpt_path
-from zebra.stages.zero import exportable, zero_stage
-from zebra.model.export import write_hf_model
 from zebra.plan.describe import count_parameters
-from zebra.utils.files import atomic_dir, write_json_atomic
+from zebra.stages import artifacts
+from zebra.stages.budget import plan_token_stage, world_size
+from zebra.stages.errors import StageError, TokenizerMismatchError
+from zebra.stages.module import StageModule, StudentSpec, stage_summary
+from zebra.stages.teacher import (load_model_tokenizer, load_teacher_model, teacher_dtype, teacher_forward,
+                                  teacher_placement)
+from zebra.stages.trainer import build_trainer, fit, resolve_ckpt_path
+from zebra.stages.zero import zero_stage
 
 log = logging.getLogger("zebra.stages.ilkd")
 
-KINDS = ("mla", "mamba")
+KINDS = artifacts.STAGES["ilkd"].parts
 
 
 def masked_l2(a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor,
@@ -49,8 +46,8 @@ class ILDModule(StageModule):
     def __init__(self, students: dict[str, nn.Module], teacher: nn.Module, mixer_loss: bool = True,
                  mixer_loss_weight: float = 1.0, last_layer_target: str = "normed",
                  gradient_checkpointing: bool = False, seq_len: int = 0, optimizer=None, scheduler=None,
-                 check_weights_moved: bool = False):
-        super().__init__(optimizer, scheduler, check_weights_moved)
+                 check_weights_moved: bool = False, frozen_placement: str = "replicated"):
+        super().__init__(optimizer, scheduler, check_weights_moved, frozen_placement)
         if last_layer_target not in ("normed", "unnormed"):
             raise ValueError(f"ild last_layer_target must be 'normed' or 'unnormed', got {last_layer_target!r}")
         if not students:
@@ -161,20 +158,23 @@ class ILDModule(StageModule):
 
 # ------------------------------------------------------------------------------------------------ runner
 def run(cfg: DictConfig) -> dict:
+    """Train the students `ilkd.students` names (both, mla or mamba) and export each as its own part of the stage.
+    The module is `ilkd.module` (an ILDModule, completed here with the students and the teacher)."""
+    from zebra.compose.students import build_student, zebra_config_from_teacher
+
     sc = cfg.ilkd
     start = time.perf_counter()
-    out_dir = Path(cfg.paths.ilkd_dir)
     kinds = KINDS if sc.students == "both" else (sc.students,)
     if any(k not in KINDS for k in kinds):
         raise StageError(f"ilkd.students must be both, mla or mamba, got {sc.students!r}")
 
     # cheap checks first: data (paths, emptiness, enough tokens for one batch) before any model is loaded
     tokenizer = load_model_tokenizer(cfg.model.tokenizer)
+    world = world_size(cfg)
+    steps, datamodule = plan_token_stage(cfg, sc, tokenizer, world)
     # one checkpoint directory per set of students trained together (the pipeline may train them one by one)
-    ckpt_dir = out_dir / ("checkpoints" if len(kinds) == 2 else f"checkpoints-{kinds[0]}")
-    trainer = build_trainer(cfg, "ilkd", out_dir, max_steps=1, stage_cfg=sc, ckpt_dir=ckpt_dir,
-                                   accumulate_grad_batches=sc.get("accumulate_grad_batches", 1))
-    steps, datamodule = plan_token_stage(cfg, sc, tokenizer, trainer)
+    ckpt_dir = artifacts.checkpoint_dir(cfg, "ilkd", kinds)
+    trainer = build_trainer(cfg, "ilkd", sc, steps, world, ckpt_dir)
     placement = teacher_placement(cfg, trainer)  # checked before any model loads
 
     teacher = load_teacher_model(cfg.model.teacher, cfg.model.base, dtype=teacher_dtype(cfg))
@@ -182,8 +182,6 @@ def run(cfg: DictConfig) -> dict:
         raise TokenizerMismatchError(
             f"tokenizer {cfg.model.tokenizer!r} has {len(tokenizer)} tokens but the base {cfg.model.teacher!r} has a "
             f"{teacher.model.config.vocab_size}-row vocabulary")
-
-    from zebra.compose.students import build_student, zebra_config_from_teacher
 
     mla_kwargs = OmegaConf.to_container(cfg.model.mla, resolve=True)
     # Under ZeRO-3 only rank 0 builds each student whole (on CPU, from the teacher); configure_model creates it
@@ -202,69 +200,33 @@ def run(cfg: DictConfig) -> dict:
             log.info("ilkd: built the all-%s student in %.1f s", kind, time.perf_counter() - t0)
         students[kind] = spec
 
-    module = ILDModule(students, teacher.model, mixer_loss=sc.mixer_loss, mixer_loss_weight=sc.mixer_loss_weight,
-                       last_layer_target=sc.last_layer_target, gradient_checkpointing=sc.gradient_checkpointing,
-                       seq_len=int(sc.seq_len), optimizer=instantiate(sc.optimizer),
-                       scheduler=instantiate(sc.scheduler), check_weights_moved=bool(cfg.get("check_weights_moved")))
-    module.frozen_placement = placement
+    module = instantiate(sc.module)(students=students, teacher=teacher.model, frozen_placement=placement,
+                                    check_weights_moved=cfg.check_weights_moved)
     fit(trainer, module, datamodule, resolve_ckpt_path(cfg, ckpt_dir))
-    students = dict(module.students.items())
-    wall = time.perf_counter() - start
-
-    summary = stage_summary(trainer, module, wall)
-    report = {"stage": "ilkd", "config_hash": stage_hash("ilkd", cfg), "model": cfg.model.name,
+    summary = stage_summary(trainer, module, time.perf_counter() - start)
+    digest = artifacts.stage_hash(cfg, "ilkd")
+    report = {"stage": "ilkd", "config_hash": digest, "model": cfg.model.name,
               "teacher": cfg.model.teacher, "teacher_quantisation": teacher.quantisation,
-              "teacher_placement": placement,
-              "last_layer_target": sc.last_layer_target, "mixer_loss": bool(sc.mixer_loss),
-              "trained_together": list(kinds), **summary}
-    # collective under ZeRO-3: every rank gathers each student (rank 0 gets the whole copy) and, with
-    # export_check, runs the probe forward
-    saved = {kind: (exportable(s, trainer.global_rank), probe_reference(cfg, s)) for kind, s in students.items()
-             if cfg.get("export", True)}
-    if trainer.global_rank == 0:
-        data_desc = dataset_description(cfg.data, "sft") + f" (split {sc.split})"
-        merged = read_report(out_dir)
-        merged.update({k: v for k, v in report.items() if k != "students"})
-        merged.setdefault("students", {})
-        if merged.get("config_hash") != report["config_hash"]:
-            merged["students"] = {}
-        for kind, student in students.items():
-            student.eval()
-            card = model_card(
-                title=f"zebra {cfg.model.name} all-{kind.upper()} student after ILD", stage="ilkd", model=student,
-                base=str(cfg.model.teacher), teacher=str(cfg.model.teacher),
-                teacher_quantisation=teacher.quantisation, data=data_desc, tokens=module.tokens_seen,
-                extra={"last-layer target": sc.last_layer_target, "mixer loss": bool(sc.mixer_loss)})
-            kind_report = {"kind": kind, "config_hash": report["config_hash"], "params": count_parameters(student),
-                           "kv_fraction": kv_fraction(student.config), "init_errors": init_reports[kind],
-                           "loss_first": summary["loss_first"], "loss_last": summary["loss_last"],
-                           "export": str(out_dir / kind / "model")}
-
-            if kind not in saved:  # export=false
-                merged["students"][kind] = kind_report
-                continue
-            to_save, reference = saved.pop(kind)
-
-            def write(tmp: Path, to_save=to_save, card=card, kind_report=kind_report, reference=reference,
-                      student=student):
-                write_hf_model(to_save, tmp / "model", tokenizer, card)
-                if reference is not None:  # the finished export, loaded back as a user would
-                    kind_report["export_check"] = compare_export(tmp / "model", *reference, student)
-                write_json_atomic(tmp / "report.json", kind_report)
-
-            with atomic_dir(out_dir / kind) as tmp:
-                write(tmp)  # model/ and its report appear together or not at all
-            del to_save
-            merged["students"][kind] = kind_report
-        write_json_atomic(out_dir / "report.json", merged)
-        drop_checkpoints(cfg, trainer, ckpt_dir)
-        report = merged
-        log.info("ilkd done: %s", out_dir)
+              "teacher_placement": placement, "last_layer_target": module.last_layer_target,
+              "mixer_loss": module.mixer_loss, "trained_together": list(kinds), **summary}
+    # the report of both students: this run's, beside an earlier run's of the other student for the same config
+    merged = artifacts.load(cfg, "ilkd", "report")
+    previous = merged.get("students", {}) if merged.get("config_hash") == digest else {}
+    merged = {**merged, **report, "students": dict(previous)}
+    data = artifacts.dataset_description(cfg.data, "sft") + f" (split {sc.split})"
+    for kind, student in module.students.items():
+        student.eval()
+        card = dict(title=f"zebra {cfg.model.name} all-{kind.upper()} student after ILD", stage="ilkd",
+                    base=str(cfg.model.teacher), teacher=str(cfg.model.teacher),
+                    teacher_quantisation=teacher.quantisation, data=data, tokens=module.tokens_seen,
+                    extra={"last-layer target": module.last_layer_target, "mixer loss": module.mixer_loss})
+        part = {"kind": kind, "config_hash": digest, "params": count_parameters(student),
+                "kv_fraction": artifacts.kv_fraction(student.config), "init_errors": init_reports[kind],
+                "loss_first": summary["loss_first"], "loss_last": summary["loss_last"],
+                "export": str(artifacts.output_path(cfg, "ilkd", kind))}
+        # collective under ZeRO-3: every rank gathers the student (rank 0 writes it)
+        merged["students"][kind] = artifacts.finish(cfg, "ilkd", trainer, part, part=kind, model=student,
+                                                    tokenizer=tokenizer, card=card)
+    report = artifacts.finish(cfg, "ilkd", trainer, merged, checkpoints=ckpt_dir)
+    log.info("ilkd done: %s", artifacts.stage_dir(cfg, "ilkd"))
     return report
-
-
-def read_report(out_dir: Path) -> dict:
-    try:
-        return read_json(out_dir / "report.json")
-    except (OSError, ValueError):
-        return {}

@@ -11,24 +11,22 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import nn
 
-from zebra.stages import zero
-from zebra.stages.losses import chunked_kd_loss, lm_head_weight
-from zebra.stages.artifacts import dataset_description, export_stage_model, kv_fraction, model_card, stage_hash
-from zebra.stages.budget import plan_token_stage
-from zebra.stages.errors import MissingArtifactError, StageError, TokenizerMismatchError
-from zebra.stages.module import StageModule, StudentSpec, stage_summary
-from zebra.stages.teacher import TeacherOutputs, check_tokenizers_match, load_model_tokenizer, load_teacher_model, teacher_device, teacher_dtype, teacher_forward, teacher_placement
-from zebra.stages.trainer import build_trainer, drop_checkpoints, fit, resolve_ckpt_path
-from zebra.stages.zero import zero_stage
 from zebra.plan.describe import count_parameters
-from zebra.utils.files import write_json_atomic
+from zebra.stages import artifacts, zero
+from zebra.stages.budget import plan_token_stage, world_size
+from zebra.stages.errors import MissingArtifactError, StageError, TokenizerMismatchError
+from zebra.stages.losses import chunked_kd_loss, lm_head_weight
+from zebra.stages.module import StageModule, StudentSpec, stage_summary
+from zebra.stages.teacher import (TeacherOutputs, check_tokenizers_match, load_model_tokenizer, load_teacher_model,
+                                  teacher_device, teacher_dtype, teacher_forward, teacher_placement)
+from zebra.stages.trainer import build_trainer, fit, resolve_ckpt_path
+from zebra.stages.zero import zero_stage
 
 log = logging.getLogger("zebra.stages.kd")
 
@@ -55,8 +53,9 @@ class KDModule(StageModule):
     def __init__(self, student: nn.Module | StudentSpec, teacher: nn.Module, temperature: float = 1.0,
                  kl_weight: float = 1.0, ce_weight: float = 0.0, reduction: str = "sequence",
                  chunk_size: int | None = None, gradient_checkpointing: bool = False, seq_len: int = 0,
-                 optimizer=None, scheduler=None, heldout: list | None = None, check_weights_moved: bool = False):
-        super().__init__(optimizer, scheduler, check_weights_moved)
+                 optimizer=None, scheduler=None, heldout: list | None = None, check_weights_moved: bool = False,
+                 frozen_placement: str = "replicated"):
+        super().__init__(optimizer, scheduler, check_weights_moved, frozen_placement)
         self.student = self.adopt_trained(student, gradient_checkpointing)  # every hybrid parameter trains in KD
         self.add_frozen("teacher", teacher)
         self.temperature, self.kl_weight, self.ce_weight = float(temperature), float(kl_weight), float(ce_weight)
@@ -159,23 +158,13 @@ def heldout_kl(student: nn.Module, teacher: nn.Module, batches, chunk_size: int 
 
 
 def mla_layers_for(cfg: DictConfig, num_layers: int) -> list[int]:
+    """The mix's MLA layer indices (a `smart` mix reads SMART's selection)."""
     from zebra.plan.mixes import resolve_mla_layers
 
-    smart_file = Path(cfg.paths.smart_dir) / "sensitivity.json"
     try:
-        return resolve_mla_layers(cfg.mix, num_layers, smart_file)
+        return resolve_mla_layers(cfg.mix, num_layers, artifacts.output_path(cfg, "smart"))
     except FileNotFoundError as err:
         raise MissingArtifactError(str(err)) from err
-
-
-def student_tokenizer(cfg: DictConfig):
-    from transformers import AutoTokenizer
-
-    path = Path(cfg.paths.ilkd_dir) / "mla" / "model"
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError):
-        return load_model_tokenizer(cfg.model.tokenizer)
 
 
 def load_kd_teacher(cfg: DictConfig, student_tok, student_vocab: int, dtype: torch.dtype,
@@ -206,15 +195,16 @@ def load_kd_teacher(cfg: DictConfig, student_tok, student_vocab: int, dtype: tor
 
 
 def run(cfg: DictConfig) -> dict:
+    """Assemble the hybrid from the ILD exports (or, `kd.student_init=random`, the model's own init at real shapes,
+    for throughput runs), distil it into `model.kd_teacher`, export it. The module is `kd.module` (a KDModule,
+    completed here with the student, the teacher and the held-out batches)."""
     from zebra.compose.students import assemble_hybrid, hybrid_config
     from zebra.plan.describe import zebra_config_from_preset
     from zebra.plan.mixes import layer_types_for
-    from zebra.stages.smart import load_ild_student
 
     sc = cfg.kd
     start = time.perf_counter()
-    out_dir = Path(cfg.paths.kd_dir)
-    init = str(sc.get("student_init") or "ilkd")
+    init = str(sc.student_init)
     if init not in ("ilkd", "random"):
         raise StageError(f"kd.student_init must be 'ilkd' or 'random', got {init!r}")
     if init == "random":  # throughput / memory runs at real shapes: no ILD exports needed
@@ -223,61 +213,53 @@ def run(cfg: DictConfig) -> dict:
         config = zebra_config_from_preset(cfg.model, layer_types_for(num_layers, layers))
         tokenizer = load_model_tokenizer(cfg.model.tokenizer)
     else:
-        configs = {k: load_ild_student(cfg, k, config_only=True) for k in ("mla", "mamba")}
+        configs = {k: artifacts.load(cfg, "ilkd", "config", part=k) for k in ("mla", "mamba")}
         num_layers = configs["mla"].num_hidden_layers
         layers = mla_layers_for(cfg, num_layers)
         config = hybrid_config(configs["mla"], configs["mamba"], layers)
-        tokenizer = student_tokenizer(cfg)
-    trainer = build_trainer(cfg, "kd", out_dir, max_steps=1, stage_cfg=sc,
-                                   accumulate_grad_batches=sc.get("accumulate_grad_batches", 1))
-    steps, dm = plan_token_stage(cfg, sc, tokenizer, trainer, assistant_only=sc.assistant_only)
+        tokenizer = artifacts.load(cfg, "ilkd", "tokenizer", part="mla")
+    world = world_size(cfg)
+    steps, dm = plan_token_stage(cfg, sc, tokenizer, world, assistant_only=sc.assistant_only)
+    trainer = build_trainer(cfg, "kd", sc, steps, world)
     placement = teacher_placement(cfg, trainer)  # checked before any model loads
     # tokenizers must match before the teacher's weights load and long before training
-    teacher = load_kd_teacher(cfg, tokenizer, config.vocab_size, teacher_dtype(cfg),
-                              teacher_device(trainer))
+    teacher = load_kd_teacher(cfg, tokenizer, config.vocab_size, teacher_dtype(cfg), teacher_device(trainer))
     # Under ZeRO-3 only rank 0 assembles the whole hybrid (on CPU); configure_model creates it sharded.
     spec = StudentSpec(config, random=init == "random")
     if init == "ilkd" and (zero_stage(trainer) != 3 or trainer.global_rank == 0):
-        spec.full = assemble_hybrid(load_ild_student(cfg, "mla"), load_ild_student(cfg, "mamba"), layers)
+        spec.full = assemble_hybrid(artifacts.load(cfg, "ilkd", part="mla"),
+                                    artifacts.load(cfg, "ilkd", part="mamba"), layers)
 
     heldout = []
-    if int(sc.get("heldout_batches") or 0) > 0:
+    if sc.heldout_batches > 0:
         for i, b in enumerate(dm.heldout_dataloader(batch_size=int(sc.batch_size))):
             if i >= int(sc.heldout_batches):
                 break
             heldout.append(b)
-    module = KDModule(spec, teacher.model, temperature=sc.temperature, kl_weight=sc.kl_weight,
-                      ce_weight=sc.ce_weight, reduction=sc.reduction, chunk_size=sc.get("chunk_size"),
-                      gradient_checkpointing=sc.gradient_checkpointing, seq_len=int(sc.seq_len),
-                      optimizer=instantiate(sc.optimizer), scheduler=instantiate(sc.scheduler), heldout=heldout,
-                      check_weights_moved=bool(cfg.get("check_weights_moved")))
-    module.frozen_placement = placement
-    fit(trainer, module, dm, resolve_ckpt_path(cfg, out_dir / "checkpoints"))
+    module = instantiate(sc.module)(student=spec, teacher=teacher.model, heldout=heldout,
+                                    frozen_placement=placement, check_weights_moved=cfg.check_weights_moved)
+    ckpt_dir = artifacts.checkpoint_dir(cfg, "kd")
+    fit(trainer, module, dm, resolve_ckpt_path(cfg, ckpt_dir))
     hybrid = module.student
     kl_before, kl_after = module.kl_before, module.kl_after
-    wall = time.perf_counter() - start
-
-    report = {"stage": "kd", "config_hash": stage_hash("kd", cfg), "model": cfg.model.name,
+    report = {"stage": "kd", "config_hash": artifacts.stage_hash(cfg, "kd"), "model": cfg.model.name,
               "mix": cfg.mix.name, "mla_layers": layers, "params": count_parameters(hybrid),
-              "kv_fraction": kv_fraction(hybrid.config), "teacher": str(cfg.model.kd_teacher),
+              "kv_fraction": artifacts.kv_fraction(hybrid.config), "teacher": str(cfg.model.kd_teacher),
               "teacher_quantisation": teacher.quantisation, "teacher_placement": placement,
-              "teacher_partitioned": zero.partitioned(teacher.model), "temperature": sc.temperature,
-              "ce_weight": sc.ce_weight, "assistant_only": sc.assistant_only,
+              "teacher_partitioned": zero.partitioned(teacher.model), "temperature": module.temperature,
+              "ce_weight": module.ce_weight, "assistant_only": sc.assistant_only,
               "heldout_kl_before": kl_before, "heldout_kl_after": kl_after,
-              **stage_summary(trainer, module, wall)}
+              **stage_summary(trainer, module, time.perf_counter() - start)}
     hybrid.eval()
-    card = model_card(
-        title=f"zebra {cfg.model.name} {cfg.mix.name} hybrid after KD", stage="kd", model=hybrid,
-        base=str(cfg.model.teacher), teacher=str(cfg.model.kd_teacher),
-        teacher_quantisation=teacher.quantisation,
-        data=dataset_description(cfg.data, "sft") + f" (split {sc.split})", tokens=module.tokens_seen,
-        extra={"held-out KL to teacher (before -> after KD)":
-               f"{kl_before:.4f} -> {kl_after:.4f}" if kl_before is not None else "n/a"})
+    card = dict(title=f"zebra {cfg.model.name} {cfg.mix.name} hybrid after KD", stage="kd",
+                base=str(cfg.model.teacher), teacher=str(cfg.model.kd_teacher),
+                teacher_quantisation=teacher.quantisation,
+                data=artifacts.dataset_description(cfg.data, "sft") + f" (split {sc.split})",
+                tokens=module.tokens_seen,
+                extra={"held-out KL to teacher (before -> after KD)":
+                       f"{kl_before:.4f} -> {kl_after:.4f}" if kl_before is not None else "n/a"})
     # collective under ZeRO-3 (every rank gathers; rank 0 writes)
-    report["export_check"] = export_stage_model(cfg, trainer, hybrid, tokenizer, out_dir / "model", card,
-                                                       probe=heldout[0] if heldout else None)
-    if trainer.global_rank == 0:
-        write_json_atomic(out_dir / "report.json", report)
-        drop_checkpoints(cfg, trainer, out_dir / "checkpoints")
-        log.info("kd done: %s", out_dir)
+    report = artifacts.finish(cfg, "kd", trainer, report, model=hybrid, tokenizer=tokenizer, card=card,
+                              probe=heldout[0] if heldout else None, checkpoints=ckpt_dir)
+    log.info("kd done: %s", artifacts.stage_dir(cfg, "kd"))
     return report

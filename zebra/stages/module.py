@@ -77,7 +77,7 @@ class StageModule(pl.LightningModule):
     """
 
     def __init__(self, optimizer: Callable | None = None, scheduler: Callable | None = None,
-                 check_weights_moved: bool = False):
+                 check_weights_moved: bool = False, frozen_placement: str = "replicated"):
         super().__init__()
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
@@ -86,9 +86,9 @@ class StageModule(pl.LightningModule):
         self.weights_moved: dict | None = None
         self._frozen: dict[str, nn.Module] = {}
         # "replicated": each rank holds whole frozen models (bf16 on GPUs); "zero3": partitioned over the ranks in
-        # their own ZeRO-3 inference engines (zebra.stages.zero.inference_engine), set by the runners from
+        # their own ZeRO-3 inference engines (zebra.stages.zero.inference_engine); the runners pass
         # `teacher_placement`
-        self.frozen_placement = "replicated"
+        self.frozen_placement = frozen_placement
         self._frozen_engines: dict[str, Any] = {}
         self.tokens_seen = 0  # real (non-pad) tokens, summed over ranks' batches on this rank
         self.last_step_tokens = 0
@@ -218,12 +218,43 @@ class StageModule(pl.LightningModule):
         if not any(g["params"] for g in groups):
             raise StageError(f"{type(self).__name__}: nothing to train (every parameter is frozen)")
         opt = self.optimizer_factory(groups)
+        self._check_clipping(opt)
         if self.scheduler_factory is None:
             return opt
         total = self.trainer.estimated_stepping_batches if self.trainer.max_steps in (-1, None) else \
             self.trainer.max_steps
         sched = self.scheduler_factory(opt, total_steps=int(total))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
+
+    def _check_clipping(self, optimizer: torch.optim.Optimizer) -> None:
+        """fp16 (`16-mixed`) scales the loss; an optimizer that unscales inside its own step (fused AdamW) leaves the
+        gradients scaled when they are clipped, so clipping them cannot be right: refuse before the first step."""
+        trainer = self._trainer
+        if trainer is None or not trainer.gradient_clip_val:
+            return
+        if getattr(trainer.precision_plugin, "scaler", None) is not None \
+                and getattr(optimizer, "_step_supports_amp_scaling", False):
+            raise StageError(
+                f"{type(self).__name__}: precision {trainer.precision} scales the gradients and "
+                f"{type(optimizer).__name__}(fused=True) unscales them only inside its step, after gradient clipping "
+                "(trainer.gradient_clip_val): set <stage>.optimizer.fused=false, or train in bf16-mixed")
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Clip as Lightning's base precision plugin does (torch.nn.utils.clip_grad_norm_ over the optimizer's
+        parameters) when no GradScaler is in use. Lightning's mixed-precision plugin refuses to clip for any
+        optimizer that unscales in its step (fused AdamW), a rule for fp16's scaled gradients; under bf16 autocast
+        nothing is scaled, so the refusal would only stop METHOD §4b's clipping at norm 1.0."""
+        from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+        from lightning.pytorch.utilities import GradClipAlgorithmType
+
+        plugin = self.trainer.precision_plugin
+        if isinstance(plugin, MixedPrecision) and plugin.scaler is None:
+            clip_val = self.trainer.gradient_clip_val if gradient_clip_val is None else gradient_clip_val
+            algorithm = gradient_clip_algorithm or self.trainer.gradient_clip_algorithm or "norm"
+            algorithm = GradClipAlgorithmType(str(getattr(algorithm, "value", algorithm)).lower())
+            Precision.clip_gradients(plugin, optimizer, clip_val or 0.0, algorithm)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def flops_per_token(self) -> float:
         """Training FLOPs per token (fwd + bwd), for MFU: 6 x trained parameters here; the stages count their

@@ -9,11 +9,8 @@ import os
 
 from omegaconf import DictConfig
 
+# besides the stages of the graph (zebra.stages.artifacts.STAGES), each run as zebra.stages.<name>.run
 RUNNERS = {
-    "ilkd": "zebra.stages.ilkd:run",
-    "smart": "zebra.stages.smart:run",
-    "kd": "zebra.stages.kd:run",
-    "dpo": "zebra.stages.dpo:run",
     "pipeline": "zebra.stages.pipeline:run",
     "describe": "zebra.plan.describe:describe",
     "eval": "zebra.eval.evaluate:run_eval",
@@ -23,9 +20,12 @@ log = logging.getLogger("zebra")
 
 
 def runner(name: str):
-    if name not in RUNNERS:
-        raise ValueError(f"unknown stage {name!r}; choose one of {sorted(RUNNERS)}")
-    module, fn = RUNNERS[name].split(":")
+    from zebra.stages.artifacts import STAGES  # imported here: torch and Lightning load after run() set the env
+
+    runners = {**{stage: f"zebra.stages.{stage}:run" for stage in STAGES}, **RUNNERS}
+    if name not in runners:
+        raise ValueError(f"unknown stage {name!r}; choose one of {sorted(runners)}")
+    module, fn = runners[name].split(":")
     return getattr(importlib.import_module(module), fn)
 
 
@@ -43,7 +43,7 @@ def run(cfg: DictConfig) -> dict:
 
     from zebra.stages.trainer import set_threads
 
-    set_threads(cfg.get("num_threads"))
+    set_threads(cfg.num_threads)
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     out = fn(cfg)
     close_process_group()  # on success only: a failed rank must exit, not wait at a barrier the others never reach

@@ -1,0 +1,89 @@
+"""The stage graph (zebra.stages.artifacts): hashes that follow what each stage depends on, the finish / is_done /
+load protocol, and the step budget every training stage computes before its Trainer exists."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from stage_helpers import compose_cfg
+from zebra.stages import artifacts, budget
+from zebra.stages.errors import MissingArtifactError, StageError
+
+
+def hashes(*overrides: str) -> dict[str, str]:
+    cfg = compose_cfg(["mix=uniform", "mix.n_mla=2", "paths.root=/r", *overrides])
+    return {s: artifacts.stage_hash(cfg, s) for s in artifacts.STAGES}
+
+
+def test_hashes_follow_the_graph():
+    base = hashes()
+    assert hashes("ilkd.students=mla") == base  # which students run together does not change either result
+    assert hashes("num_threads=3", "ckpt_path=last", "force=true", "check_weights_moved=true") == base
+    changed = {s for s, h in hashes("kd.module.temperature=2.0").items() if h != base[s]}
+    assert changed == {"kd", "dpo"}  # kd's own setting, and dpo through its input
+    assert {s for s, h in hashes("ilkd.optimizer.lr=1e-3").items() if h != base[s]} == set(artifacts.STAGES)
+    assert {s for s, h in hashes("dpo.module.beta=0.5").items() if h != base[s]} == {"dpo"}
+    # a uniform mix does not read SMART's output, a smart mix does
+    assert hashes("smart.tokens=5")["kd"] == base["kd"]
+    smart = hashes("mix=smart", "mix.n_mla=2")
+    assert hashes("mix=smart", "mix.n_mla=2", "smart.tokens=5")["kd"] != smart["kd"]
+
+
+def test_finish_is_done_and_load(tmp_path):
+    cfg = compose_cfg(["model=tiny", "mix=uniform", "mix.n_mla=2", f"paths.root={tmp_path}"])
+    with pytest.raises(MissingArtifactError, match=r"stage=smart") as err:
+        artifacts.load(cfg, "smart", "output")
+    assert str(tmp_path / "tiny" / "smart" / "sensitivity.json") in str(err.value)
+    with pytest.raises(MissingArtifactError, match="ilkd.students=both or mamba"):
+        artifacts.load(cfg, "ilkd", "config", part="mamba")
+    assert artifacts.load(cfg, "smart", "report") == {} and not artifacts.is_done(cfg, "smart")
+
+    report = {"config_hash": artifacts.stage_hash(cfg, "smart"), "scores": [1.0]}
+    ckpts = artifacts.checkpoint_dir(cfg, "smart")
+    ckpts.mkdir(parents=True)
+    out = artifacts.finish(cfg, "smart", None, report, checkpoints=ckpts,
+                           outputs=lambda d: (d / "sensitivity.json").write_text(json.dumps({"scores": [1.0]})))
+    d = tmp_path / "tiny" / "smart"
+    assert out is report and sorted(p.name for p in d.iterdir()) == ["checkpoints", "report.json",
+                                                                      "sensitivity.json"]  # kept by default
+    assert artifacts.is_done(cfg, "smart") and artifacts.load(cfg, "smart", "report") == report
+    assert artifacts.load(cfg, "smart", "output") == d / "sensitivity.json"
+    assert not artifacts.is_done(compose_cfg(["model=tiny", "mix=uniform", "mix.n_mla=2", f"paths.root={tmp_path}",
+                                              "smart.tokens=5"]), "smart")  # another config's result
+    assert artifacts.checkpoint_dir(cfg, "ilkd", ("mla",)).name == "checkpoints-mla"
+    assert artifacts.checkpoint_dir(cfg, "ilkd", ("mla", "mamba")).name == "checkpoints"
+
+
+def test_holds_run(tmp_path):
+    assert not artifacts.holds_run(tmp_path)
+    (tmp_path / "4mla-uniform" / "dpo").mkdir(parents=True)
+    assert artifacts.holds_run(tmp_path)
+    assert artifacts.layout(tmp_path, "dpo", "4mla-uniform") == tmp_path / "4mla-uniform" / "dpo"
+
+
+def test_budget_rule_is_the_same_for_tokens_and_pairs():
+    cfg = compose_cfg(["trainer.devices=2"])
+    assert budget.world_size(cfg) == 2 and budget.world_size(compose_cfg(["trainer.devices=[0,1,2]"])) == 3
+    assert budget.world_size(compose_cfg(["trainer.devices=auto"])) == 1  # the CPU trainer
+    for stage, amount in (("kd", "tokens"), ("dpo", "pairs")):
+        sc = compose_cfg([f"{stage}.{amount}=1000", f"{stage}.epochs=3"])[stage]
+        assert budget.fixed_steps(sc, sc[amount], 300) == 4  # the amount wins over epochs, rounded up
+        sc = compose_cfg([f"{stage}.{amount}=1000", f"{stage}.max_steps=7"])[stage]
+        assert budget.fixed_steps(sc, sc[amount], 300) == 7  # max_steps wins over both
+        sc = compose_cfg([f"{stage}.{amount}=null", f"{stage}.epochs=2", f"{stage}.accumulate_grad_batches=3"])[stage]
+        assert budget.fixed_steps(sc, sc[amount], 300) is None and budget.epoch_steps(sc, 10) == 7
+        sc = compose_cfg([f"{stage}.{amount}=null"])[stage]
+        with pytest.raises(StageError, match="max_steps"):
+            budget.fixed_steps(sc, sc[amount], 300)
+
+
+def test_trainer_is_built_with_the_budget(tmp_path):
+    from zebra.stages.trainer import build_trainer
+
+    cfg = compose_cfg(["model=tiny", "logger=none", f"paths.root={tmp_path}", "kd.accumulate_grad_batches=2"])
+    trainer = build_trainer(cfg, "kd", cfg.kd, max_steps=5, world=1)
+    assert trainer.max_steps == 5 and trainer.accumulate_grad_batches == 2 and trainer.gradient_clip_val == 1.0
+    with pytest.raises(StageError, match="planned for 2 processes"):
+        build_trainer(cfg, "kd", cfg.kd, max_steps=5, world=2)
