@@ -18,7 +18,7 @@ def make_cfg(model_dir, teacher, mix="2mla", model_preset=None, **eval_opts):
         model.teacher = str(teacher)
         model.kd_teacher = str(teacher)
     return OmegaConf.create({
-        "paths": {"model_dir": str(model_dir), "smart_dir": str(Path(model_dir) / "smart")},
+        "paths": {"model_dir": str(model_dir)},  # the stages' directories follow (zebra.stages.artifacts)
         "mix": {"name": mix, "selection": "explicit", "mla_layers": [0, 2], "n_mla": None},
         "model": model, "data": OmegaConf.load(CONF / "data" / "default.yaml"),
         "trainer": {"accelerator": "cpu"}, "teacher_dtype": "auto", "stage": {"name": "eval"},

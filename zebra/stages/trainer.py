@@ -126,10 +126,7 @@ def build_loggers(cfg: DictConfig, stage: str, stage_dir: Path) -> list:
             kwargs["name"] = lcfg.get("name") or f"{cfg.model.name}-{stage}"
             kwargs["group"] = lcfg.get("group") or f"{cfg.model.name}"
             kwargs["save_dir"] = lcfg.get("save_dir") or str(stage_dir)
-        elif target.endswith("CSVLogger"):
-            kwargs["save_dir"] = lcfg.get("save_dir") or str(stage_dir)
-            kwargs["name"] = lcfg.get("name") or "csv"
-        elif target.endswith("TensorBoardLogger"):
+        elif target.endswith(("CSVLogger", "TensorBoardLogger")):
             kwargs["save_dir"] = lcfg.get("save_dir") or str(stage_dir)
         loggers.append(instantiate(lcfg, **kwargs))
     return loggers
