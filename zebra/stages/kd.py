@@ -17,6 +17,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import nn
 
+from zebra.eval.metrics import heldout_kl
 from zebra.plan.describe import count_parameters
 from zebra.stages import artifacts, zero
 from zebra.stages.budget import plan_token_stage, world_size
@@ -132,31 +133,6 @@ class KDModule(StageModule):
         return loss
 
 
-@torch.no_grad()
-def heldout_kl(student: nn.Module, teacher: nn.Module, batches, chunk_size: int | None = None) -> float | None:
-    """Mean per-token forward KL(teacher || student) over the counted positions of `batches`."""
-    was = student.training
-    student.eval()
-    total, n = 0.0, 0
-    head = lm_head_weight(student)
-    device = head.device
-    try:
-        for batch in batches:
-            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-            t = teacher_forward(teacher, batch["input_ids"], batch["position_ids"], batch.get("attention_mask"))
-            hs = student_hidden(student, batch)
-            teacher_head = lm_head_weight(teacher)
-            with zero.gathered([head, teacher_head]):  # read-only use of ZeRO-3 partitioned heads (no-op otherwise)
-                _, stats = chunked_kd_loss(hs, t.last_hidden_state, head, teacher_head,
-                                           mask=batch["loss_mask"].bool(), reduction="sum", chunk_size=chunk_size)
-            k = int(stats["tokens"])
-            total += float(stats["kl"]) * k
-            n += k
-    finally:
-        student.train(was)
-    return total / n if n else None
-
-
 def mla_layers_for(cfg: DictConfig, num_layers: int) -> list[int]:
     """The mix's MLA layer indices (a `smart` mix reads SMART's selection)."""
     from zebra.plan.mixes import resolve_mla_layers
@@ -169,24 +145,17 @@ def mla_layers_for(cfg: DictConfig, num_layers: int) -> list[int]:
 
 def load_kd_teacher(cfg: DictConfig, student_tok, student_vocab: int, dtype: torch.dtype,
                     device: torch.device | str | None = None):
-    """The KD teacher, after checking (from its tokenizer, before its weights where possible) that it shares the
-    student's tokenizer."""
+    """The KD teacher, after checking (from its tokenizer, before its weights) that it shares the student's
+    tokenizer."""
     spec = str(cfg.model.kd_teacher)
-    teacher_tok = None
-    if spec.startswith("random:"):
-        teacher_tok = load_model_tokenizer(cfg.model.tokenizer)
-    elif not spec.endswith(".gguf"):
-        teacher_tok = load_model_tokenizer(spec)
-    if teacher_tok is not None:
-        check_tokenizers_match(student_tok, teacher_tok, "student", spec)
+    teacher_tok = load_model_tokenizer(cfg.model.tokenizer if spec.startswith("random:") else spec)
+    check_tokenizers_match(student_tok, teacher_tok, "student", spec)
     base = cfg.model.base
     if spec.startswith("random:") and cfg.model.get("kd_teacher_base"):  # e.g. an 8B-shaped random teacher
         from zebra.plan.presets import preset_base
 
         base = preset_base(str(cfg.model.kd_teacher_base))
     teacher = load_teacher_model(spec, base, dtype=dtype, device=device)
-    if teacher_tok is None and teacher.tokenizer is not None:
-        check_tokenizers_match(student_tok, teacher.tokenizer, "student", spec)
     tv = teacher.model.get_output_embeddings().weight.shape[0]
     if tv != student_vocab:
         raise TokenizerMismatchError(
