@@ -105,3 +105,18 @@ def test_fp16_with_fused_adamw_refuses_before_the_first_step():
     plain = Tiny(optimizer=lambda params: torch.optim.AdamW(params, lr=1e-3, fused=False))
     fit_one_step(plain, "16-mixed")  # the scaler unscales before clipping: allowed, and clipped
     assert plain.norms and plain.norms[0][1] <= 1.0 + 1e-5
+
+
+def test_every_training_stage_runs_in_bf16_with_fused_adamw_and_clipping(make_cfg):
+    """trainer=gpu's precision on the CPU: ilkd, kd and dpo train with the default optimizer (fused AdamW) and
+    clipping at norm 1.0, where Lightning alone stops at the first optimizer step."""
+    import math
+
+    from zebra.stages.run import run
+
+    cfg = make_cfg("stage=pipeline", "stage.order=[ilkd,kd,dpo]", "trainer.precision=bf16-mixed", "logger=none",
+                   "ilkd.tokens=64", "kd.tokens=64", "kd.heldout_batches=0", "dpo.pairs=2")
+    assert cfg.kd.optimizer.fused and cfg.trainer.gradient_clip_val == 1.0
+    summary = run(cfg)
+    for stage in ("ilkd", "kd", "dpo"):
+        assert not summary[stage]["skipped"] and math.isfinite(summary[stage]["loss_last"]), summary[stage]
