@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from zebra.stages import zero
+from zebra.stages.artifacts import checkpoint_dir, stage_dir
 from zebra.stages.errors import StageError
 
 log = logging.getLogger("zebra.stages")
@@ -144,8 +145,6 @@ def build_trainer(cfg: DictConfig, stage: str, sc: DictConfig, max_steps: int, w
     the budget was planned for (zebra.stages.budget.world_size), which the Trainer must agree with."""
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 
-    from zebra.stages.artifacts import checkpoint_dir, stage_dir
-
     out_dir = stage_dir(cfg, stage)
     ckpt_dir = ckpt_dir or checkpoint_dir(cfg, stage)
     ckpt = cfg.checkpoint
@@ -154,9 +153,10 @@ def build_trainer(cfg: DictConfig, stage: str, sc: DictConfig, max_steps: int, w
     callbacks = []
     if every > 0:
         # newest `keep` step checkpoints (monitoring the step), and last.ckpt as a link to the newest: no copy
-        callbacks.append(ModelCheckpoint(dirpath=str(ckpt_dir), filename="step{step:06d}", auto_insert_metric_name=False,
-                                         every_n_train_steps=every, save_last="link", save_top_k=keep,
-                                         monitor="train/global_step", mode="max", save_weights_only=weights_only))
+        callbacks.append(ModelCheckpoint(dirpath=str(ckpt_dir), filename="step{step:06d}",
+                                         auto_insert_metric_name=False, every_n_train_steps=every, save_last="link",
+                                         save_top_k=keep, monitor="train/global_step", mode="max",
+                                         save_weights_only=weights_only))
         callbacks.append(CheckpointDiskSpace(str(ckpt_dir), keep=keep, weights_only=weights_only))
     callbacks.append(ThroughputMonitor(peak_flops=cfg.perf.peak_flops,
                                        log_every_n_steps=int(cfg.trainer.log_every_n_steps)))
@@ -166,8 +166,9 @@ def build_trainer(cfg: DictConfig, stage: str, sc: DictConfig, max_steps: int, w
     loggers = build_loggers(cfg, stage, out_dir)
     if loggers:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
-    trainer = instantiate(cfg.trainer, max_steps=int(max_steps), accumulate_grad_batches=int(sc.accumulate_grad_batches),
-                          callbacks=callbacks, logger=loggers or False, strategy=build_strategy(cfg.strategy),
+    trainer = instantiate(cfg.trainer, max_steps=int(max_steps),
+                          accumulate_grad_batches=int(sc.accumulate_grad_batches), callbacks=callbacks,
+                          logger=loggers or False, strategy=build_strategy(cfg.strategy),
                           default_root_dir=str(out_dir), enable_checkpointing=every > 0)
     if trainer.world_size != world:
         raise StageError(f"the {stage} budget was planned for {world} processes (trainer.devices x trainer.num_nodes) "
