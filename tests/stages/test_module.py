@@ -9,11 +9,12 @@ import torch
 from hydra.utils import instantiate
 
 from stage_helpers import compose_cfg
+from tests.helpers.clipping import Tiny, fit_one_step, fused_adamw
 from zebra.stages.dpo import DPOModule
 from zebra.stages.errors import StageError
 from zebra.stages.ilkd import ILDModule
 from zebra.stages.kd import KDModule
-from zebra.stages.module import StageModule, StudentSpec
+from zebra.stages.module import StudentSpec
 
 
 def test_each_stage_builds_its_module_from_config():
@@ -32,41 +33,6 @@ def test_each_stage_builds_its_module_from_config():
     assert dpo.optimizer_factory.keywords["lr"] == 5e-7
     ild = instantiate(cfg.ilkd.module)
     assert ild.func is ILDModule and ild.keywords["last_layer_target"] == "unnormed" and ild.keywords["seq_len"] == 64
-
-
-class Tiny(StageModule):
-    """One linear layer whose loss is scaled so that its gradient norm is in the thousands; records the global
-    gradient norm before and after Lightning's clipping step."""
-
-    def __init__(self, **kw):
-        super().__init__(**kw)
-        self.layer = torch.nn.Linear(8, 8)
-        self.norms: list[tuple[float, float]] = []
-
-    def training_step(self, batch, batch_idx):
-        return 1e4 * self.layer(batch[0]).float().pow(2).mean()
-
-    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
-        params = [p for g in optimizer.param_groups for p in g["params"]]
-        before = float(torch.nn.utils.get_total_norm([p.grad for p in params]))
-        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
-        self.norms.append((before, float(torch.nn.utils.get_total_norm([p.grad for p in params]))))
-
-
-def fit_one_step(module: pl.LightningModule, precision: str) -> None:
-    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(4, 8)), batch_size=4)
-    kw = {"precision": precision}
-    if precision == "16-mixed":  # Lightning turns it into bf16 on CPU unless given the plugin, GradScaler included
-        from lightning.pytorch.plugins.precision import MixedPrecision
-
-        kw = {"plugins": [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=1.0))]}
-    trainer = pl.Trainer(accelerator="cpu", devices=1, gradient_clip_val=1.0, max_steps=1, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, **kw)
-    trainer.fit(module, train_dataloaders=data)
-
-
-def fused_adamw(params):
-    return torch.optim.AdamW(params, lr=1e-3, fused=True)
 
 
 @pytest.mark.parametrize("precision", ["bf16-mixed", "32-true"])
