@@ -12,6 +12,7 @@ from zebra.model.packing import doc_ids_from_position_ids
 from zebra.model.rope import base_inv_freq, yarn_inv_freq, yarn_mscale
 
 VARIANTS = ["pairs", "reference"]
+ROPE_KEYS = ["shared", "per_kv_head"]
 ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 B, T, H = 2, 12, 64
@@ -21,10 +22,11 @@ def rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
-def make_mla(variant, seed=0):
-    cfg = ZebraConfig(vocab_size=64, hidden_size=H, intermediate_size=128, num_hidden_layers=1,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, q_lora_rank=32, kv_lora_rank=24,
-                      qk_rope_head_dim=8, rope_parameters=dict(ROPE), mla_rope=variant)
+def make_mla(variant, seed=0, rope_key="shared", **overrides):
+    kw = dict(vocab_size=64, hidden_size=H, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=16, q_lora_rank=32, kv_lora_rank=24, qk_rope_head_dim=8,
+              rope_parameters=dict(ROPE), mla_rope=variant, rope_key=rope_key)
+    cfg = ZebraConfig(**{**kw, **overrides})
     torch.manual_seed(seed)
     mla = MultiHeadLatentAttention(cfg, layer_idx=0).double()
     with torch.no_grad():  # larger weights than nn.Linear's default, so attention is far from uniform
@@ -71,9 +73,12 @@ def naive_mla(mla, cfg, x, pos, allowed):
         inv = yarn_inv_freq(dr, 500000.0, f, 8192)
         pairs, m = [(2 * p, 2 * p + 1) for p in range(dr // 2)], 0.1 * math.log(f) + 1
     q_rope = rotate_pairs(q[..., dn:], pos, inv, pairs, m)  # [B, T, h, dr]
-    k_rope = rotate_pairs(kr, pos, inv, pairs, m)  # [B, T, dr], shared by all heads
+    # shared: one rope key for every head; per_kv_head: query head j reads its KV head's slot
+    slots = kr.view(b, t, -1, dr)
+    slot_of_head = group if cfg.rope_key == "per_kv_head" else [0] * h
+    k_rope = rotate_pairs(slots[:, :, slot_of_head], pos, inv, pairs, m)  # [B, T, h, dr]
 
-    logits = torch.einsum("bthd,bshd->bhts", q[..., :dn], k_nope) + torch.einsum("bthd,bsd->bhts", q_rope, k_rope)
+    logits = torch.einsum("bthd,bshd->bhts", q[..., :dn], k_nope) + torch.einsum("bthd,bshd->bhts", q_rope, k_rope)
     logits = logits * (dn + dr) ** -0.5
     logits = logits.masked_fill(~allowed[:, None], float("-inf"))
     p = (logits - logits.amax(-1, keepdim=True)).exp()
@@ -86,9 +91,10 @@ def causal(b, t):
     return torch.ones(t, t, dtype=torch.bool).tril().expand(b, t, t)
 
 
+@pytest.mark.parametrize("rope_key", ROPE_KEYS)
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_forward_matches_naive_attention(variant):
-    cfg, mla = make_mla(variant)
+def test_forward_matches_naive_attention(variant, rope_key):
+    cfg, mla = make_mla(variant, rope_key=rope_key)
     x = torch.randn(B, T, H, dtype=torch.float64)
     pos = torch.arange(T).expand(B, T) + torch.tensor([[0], [5000]])  # second row far out, into YaRN/llama3 bands
     ref = naive_mla(mla, cfg, x, pos, causal(B, T))
@@ -97,9 +103,10 @@ def test_forward_matches_naive_attention(variant):
     assert rel(mla(x, pos, cache=new_cache(cfg)), ref) < 1e-10  # prefill through a cache
 
 
+@pytest.mark.parametrize("rope_key", ROPE_KEYS)
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_decode_with_cache_matches_full_forward(variant):
-    cfg, mla = make_mla(variant)
+def test_decode_with_cache_matches_full_forward(variant, rope_key):
+    cfg, mla = make_mla(variant, rope_key=rope_key)
     x = torch.randn(B, T, H, dtype=torch.float64)
     pos = torch.arange(T).expand(B, T)
     full = mla(x, pos)
@@ -107,7 +114,8 @@ def test_decode_with_cache_matches_full_forward(variant):
         cache = new_cache(cfg)
         steps = [mla(x[:, i:i + 1], pos[:, i:i + 1], cache=cache, absorb=absorb) for i in range(T)]
         assert rel(torch.cat(steps, 1), full) < 1e-10
-        assert cache.length == T and cache.latent.shape == (B, T, cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+        n_keys = cfg.num_key_value_heads if rope_key == "per_kv_head" else 1
+        assert cache.length == T and cache.latent.shape == (B, T, cfg.kv_lora_rank + n_keys * cfg.qk_rope_head_dim)
     # by default prefill materialises K/V (kv_b_proj runs) and decode does not (absorbed)
     calls = []
     mla.kv_b_proj.register_forward_hook(lambda *a: calls.append(1))
@@ -125,9 +133,10 @@ def test_decode_with_cache_matches_full_forward(variant):
         assert rel(torch.cat(outs, 1), full) < 1e-10
 
 
+@pytest.mark.parametrize("rope_key", ROPE_KEYS)
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_left_padded_row_equals_sequence_alone(variant):
-    cfg, mla = make_mla(variant)
+def test_left_padded_row_equals_sequence_alone(variant, rope_key):
+    cfg, mla = make_mla(variant, rope_key=rope_key)
     n_pad, t_prompt, t_new = 3, 7, 4
     seq = torch.randn(1, t_prompt + t_new, H, dtype=torch.float64)
     other = torch.randn(1, n_pad + t_prompt + t_new, H, dtype=torch.float64)
@@ -152,9 +161,10 @@ def test_left_padded_row_equals_sequence_alone(variant):
         assert rel(torch.cat(outs, 1)[0], alone[0]) < 1e-10
 
 
+@pytest.mark.parametrize("rope_key", ROPE_KEYS)
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_packed_row_equals_documents_alone(variant):
-    cfg, mla = make_mla(variant)
+def test_packed_row_equals_documents_alone(variant, rope_key):
+    cfg, mla = make_mla(variant, rope_key=rope_key)
     lengths = [5, 4, 3]
     x = torch.randn(1, sum(lengths), H, dtype=torch.float64)
     pos = torch.cat([torch.arange(n) for n in lengths])[None]
@@ -203,3 +213,30 @@ def test_backward_runs_and_params_named_as_interfaces():
     x = torch.randn(B, T, H, dtype=torch.float64, requires_grad=True)
     mla(x, torch.arange(T).expand(B, T)).square().sum().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in mla.parameters())
+
+
+@pytest.mark.parametrize("kernel", ["matmul", "sdpa", "triton"])
+@pytest.mark.parametrize("rope_key", ROPE_KEYS)
+def test_static_cache_decode_with_each_kernel_matches_naive(rope_key, kernel):
+    """Prefill then single-token decode through a preallocated cache written at device slots (the CUDA-graph
+    path), absorbed, with each decode kernel (triton: under the interpreter on CPU) against the definition."""
+    cfg, mla = make_mla("pairs", rope_key=rope_key, num_key_value_heads=2, mla_decode_attention=kernel)
+    x = torch.randn(B, T, H, dtype=torch.float64)
+    pos = torch.arange(T).expand(B, T)
+    ref = naive_mla(mla, cfg, x, pos, causal(B, T))
+    cache = MLALayerCache(B, cfg.mla_cache_dim, torch.float64, "cpu", max_length=T + 3)
+    p = 5
+    outs = [mla(x[:, :p], pos[:, :p], cache=cache, cache_position=torch.arange(p), absorb=False)]
+    for i in range(p, T):
+        outs.append(mla(x[:, i:i + 1], pos[:, i:i + 1], cache=cache, cache_position=torch.tensor([i]), absorb=True))
+    # the Triton kernel accumulates its scores in fp32 whatever the input dtype
+    assert rel(torch.cat(outs, 1), ref) < (1e-6 if kernel == "triton" else 1e-10)
+
+
+def test_per_kv_head_rope_key_shapes_and_config():
+    cfg, mla = make_mla("pairs", rope_key="per_kv_head")
+    assert cfg.mla_rope_key_heads == 2 and cfg.mla_cache_dim == 24 + 2 * 8
+    assert mla.kv_a_proj.weight.shape == (24 + 2 * 8, H)
+    assert ZebraConfig(**{**cfg.to_dict(), "rope_key": "shared"}).mla_cache_dim == 24 + 8
+    with pytest.raises(ValueError, match="rope_key"):
+        make_mla("pairs", rope_key="per_head")

@@ -12,7 +12,8 @@ from .configuration_zebra import ZebraConfig
 
 
 class MLALayerCache:
-    """Per token: the compressed latent (r_kv) and the shared RoPE key (d_rope), already rotated.
+    """Per token: the compressed latent (r_kv) and the RoPE key(s) (d_rope, or g x d_rope with per-KV-head
+    rope keys), already rotated: `config.mla_cache_dim` values.
 
     Dynamic by default (grows by concatenation); with `max_length` it is preallocated and written in
     place, which keeps tensor addresses fixed for CUDA-graph capture.
@@ -25,7 +26,7 @@ class MLALayerCache:
         self.latent = torch.zeros(batch_size, n, dim, dtype=dtype, device=device)
 
     def append(self, new: torch.Tensor) -> torch.Tensor:
-        """Add `new` [B, T, r_kv + d_rope] and return every cached entry so far [B, length, r_kv + d_rope]."""
+        """Add `new` [B, T, mla_cache_dim] and return every cached entry so far [B, length, mla_cache_dim]."""
         t = new.shape[1]
         if self.max_length is None:
             self.latent = torch.cat([self.latent, new.to(self.latent.dtype)], dim=1)

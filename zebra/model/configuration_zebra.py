@@ -14,6 +14,7 @@ from .ops.dispatch import DECODE_KERNELS, MAMBA_KERNELS, check_choice
 
 LAYER_TYPES = ("mla", "mamba")
 MLA_ROPE_VARIANTS = ("pairs", "reference")
+MLA_ROPE_KEYS = ("shared", "per_kv_head")
 
 
 @strict
@@ -58,6 +59,9 @@ class ZebraConfig(PreTrainedConfig):
     qk_nope_head_dim: int | None = None  # d_nope
     v_head_dim: int | None = None  # d_v
     mla_rope: str = "pairs"  # "pairs" (pair-preserving) | "reference" (YaRN on d_rope dims, as released)
+    # the decoupled RoPE key: "shared" (one for all heads, as DeepSeek-V2) | "per_kv_head" (one per base KV head,
+    # which keeps each base head's own rope key; g x d_rope cached values per token instead of d_rope)
+    rope_key: str = "shared"
 
     # --- attention-shaped Mamba2 (METHOD §2.3) ---
     mamba_d_inner: int | None = None  # h * head_dim
@@ -132,9 +136,19 @@ class ZebraConfig(PreTrainedConfig):
         return 2 * self.mamba_d_xb + self.mamba_nheads * self.mamba_d_state
 
     @property
+    def mla_rope_key_heads(self) -> int:
+        """How many RoPE keys an MLA layer computes and caches per token: 1 (shared) or g (per KV head)."""
+        return self.num_key_value_heads if self.rope_key == "per_kv_head" else 1
+
+    @property
+    def mla_rope_key_dim(self) -> int:
+        """Values of RoPE key per token per MLA layer (every rope key slot, d_rope each)."""
+        return self.mla_rope_key_heads * self.qk_rope_head_dim
+
+    @property
     def mla_cache_dim(self) -> int:
-        """Values cached per token per MLA layer: the latent plus the shared RoPE key."""
-        return self.kv_lora_rank + self.qk_rope_head_dim
+        """Values cached per token per MLA layer: the latent plus the RoPE key(s)."""
+        return self.kv_lora_rank + self.mla_rope_key_dim
 
     @property
     def base_kv_cache_dim(self) -> int:
@@ -164,6 +178,7 @@ class ZebraConfig(PreTrainedConfig):
         need(not bad, "layer_types", f"unknown layer type(s) {bad}; allowed: {list(LAYER_TYPES)}")
         need(self.mla_rope in MLA_ROPE_VARIANTS, "mla_rope",
              f"must be one of {list(MLA_ROPE_VARIANTS)}, got {self.mla_rope!r}")
+        need(self.rope_key in MLA_ROPE_KEYS, "rope_key", f"must be one of {list(MLA_ROPE_KEYS)}, got {self.rope_key!r}")
         d_rope, d_nope, d_v = self.qk_rope_head_dim, self.qk_nope_head_dim, self.v_head_dim
         need(d_rope > 0 and d_rope % 2 == 0, "qk_rope_head_dim", f"must be a positive even number, got {d_rope}")
         need(d_nope >= 0, "qk_nope_head_dim", f"must be >= 0, got {d_nope}")

@@ -1,13 +1,17 @@
 """Multi-head Latent Attention (DeepSeek-V2 style) with a GQA-shaped up-projection (METHOD.md §2.2).
 
-Per token the layer caches only the latent c_kv (r_kv) and one rotated RoPE key shared by all heads
-(d_rope). Query head j uses KV head j // (h/g) for its nope key and value, as GQA's repeat_kv.
+Per token the layer caches only the latent c_kv (r_kv) and the rotated RoPE key: one shared by all heads
+(d_rope, `rope_key: shared`) or one per KV head (g x d_rope, `rope_key: per_kv_head`, so that each base KV
+head keeps its own rope key). Query head j uses KV head j // (h/g) for its nope key, rope key slot and value,
+as GQA's repeat_kv.
 
 Two ways to compute the same attention:
 - materialised (training, prefill): up-project the latents to g heads of [k_nope; v], append the shared
   rope key to every group's key, and call SDPA with GQA (flash on GPU when there is no mask);
 - absorbed (decode): fold kv_b's key rows into the query and its value rows into the output, so the
-  query lives in latent space and attention runs against the cache entries themselves.
+  query lives in latent space and attention runs against the cache entries themselves. With per-KV-head
+  rope keys the query of a head in group j carries its rope part in slot j and zeros in the other groups'
+  slots, so one key (the whole cache entry) still serves every head and the decode kernels are unchanged.
 
 With a static cache and a device `cache_position` (the write slots, a tensor) the layer takes the
 CUDA-graph-safe path: entries are written in place at `cache_position` and the queries attend over the whole
@@ -91,12 +95,13 @@ class MultiHeadLatentAttention(nn.Module):
         self.d_nope = config.qk_nope_head_dim
         self.d_rope = config.qk_rope_head_dim
         self.d_v = config.v_head_dim
+        self.n_rope_keys = config.mla_rope_key_heads  # 1 (shared) or g (per KV head)
         self.softmax_scale = (self.d_nope + self.d_rope) ** -0.5
         h, g, H = self.num_heads, self.num_kv_heads, config.hidden_size
 
         self.q_a_proj = nn.Linear(H, self.q_lora_rank, bias=False)
         self.q_b_proj = nn.Linear(self.q_lora_rank, h * (self.d_nope + self.d_rope), bias=False)
-        self.kv_a_proj = nn.Linear(H, self.kv_lora_rank + self.d_rope, bias=False)
+        self.kv_a_proj = nn.Linear(H, self.kv_lora_rank + self.n_rope_keys * self.d_rope, bias=False)
         self.kv_b_proj = nn.Linear(self.kv_lora_rank, g * (self.d_nope + self.d_v), bias=False)
         self.o_proj = nn.Linear(h * self.d_v, H, bias=False)
         self.rotary_emb = MLARotaryEmbedding(config)
@@ -119,11 +124,15 @@ class MultiHeadLatentAttention(nn.Module):
 
         q = self.q_b_proj(self.q_a_proj(hidden_states)).view(b, t, self.num_heads, -1).transpose(1, 2)
         q_nope, q_rope = q.split([self.d_nope, dr], dim=-1)  # [B, h, T, .]
-        latent, k_rope = self.kv_a_proj(hidden_states).split([r, dr], dim=-1)  # [B, T, r], [B, T, dr]
+        nr = self.n_rope_keys
+        latent, k_rope = self.kv_a_proj(hidden_states).split([r, nr * dr], dim=-1)  # [B, T, r], [B, T, nr*dr]
 
         cos, sin = memoized(memo, ("rope", q.dtype), lambda: self.rotary_emb(position_ids, q.dtype))
         q_rope = self.rotary_emb.rotate(q_rope, cos[:, None], sin[:, None])
-        k_rope = self.rotary_emb.rotate(k_rope, cos, sin)
+        if nr == 1:
+            k_rope = self.rotary_emb.rotate(k_rope, cos, sin)
+        else:  # each slot rotated alone, then flat again: the cache holds [latent, slot 0, ..., slot g-1]
+            k_rope = self.rotary_emb.rotate(k_rope.view(b, t, nr, dr), cos[:, :, None], sin[:, :, None]).flatten(2)
 
         if cache_position is not None:
             out = self._static(q_nope, q_rope, latent, k_rope, cache, cache_position, doc_ids, attention_mask, absorb,
@@ -136,7 +145,7 @@ class MultiHeadLatentAttention(nn.Module):
             entries = cache.append(torch.cat([latent, k_rope], dim=-1))
             if past:  # attend over every cached token, not just the new ones
                 entries = entries.to(q.dtype)
-                latent, k_rope = entries.split([r, dr], dim=-1)
+                latent, k_rope = entries.split([r, nr * dr], dim=-1)
             else:
                 entries = None
         s = latent.shape[1]
@@ -166,16 +175,20 @@ class MultiHeadLatentAttention(nn.Module):
             absorb = q_nope.shape[2] <= self.config.mla_absorb_max_tokens
         if absorb:
             return self._absorbed(q_nope, q_rope, entries, mask, False)
-        latent, k_rope = entries.split([self.kv_lora_rank, self.d_rope], dim=-1)
+        latent, k_rope = entries.split([self.kv_lora_rank, self.n_rope_keys * self.d_rope], dim=-1)
         return self._materialised(q_nope, q_rope, latent, k_rope, mask, False)
 
     def _materialised(self, q_nope, q_rope, latent, k_rope, mask, is_causal) -> torch.Tensor:
-        """Attention on up-projected K/V at the g KV heads -> [B, h, T, d_v]."""
+        """Attention on up-projected K/V at the g KV heads -> [B, h, T, d_v]. k_rope [B, S, n_rope_keys * d_rope]."""
         b, s, _ = latent.shape
         g = self.num_kv_heads
         kv = self.kv_b_proj(latent).view(b, s, g, self.d_nope + self.d_v).transpose(1, 2)
         k_nope, v = kv.split([self.d_nope, self.d_v], dim=-1)  # [B, g, S, .]
-        k = torch.cat([k_nope, k_rope[:, None].expand(b, g, s, self.d_rope)], dim=-1)
+        if self.n_rope_keys == 1:
+            k_rope = k_rope[:, None].expand(b, g, s, self.d_rope)
+        else:
+            k_rope = k_rope.view(b, s, g, self.d_rope).transpose(1, 2)
+        k = torch.cat([k_nope, k_rope], dim=-1)
         q = torch.cat([q_nope, q_rope], dim=-1)
         gqa = g != self.num_heads
         if gqa and mask is not None and q.is_cuda:
@@ -187,7 +200,7 @@ class MultiHeadLatentAttention(nn.Module):
                                               scale=self.softmax_scale, enable_gqa=gqa)
 
     def _absorbed(self, q_nope, q_rope, entries, mask, is_causal) -> torch.Tensor:
-        """Attention against the cache entries [B, S, r_kv + d_rope] directly -> [B, h, T, d_v]."""
+        """Attention against the cache entries [B, S, r_kv + n_rope_keys * d_rope] directly -> [B, h, T, d_v]."""
         b, h, t, _ = q_nope.shape
         g, n, r = self.num_kv_heads, self.num_heads // self.num_kv_heads, self.kv_lora_rank
         w = self.kv_b_proj.weight.view(g, self.d_nope + self.d_v, r)
@@ -195,14 +208,20 @@ class MultiHeadLatentAttention(nn.Module):
 
         # q_nope . (W_uk c) = (W_uk^T q_nope) . c: a query in latent space, per head with its group's W_uk.
         q_latent = torch.einsum("bgntd,gdr->bgntr", q_nope.view(b, g, n, t, self.d_nope), w_uk)
+        if self.n_rope_keys > 1:
+            # group j's rope query in slot j, zeros elsewhere: its scores see only its own group's rope key
+            slots = torch.eye(g, dtype=q_rope.dtype, device=q_rope.device)
+            q_rope = torch.einsum("bgntd,gk->bgntkd", q_rope.view(b, g, n, t, self.d_rope), slots)
+            q_rope = q_rope.reshape(b, h, t, g * self.d_rope)
         q = torch.cat([q_latent.reshape(b, h, t, r), q_rope], dim=-1)
-        k = entries[:, None]  # [B, 1, S, r + d_rope]: the cache entries
+        d = q.shape[-1]  # r + n_rope_keys * d_rope
+        k = entries[:, None]  # [B, 1, S, d]: the cache entries
         v = entries[:, None, :, :r]  # [B, 1, S, r]: their latents (a view, no copy)
 
         # All heads share this one key/value, so fold the heads into the query length: a one-head
         # attention that every SDPA backend takes (no GQA needed). The mask is repeated per head to match
         # (a broadcast view when T = 1).
-        q = q.reshape(b, 1, h * t, r + self.d_rope)
+        q = q.reshape(b, 1, h * t, d)
         s = entries.shape[1]
         if is_causal:
             mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril()[None, None]

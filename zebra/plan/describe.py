@@ -146,7 +146,7 @@ def layer_activation_elements(config: ZebraConfig, kind: str) -> float:
     common = 4 * c.hidden_size + 4 * c.intermediate_size
     if kind == "mla":
         qk = c.qk_nope_head_dim + c.qk_rope_head_dim
-        mixer = (c.q_lora_rank + 2 * h * qk + c.kv_lora_rank + c.qk_rope_head_dim
+        mixer = (c.q_lora_rank + 2 * h * qk + c.kv_lora_rank + c.mla_rope_key_dim
                  + g * (c.qk_nope_head_dim + c.v_head_dim) + g * qk + h * c.v_head_dim + 2 * h)
     elif kind == "mamba":
         d_in, nh = c.mamba_d_inner, c.mamba_nheads

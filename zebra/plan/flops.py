@@ -103,8 +103,8 @@ def mla_flops(config, context: float) -> dict:
     H, h, g, _ = _dims(config)
     dn, dr, dv = config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim
     rq, rkv = config.q_lora_rank, config.kv_lora_rank
-    linear = (_linear(H, rq) + _linear(rq, h * (dn + dr)) + _linear(H, rkv + dr) + _linear(rkv, g * (dn + dv))
-              + _linear(h * dv, H))
+    linear = (_linear(H, rq) + _linear(rq, h * (dn + dr)) + _linear(H, rkv + config.mla_rope_key_dim)
+              + _linear(rkv, g * (dn + dv)) + _linear(h * dv, H))
     return {"linear": linear, "attention": 2.0 * h * (dn + dr) * context + 2.0 * h * dv * context}
 
 
