@@ -2,13 +2,16 @@
 
 A source is a dict, as written in `conf/data/*.yaml`:
 
-    {"path": "data/chat.jsonl"}                         # local json / jsonl / parquet, or a save_to_disk dir
+    {"path": "data/chat.jsonl"}                         # local json / jsonl / parquet / txt file
+    {"path": "corpus/"}  {"path": "corpus/**/*.jsonl"}    # every data file of a folder, or a glob (local_files.py)
+    {"path": "saved/"}                                   # a save_to_disk dataset (its `split` of a DatasetDict)
     {"path": "shipped:sft"}                              # a file shipped in zebra/data/shipped/
     {"name": "org/dataset", "config": None, "split": "train", "revision": None}   # a hub dataset
   plus one field mapping (default: messages_field="messages"):
     messages_field: list of {"role", "content"} (ShareGPT {"from", "value"} is accepted too)
     prompt_field + response_field (+ system_field): a single-turn exchange
-    text_field: plain text, no chat template
+    text_field: plain text, no chat template (.txt files: always; `sample_by` line | paragraph | document
+      says what one document is, default paragraph: blank-line separated)
   plus `weight` (token share in the mixture, default 1).
 
 Everything that can be wrong with a source is reported when it is loaded, naming the source.
@@ -24,16 +27,18 @@ from pathlib import Path
 
 import datasets
 
+from . import local_files
+
 SHIPPED_DIR = Path(__file__).parent / "shipped"
 SHIPPED_PREFIX = "shipped:"
-LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+LOCAL_BUILDERS = local_files.BUILDERS
 # ShareGPT speaker names -> OpenAI roles
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 _SPEC_KEYS = {
     "path", "name", "config", "split", "revision", "weight",
     "messages_field", "prompt_field", "response_field", "system_field", "text_field",
-    "chosen_field", "rejected_field",
+    "chosen_field", "rejected_field", "sample_by",
 }  # fmt: skip
 
 
@@ -60,12 +65,14 @@ class Source:
     weight: float = 1.0
     path: Path | None = None
     fields: dict = field(default_factory=dict)
+    files: list[Path] | None = None  # the data files of a local path; None for a save_to_disk dataset
     _identity: str | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def from_spec(cls, spec: dict | str, kind: str = "chat") -> "Source":
         if isinstance(spec, str):  # a bare string: a local path if it looks like one, else a hub name
-            local = spec.startswith(SHIPPED_PREFIX) or Path(spec).suffix in LOCAL_BUILDERS or Path(spec).exists()
+            local = (spec.startswith(SHIPPED_PREFIX) or Path(spec).suffix in LOCAL_BUILDERS
+                     or local_files.is_glob(spec) or Path(spec).exists())
             spec = {"path": spec} if local else {"name": spec}
         spec = dict(spec)
         unknown = set(spec) - _SPEC_KEYS
@@ -76,18 +83,27 @@ class Source:
         weight = float(spec.get("weight", 1.0))
         if not weight > 0:
             raise ValueError(f"data source {spec} has weight {weight}; weights must be > 0")
-        path = None
+        path = files = None
         if "path" in spec:
             p = str(spec["path"])
             path = shipped_path(p[len(SHIPPED_PREFIX):]) if p.startswith(SHIPPED_PREFIX) else Path(p).expanduser()
-            if not path.exists():
-                raise FileNotFoundError(f"data file not found: {path}")
-            if path.is_file() and path.suffix not in LOCAL_BUILDERS:
-                raise ValueError(f"data file {path} has an unsupported extension; use one of {sorted(LOCAL_BUILDERS)}")
+            if not local_files.is_saved_dataset(path):
+                files = local_files.resolve_files(path)
+        if files is not None and local_files.builder_of(files) == "text":
+            if kind == "preference" or set(spec) & {"messages_field", "prompt_field", "response_field"}:
+                raise ValueError(f"data source {spec}: .txt files hold plain text; they take no chat fields")
+            spec.setdefault("text_field", "text")
+            if spec["text_field"] != "text":
+                raise ValueError(f"data source {spec}: the text of a .txt file is its field 'text'")
+            spec.setdefault("sample_by", "paragraph")
+            if spec["sample_by"] not in local_files.TEXT_SAMPLE_BY:
+                raise ValueError(f"data source {spec}: sample_by must be one of {local_files.TEXT_SAMPLE_BY}")
+        elif "sample_by" in spec:
+            raise ValueError(f"data source {spec}: sample_by applies to .txt files only")
         fields = _field_mapping(spec, kind)
         if kind == "chat" and "text" in fields:
             kind = "text"
-        return cls(spec, kind, weight, path, fields)
+        return cls(spec, kind, weight, path, fields, files)
 
     @property
     def description(self) -> str:
@@ -110,7 +126,7 @@ class Source:
         h = hashlib.sha256(json.dumps(spec, sort_keys=True).encode())
         h.update(json.dumps([self.kind, self.fields], sort_keys=True).encode())
         if self.path is not None:
-            h.update(_file_fingerprint(self.path).encode())
+            h.update(_file_fingerprint(self.files or [self.path]).encode())
         self._identity = h.hexdigest()[:16]
         return self._identity
 
@@ -128,32 +144,35 @@ class Source:
             raise ValueError(
                 f"data source {self.description} has no field(s) {missing}; its fields are {ds.column_names}"
             )
+        # records without a field read as null (json: a key absent from some lines), which would train as "None"
+        nulls = [f for f in self.fields.values() if f in ds.column_names and f not in optional
+                 and ds.data.column(f).null_count]
+        if nulls:
+            where = local_files.find_missing_field(self.files, nulls) if self.files else None
+            raise ValueError(f"data source {self.description}: "
+                             + (where or f"field(s) {nulls} missing or null in some records"))
         return ds
 
     def _load_local(self, cache_dir) -> datasets.Dataset:
-        if self.path.is_dir():
+        if self.files is None:
             ds = datasets.load_from_disk(str(self.path))
             if isinstance(ds, datasets.DatasetDict):
+                if self.split not in ds:
+                    raise ValueError(f"data source {self.path} has no split {self.split!r}; its splits: {list(ds)}")
                 ds = ds[self.split]
             return ds
-        builder = LOCAL_BUILDERS[self.path.suffix]
         # datasets reports empty files obscurely (a bare StopIteration for json), so look first
-        if builder == "json":
-            with open(self.path, "rb") as f:
-                head = f.read(1 << 16)
-            empty = not head.strip() and self.path.stat().st_size <= len(head)
-        else:
-            import pyarrow.parquet as pq
-
-            empty = pq.read_metadata(self.path).num_rows == 0
-        if empty:
-            raise ValueError(f"data source {self.path} is empty")
+        local_files.check_not_empty(self.files)
+        builder = local_files.builder_of(self.files)
+        options = {"sample_by": self.spec["sample_by"]} if builder == "text" else {}
         try:
-            return datasets.load_dataset(
-                builder, data_files=str(self.path), split=self.spec.get("split", "train"), cache_dir=cache_dir
-            )
+            return datasets.load_dataset(builder, data_files=[str(f) for f in self.files],
+                                         split=self.spec.get("split", "train"), cache_dir=cache_dir, **options)
         except Exception as e:  # malformed json, bad split expression...
-            raise ValueError(f"could not read data file {self.path}: {type(e).__name__}: {e}") from e
+            where = local_files.find_malformed(self.files)
+            if where is not None:
+                raise ValueError(f"data source {self.description}: {where}") from e
+            raise ValueError(f"could not read data source {self.description}: {type(e).__name__}: {e}") from e
 
     def _load_hub(self) -> datasets.Dataset:
         name = self.spec["name"]
@@ -249,9 +268,9 @@ def as_spec_list(specs, default) -> list:
     return [s if isinstance(s, str) else dict(s) for s in specs]
 
 
-def _file_fingerprint(path: Path) -> str:
+def _file_fingerprint(paths: list[Path]) -> str:
     """Content hash for files up to 256 MB; size + mtime for bigger ones (hashing them each start is slow)."""
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    files = [f for p in paths for f in (sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p])]
     h = hashlib.sha256()
     for p in files:
         st = p.stat()
