@@ -1,4 +1,5 @@
-"""Losses shared by the stages: chunked forward-KL for KD (METHOD §6) and the sigmoid DPO loss (METHOD §7).
+"""Losses shared by the stages: chunked forward-KL for KD (METHOD §6), its sparse form over a teacher cache's top-k,
+and the sigmoid DPO loss (METHOD §7).
 
 The KD loss never holds full-vocabulary logits of all tokens: it takes the final hidden states of student
 and teacher and both LM-head weights, and walks over token chunks. Each chunk's logits, log-probs and the
@@ -197,6 +198,153 @@ def naive_kd_loss(student_hidden, teacher_hidden, student_weight, teacher_weight
     return loss / denom
 
 
+# ------------------------------------------------------------------------------------- KD from a teacher cache
+
+class _ChunkedSparseKD(torch.autograd.Function):
+    """Sum over tokens of kl_weight * T^2 * KL over the teacher's top-k ids plus one tail bucket, + the optional CE.
+
+    The teacher's distribution (at temperature T) is known on its top-k ids (`logp_t`) and as the log of the mass
+    left outside them (`tail_t`); the student's is coarsened the same way: its own probabilities on those ids and
+    the sum of the rest. The KL of the two coarsened distributions is exact where the tail is empty (k = vocab).
+    Its gradient w.r.t. the student's tempered logits is q - target, where the target is p_t on the top-k ids
+    and spreads the teacher's tail mass over the other ids in proportion to the student's own tail.
+    """
+
+    @staticmethod
+    def forward(ctx, hs, ws, ids, logp_t, tail_t, labels, temperature, kl_weight, ce_weight, chunk_size):
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        ctx.w_dtype = ws.dtype
+        acc = torch.float64 if hs.dtype == torch.float64 else torch.float32
+        n = hs.shape[0]
+        grad_h = torch.zeros_like(hs) if need_h else None
+        grad_w = torch.zeros(ws.shape, dtype=acc, device=ws.device) if need_w else None
+        kl_total = torch.zeros((), dtype=acc, device=hs.device)
+        ce_total = torch.zeros((), dtype=acc, device=hs.device)
+        inv_t = 1.0 / temperature
+        use_ce = ce_weight != 0.0 and labels is not None
+        autocast = torch.is_autocast_enabled(hs.device.type)
+        ws_mm = ws if autocast or ws.dtype == hs.dtype else ws.to(hs.dtype)
+        mm_dtype = torch.get_autocast_dtype(hs.device.type) if autocast else hs.dtype
+        for start in range(0, n, chunk_size):
+            end = min(n, start + chunk_size)
+            hs_c, ids_c = hs[start:end], ids[start:end]
+            zs = (hs_c @ ws_mm.t()).to(acc)
+            logq = torch.log_softmax(zs * inv_t if inv_t != 1.0 else zs, dim=-1)
+            lp_t = logp_t[start:end].to(acc)
+            p_t = lp_t.exp()
+            lq_top = logq.gather(-1, ids_c)
+            # log of the student's mass outside the teacher's top-k (-inf where they cover the vocabulary)
+            lq_tail = logq.scatter(-1, ids_c, float("-inf")).logsumexp(-1)
+            lp_tail = tail_t[start:end].to(acc)
+            p_tail = lp_tail.exp()
+            has_tail = p_tail > 0
+            tail_kl = torch.where(has_tail, p_tail * (lp_tail - lq_tail), torch.zeros_like(p_tail))
+            kl_total += (p_t * (lp_t - lq_top)).sum() + tail_kl.sum()
+            del lp_t
+            if use_ce:
+                lab = labels[start:end]
+                valid = (lab != -100)
+                safe = lab.clamp_min(0)
+                logp1 = logq if inv_t == 1.0 else torch.log_softmax(zs, dim=-1)
+                ce_total += (-logp1.gather(-1, safe[:, None]).squeeze(-1) * valid).sum()
+            if need_h or need_w:
+                q = logq.exp()
+                # target: p_t on the top-k ids, p_tail * q / q_tail elsewhere
+                scale = torch.where(has_tail, (lp_tail - lq_tail).exp(), torch.zeros_like(p_tail))
+                g = q * (1.0 - scale[:, None])
+                g.scatter_(-1, ids_c, lq_top.exp() - p_t)
+                g.mul_(kl_weight * temperature)
+                del q, p_t, logq, zs
+                if use_ce:
+                    p1 = logp1.exp()
+                    p1[torch.arange(end - start, device=p1.device), safe] -= 1.0
+                    g.add_(p1.mul_(valid[:, None].to(p1.dtype)), alpha=ce_weight)
+                    del p1
+                g_lp = g.to(mm_dtype)
+                del g
+                if need_h:
+                    grad_h[start:end] = (g_lp @ ws_mm).to(grad_h.dtype)
+                if need_w:
+                    grad_w.add_((g_lp.t() @ hs_c).to(acc))
+                del g_lp
+        loss = kl_weight * temperature ** 2 * kl_total
+        if use_ce:
+            loss = loss + ce_weight * ce_total
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.mark_non_differentiable(kl_total, ce_total)
+        return loss, kl_total, ce_total
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_kl, _grad_ce):
+        grad_h, grad_w = ctx.saved_tensors
+        gh = grad_h * grad_loss.to(grad_h.dtype) if grad_h is not None else None
+        gw = (grad_w * grad_loss).to(ctx.w_dtype) if grad_w is not None else None
+        return gh, gw, None, None, None, None, None, None, None, None
+
+
+def sparse_kd_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_logprobs: torch.Tensor,
+    tail_logprob: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    kl_weight: float = 1.0,
+    ce_weight: float = 0.0,
+    reduction: str = "sequence",
+    num_sequences: int | None = None,
+    num_tokens: float | torch.Tensor | None = None,
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Forward KL from stored teacher top-k log-probs to the student, in token chunks (chunked_kd_loss's contract).
+
+    student_hidden [N, H] or [B, T, H], student_weight [V, H]; topk_ids [..., k] (int), topk_logprobs [..., k]
+    (the teacher's log-probs at temperature T on those ids, any float dtype) and tail_logprob [...] (log of the
+    teacher's mass outside them; -inf when k = V), with the student's leading shape. The KL is over the k ids and
+    one bucket for the rest of the vocabulary (see _ChunkedSparseKD); mask, labels, the weights and the
+    reductions are chunked_kd_loss's. Returns (loss, {"kl", "ce", "tokens"}) as chunked_kd_loss does.
+    """
+    if student_hidden.dim() == 3 and num_sequences is None:
+        num_sequences = student_hidden.shape[0]
+    hs = student_hidden.reshape(-1, student_hidden.shape[-1])
+    k = topk_ids.shape[-1]
+    ids = topk_ids.reshape(-1, k).long()
+    lp = topk_logprobs.reshape(-1, k).detach()
+    tail = tail_logprob.reshape(-1).detach()
+    if not (ids.shape[0] == lp.shape[0] == tail.shape[0] == hs.shape[0]) or lp.shape[-1] != k:
+        raise ValueError(f"the student has {hs.shape[0]} tokens but the teacher's top-k ids / log-probs / tail hold "
+                         f"{ids.shape[0]} / {lp.shape[0]} x {lp.shape[-1]} / {tail.shape[0]} (k = {k})")
+    if k > student_weight.shape[0]:
+        raise ValueError(f"top-k of {k} ids exceeds the student's vocabulary of {student_weight.shape[0]}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    lab = labels.reshape(-1) if labels is not None else None
+    if mask is not None:
+        idx = mask.reshape(-1).nonzero().squeeze(-1)
+        hs, ids, lp, tail = (x.index_select(0, idx) for x in (hs, ids, lp, tail))
+        lab = lab.index_select(0, idx) if lab is not None else None
+    chunk = chunk_size or auto_chunk_size(student_weight.shape[0])
+    n_tok = hs.shape[0]
+    if n_tok == 0:
+        zero = (hs.sum() * 0.0) + (student_weight.sum() * 0.0)
+        return zero, {"kl": zero.detach(), "ce": zero.detach(), "tokens": torch.tensor(0)}
+    loss, kl_sum, ce_sum = _ChunkedSparseKD.apply(hs, student_weight, ids, lp, tail, lab, float(temperature),
+                                                  float(kl_weight), float(ce_weight), int(chunk))
+    if reduction == "sequence":
+        denom = float(num_sequences or 1)
+    elif reduction == "token":
+        denom = num_tokens if num_tokens is not None else float(n_tok)
+    elif reduction == "sum":
+        denom = 1.0
+    else:
+        raise ValueError(f"reduction must be 'sequence', 'token' or 'sum', got {reduction!r}")
+    n_lab = (lab != -100).sum().clamp_min(1) if lab is not None else torch.tensor(1)
+    stats = {"kl": kl_sum / n_tok, "ce": ce_sum / n_lab.to(ce_sum), "tokens": torch.tensor(n_tok)}
+    return loss / denom, stats
+
+
 # ----------------------------------------------------------------------------------------------- DPO
 
 def sequence_logps(hidden: torch.Tensor, weight: torch.Tensor, input_ids: torch.Tensor,
@@ -243,4 +391,5 @@ def dpo_sigmoid_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
     return losses.mean(), chosen_rewards, rejected_rewards
 
 
-__all__ = ["chunked_kd_loss", "naive_kd_loss", "auto_chunk_size", "sequence_logps", "dpo_sigmoid_loss"]
+__all__ = ["chunked_kd_loss", "naive_kd_loss", "sparse_kd_loss", "auto_chunk_size", "sequence_logps",
+           "dpo_sigmoid_loss"]
