@@ -13,7 +13,7 @@
 import hydra
 from omegaconf import DictConfig
 
-from zebra.stages.config import register_resolvers
+from zebra.launch.resolvers import register_resolvers
 from zebra.utils.paths import config_dir
 
 register_resolvers()

@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from zebra.compose.smart import layer_sensitivities, select_layers, terminal_layers, write_smart_outputs
+from zebra.compose.smart import layer_sensitivities, write_smart_outputs
+from zebra.plan.selection import select_layers, terminal_layers
 from zebra.compose.students import assemble_hybrid, build_student
 
 
@@ -130,7 +131,7 @@ def test_sensitivities_equal_explicit_hybrids(tiny_llama):
         assert scores[i] == pytest.approx(reference_full - full_kl(base, hybrid, ids), rel=1e-8, abs=1e-12)
     # the Mamba2 student is left as it was: same modules, same weights, same layer types
     assert all(l.layer_type == "mamba" for l in mamba.model.layers)
-    assert mamba.config.layer_types == ["mamba"] * 4
+    assert mamba.config.hybrid_layer_types == ["mamba"] * 4
     after = mamba.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 

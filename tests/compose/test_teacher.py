@@ -10,7 +10,7 @@ import torch
 from transformers import GPT2Config, LlamaConfig, PreTrainedTokenizerFast
 
 from zebra.compose import teacher as T
-from zebra.compose.smart import select_layers
+from zebra.plan.selection import select_layers
 from zebra.compose.teacher import (TeacherLoadError, UnsupportedTeacherError, load_teacher, load_teacher_config,
                                    zebra_config_from_teacher)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from hydra import compose, initialize_config_dir
 
-from zebra.stages.config import register_resolvers
+from zebra.launch.resolvers import register_resolvers
 from zebra.utils.paths import config_dir
 
 register_resolvers()

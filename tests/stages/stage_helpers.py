@@ -11,7 +11,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from zebra.data.synthetic import write_preferences, write_sft  # noqa: F401  (re-exported for the tests)
-from zebra.stages.config import register_resolvers
+from zebra.launch.resolvers import register_resolvers
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 register_resolvers()

@@ -23,15 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from zebra.model.packing import packed_attention_mask
-
-_CHUNK_ELEMENTS = 1 << 26
-
-
-def chunk_rows(vocab_size: int, chunk_elements: int = _CHUNK_ELEMENTS) -> int:
-    """Rows per logits chunk: a power of two with about `chunk_elements` values (1024 rows at a 49k vocabulary)."""
-    n = max(1, chunk_elements // max(1, int(vocab_size)))
-    return 1 << (n.bit_length() - 1)
-
+from zebra.plan.chunks import chunk_rows
 
 def counted_positions(batch: dict) -> torch.Tensor:
     """Bool [B, T]: the positions whose next-token distribution counts (loss_mask; else every real token but

@@ -3,7 +3,7 @@
 Slurm requeue owned by submitit (docs/clusters.md).
 
 Here: what both sides need and what OmegaConf resolves (`launch_stamp`, registered by
-zebra.stages.config.register_resolvers), without Lightning. The Lightning side (trainer plugin, step-trace
+zebra.launch.resolvers), without Lightning. The Lightning side (trainer plugin, step-trace
 callbacks) is `zebra.launch.trainer`; what the submitit launchers add is `zebra.launch.submitit`, called from the
 launcher classes in `hydra_plugins/zebra_launcher` (which Hydra imports at every start-up, so they import zebra
 only when they launch).

@@ -6,6 +6,8 @@ import os
 
 from omegaconf import OmegaConf
 
+from zebra.launch import launch_stamp
+
 
 def _join(items, sep: str = "-") -> str:
     """`${join:${mix.mla_layers}}` -> "0-7-15" (used in directory names)."""
@@ -22,8 +24,6 @@ def _wandb_offline() -> bool:
 
 
 def register_resolvers() -> None:
-    from zebra.launch import launch_stamp
-
     for name, fn in (("join", _join), ("cwd", lambda: os.getcwd()), ("wandb_offline", _wandb_offline)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)

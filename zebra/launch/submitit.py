@@ -73,7 +73,7 @@ def export_local_distributed_env() -> None:
 
 def prepare_job(executor: str, sweep_overrides: list[str]) -> list[str]:
     """Called in every task of a job before Hydra composes its config; returns the job's overrides."""
-    from zebra.stages.config import register_resolvers
+    from zebra.launch.resolvers import register_resolvers
 
     register_resolvers()
     if executor == "local":

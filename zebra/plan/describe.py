@@ -7,10 +7,11 @@ from pathlib import Path
 
 import torch
 
-from zebra.utils.files import write_json_atomic
-from zebra.plan.mixes import layer_types_for, resolve_mla_layers, uniform_layers
 from zebra.model import ZebraConfig, ZebraForCausalLM
 from zebra.model.cache import measure_cache_bytes
+from zebra.plan.chunks import chunk_rows
+from zebra.plan.mixes import layer_types_for, resolve_mla_layers, uniform_layers
+from zebra.utils.files import write_json_atomic
 
 
 def _plain(obj):
@@ -248,8 +249,6 @@ def memory_estimate(cfg, config: ZebraConfig, opts: dict) -> dict:
     strategy and device count, the frozen teacher, activations per micro-batch, the loss's workspace. Bytes;
     `per_gpu_gib` sums them up. An estimate: CUDA context, allocator fragmentation and NCCL buffers come on top
     (hence the 10% headroom of `fits`)."""
-    from zebra.stages.losses import auto_chunk_size
-
     stage = str(opts.get("train_stage") or "kd")
     if stage not in ("ilkd", "kd", "dpo"):
         raise ValueError(f"describe.train_stage must be ilkd, kd or dpo, got {stage!r}")
@@ -297,7 +296,7 @@ def memory_estimate(cfg, config: ZebraConfig, opts: dict) -> dict:
         if stage == "kd":
             teacher_spec = str(cfg["model"].get("kd_teacher") or cfg["model"]["teacher"])
             teacher_kept = None  # the teacher's final hidden states, from its base below
-            chunk = int(((cfg.get("kd") or {}).get("module") or {}).get("chunk_size") or auto_chunk_size(V))
+            chunk = int(((cfg.get("kd") or {}).get("module") or {}).get("chunk_size") or chunk_rows(V))
             # per vocabulary chunk ~4 fp32 [chunk, V] buffers (logits, log-softmaxes, gradient); the LM head's fp32
             # gradient accumulator [V, H]; the hidden-state gradient [tokens, H]
             loss_workspace = 4 * 4 * min(chunk, tokens) * V + 4 * V * H + act_bytes * tokens * H

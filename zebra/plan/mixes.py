@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from zebra.plan.selection import select_layers
+
 
 def uniform_layers(num_layers: int, n_mla: int) -> list[int]:
     """n_mla evenly spaced positions floor(i * L / n); n = L/2 gives the even layers of the paper's 50% mixes."""
@@ -48,8 +50,6 @@ def resolve_mla_layers(mix, num_layers: int, smart_file: str | Path | None = Non
             raise FileNotFoundError(
                 f"mix.selection=smart needs the SMART stage's output {smart_file}; run stage=smart first "
                 "(or use mix=uniform / mix=paper)")
-        from zebra.compose.smart import select_layers
-
         scores = json.loads(Path(smart_file).read_text())["scores"]
         if len(scores) != num_layers:
             raise ValueError(f"{smart_file} has {len(scores)} layer scores, the model has {num_layers} layers")

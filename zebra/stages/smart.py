@@ -30,7 +30,8 @@ def requested_sizes(cfg: DictConfig, num_layers: int) -> list[int]:
 
 
 def run(cfg: DictConfig) -> dict:
-    from zebra.compose.smart import layer_sensitivities, select_layers, write_smart_outputs
+    from zebra.compose.smart import layer_sensitivities, write_smart_outputs
+    from zebra.plan.selection import select_layers
 
     sc = cfg.smart
     start = time.perf_counter()
