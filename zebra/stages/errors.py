@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from zebra.errors import ZebraInputError
 
-class StageError(RuntimeError):
-    """A stage cannot run with what it was given; the message names the problem."""
+
+class StageError(ZebraInputError, RuntimeError):
+    """A stage cannot run with what it was given; the message names the problem (an input error: the command
+    line prints it as one line, zebra.__main__)."""
 
 
 class TokenizerMismatchError(StageError):

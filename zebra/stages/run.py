@@ -9,6 +9,8 @@ import os
 
 from omegaconf import DictConfig
 
+from zebra.errors import ConfigError
+
 # besides the stages of the graph (zebra.stages.artifacts.STAGES), each run as zebra.stages.<name>.run
 RUNNERS = {
     "pipeline": "zebra.stages.pipeline:run",
@@ -24,7 +26,7 @@ def runner(name: str):
 
     runners = {**{stage: f"zebra.stages.{stage}:run" for stage in STAGES}, **RUNNERS}
     if name not in runners:
-        raise ValueError(f"unknown stage {name!r}; choose one of {sorted(runners)}")
+        raise ConfigError(f"unknown stage {name!r} (choose one of {sorted(runners)}: stage=<name>)")
     module, fn = runners[name].split(":")
     return getattr(importlib.import_module(module), fn)
 
@@ -35,6 +37,9 @@ def run(cfg: DictConfig) -> dict:
     os.environ.setdefault("WANDB_SILENT", "true")
     name = cfg.stage.name
     fn = runner(name)
+    from zebra.stages.validate import validate
+
+    validate(cfg)  # the whole run, in seconds, before any model, teacher or data loads
     if name == "describe":
         out = fn(cfg)
         print(json.dumps(out, default=str))
