@@ -22,8 +22,13 @@ def test_hashes_follow_the_graph():
     assert hashes("ilkd.students=mla") == base  # which students run together does not change either result
     assert hashes("num_threads=3", "ckpt_path=last", "force=true", "check_weights_moved=true") == base
     changed = {s for s, h in hashes("kd.module.temperature=2.0").items() if h != base[s]}
-    assert changed == {"kd", "dpo"}  # kd's own setting, and dpo through its input
-    assert {s for s, h in hashes("ilkd.optimizer.lr=1e-3").items() if h != base[s]} == set(artifacts.STAGES)
+    assert changed == {"kd", "dpo", "teacher_cache"}  # kd's own setting, dpo through its input, the cached log-probs
+    ild_free = {"teacher_cache"}  # the teacher's top-k over the KD split: no student in it
+    assert {s for s, h in hashes("ilkd.optimizer.lr=1e-3").items() if h != base[s]} == set(artifacts.STAGES) - ild_free
+    assert {s for s, h in hashes("teacher_cache.top_k=16").items() if h != base[s]} == {"teacher_cache"}
+    assert {s for s, h in hashes("teacher_cache.top_k=16", "kd.teacher_source=cache").items()
+            if h != base[s]} == {"teacher_cache", "kd", "dpo"}  # KD from the cache reads it
+    assert hashes("teacher_cache.batch_size=3")["teacher_cache"] == base["teacher_cache"]
     assert {s for s, h in hashes("dpo.module.beta=0.5").items() if h != base[s]} == {"dpo"}
     # a uniform mix does not read SMART's output, a smart mix does
     assert hashes("smart.tokens=5")["kd"] == base["kd"]

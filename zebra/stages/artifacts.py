@@ -54,7 +54,8 @@ class Stage:
 
 
 def _kd_inputs(cfg: DictConfig) -> tuple[str, ...]:
-    return ("ilkd", "smart") if cfg.mix.selection == "smart" else ("ilkd",)
+    ild = ("ilkd", "smart") if cfg.mix.selection == "smart" else ("ilkd",)
+    return ild + ("teacher_cache",) if cfg.kd.teacher_source == "cache" else ild
 
 
 STAGES: dict[str, Stage] = {
@@ -68,6 +69,12 @@ STAGES: dict[str, Stage] = {
     "kd": Stage(inputs=_kd_inputs,
                 hashed=("mix", "model.kd_teacher", "model.kd_teacher_base", "data.sft", "kd", "seed"),
                 output="model", what="the KD'd hybrid", per_mix=True),
+    "teacher_cache": Stage(inputs=lambda cfg: (),
+                           hashed=("model.kd_teacher", "model.kd_teacher_base", "model.tokenizer", "data.sft",
+                                   "kd.split", "kd.seq_len", "kd.assistant_only", "kd.module.temperature",
+                                   "teacher_cache"),
+                           output="manifest.json", what="the KD teacher's top-k cache",
+                           unhashed=("teacher_cache.batch_size", "teacher_cache.chunk_size")),
     "dpo": Stage(inputs=lambda cfg: ("kd",), hashed=("data.preference", "dpo", "seed"), output="model",
                  what="the DPO'd hybrid", per_mix=True),
 }

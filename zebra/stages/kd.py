@@ -4,7 +4,9 @@ The hybrid takes each whole decoder layer from the ILD'd student of its kind, ML
 (`smart`: SMART's selection from smart/sensitivity.json; `uniform`: floor(i*L/n); `explicit`: the list). The
 teacher `model.kd_teacher` is frozen and gets the students' packed masking. The loss is forward
 KL(p_teacher || p_student) from the two models' final hidden states and LM-head weights, chunked over tokens
-so full-vocabulary logits are never materialised (zebra.stages.losses.chunked_kd_loss).
+so full-vocabulary logits are never materialised (zebra.stages.losses.chunked_kd_loss). With
+`kd.teacher_source=cache` no teacher is loaded: each batch carries the teacher's stored top-k log-probs
+(zebra.stages.teacher_cache) and the loss is their sparse form (zebra.stages.losses.sparse_kd_loss).
 """
 
 from __future__ import annotations
@@ -19,10 +21,10 @@ from torch import nn
 
 from zebra.eval.metrics import heldout_kl
 from zebra.plan.describe import count_parameters
-from zebra.stages import artifacts, zero
+from zebra.stages import artifacts, teacher_cache, zero
 from zebra.stages.budget import plan_token_stage, world_size
 from zebra.stages.errors import MissingArtifactError, StageError, TokenizerMismatchError
-from zebra.stages.losses import chunked_kd_loss, lm_head_weight
+from zebra.stages.losses import chunked_kd_loss, lm_head_weight, sparse_kd_loss
 from zebra.stages.module import StageModule, StudentSpec, stage_summary
 from zebra.stages.teacher import (TeacherOutputs, check_tokenizers_match, load_model_tokenizer, load_teacher_model,
                                   teacher_device, teacher_dtype, teacher_forward, teacher_placement)
@@ -49,16 +51,19 @@ def next_token_labels(batch: dict) -> torch.Tensor:
 class KDModule(StageModule):
     """`student`: the hybrid itself, or a `StudentSpec` that `configure_model` turns into it (created sharded
     under ZeRO-3). `heldout`: batches on which the KL to the teacher is measured at the start and the end of
-    training (`kl_before`, `kl_after`; every rank runs them, as a sharded student needs)."""
+    training (`kl_before`, `kl_after`; every rank runs them, as a sharded student needs). `teacher` is None when
+    the batches carry the teacher's cached top-k (kd.teacher_source=cache): there is no held-out KL then."""
 
-    def __init__(self, student: nn.Module | StudentSpec, teacher: nn.Module, temperature: float = 1.0,
+    def __init__(self, student: nn.Module | StudentSpec, teacher: nn.Module | None, temperature: float = 1.0,
                  kl_weight: float = 1.0, ce_weight: float = 0.0, reduction: str = "sequence",
                  chunk_size: int | None = None, gradient_checkpointing: bool = False, seq_len: int = 0,
                  optimizer=None, scheduler=None, heldout: list | None = None, check_weights_moved: bool = False,
                  frozen_placement: str = "replicated"):
         super().__init__(optimizer, scheduler, check_weights_moved, frozen_placement)
         self.student = self.adopt_trained(student, gradient_checkpointing)  # every hybrid parameter trains in KD
-        self.add_frozen("teacher", teacher)
+        if teacher is not None:
+            self.add_frozen("teacher", teacher)
+        self.has_teacher = teacher is not None
         self.temperature, self.kl_weight, self.ce_weight = float(temperature), float(kl_weight), float(ce_weight)
         self.reduction, self.chunk_size, self.seq_len = reduction, chunk_size, seq_len
         self.heldout = list(heldout or [])
@@ -69,7 +74,7 @@ class KDModule(StageModule):
         self.student = self.materialise_trained(self.student)
 
     def measure_heldout(self) -> float | None:
-        if not self.heldout:
+        if not self.heldout or not self.has_teacher:
             return None
         with self.trainer.precision_plugin.forward_context():
             return heldout_kl(self.student, self.frozen("teacher"), self.heldout, self.chunk_size)
@@ -94,12 +99,16 @@ class KDModule(StageModule):
 
     def flops_per_token(self) -> float:
         """Teacher forward (body + logits in the loss) + student forward and backward (zebra.plan.flops)."""
-        from zebra.plan.flops import kd_step_flops
+        from zebra.plan.flops import kd_step_flops, training_flops_per_token
 
         config = self.trained_config(self.student)
+        if not self.has_teacher:  # cached teacher: the student's step alone
+            return training_flops_per_token(config, self.seq_len, lm_head=True)
         return kd_step_flops(config, self.frozen("teacher").config, self.seq_len)["total"]
 
     def kd_loss(self, batch: dict):
+        if teacher_cache.IDS in batch:
+            return self.kd_loss_from_cache(batch)
         t = teacher_forward(self.frozen("teacher"), batch["input_ids"], batch["position_ids"],
                                    batch.get("attention_mask"))
         return self.kd_loss_from_teacher(batch, t)
@@ -120,6 +129,19 @@ class KDModule(StageModule):
                                    num_tokens=self.token_denominator(batch["loss_mask"].sum())
                                    if self.reduction == "token" else None,
                                    chunk_size=self.chunk_size)
+
+    def kd_loss_from_cache(self, batch: dict):
+        """The sparse loss over the teacher's stored top-k in the batch (zebra.stages.teacher_cache)."""
+        hs = student_hidden(self.student, batch)
+        return sparse_kd_loss(hs, lm_head_weight(self.student), batch[teacher_cache.IDS],
+                              batch[teacher_cache.LOGPROBS], batch[teacher_cache.TAIL],
+                              mask=batch["loss_mask"].bool(),
+                              labels=next_token_labels(batch) if self.ce_weight else None,
+                              temperature=self.temperature, kl_weight=self.kl_weight, ce_weight=self.ce_weight,
+                              reduction=self.reduction, num_sequences=batch["input_ids"].shape[0],
+                              num_tokens=self.token_denominator(batch["loss_mask"].sum())
+                              if self.reduction == "token" else None,
+                              chunk_size=self.chunk_size)
 
     def training_step(self, batch, batch_idx):
         self.count_tokens(batch)
@@ -173,9 +195,11 @@ def run(cfg: DictConfig) -> dict:
 
     sc = cfg.kd
     start = time.perf_counter()
-    init = str(sc.student_init)
+    init, source = str(sc.student_init), str(sc.teacher_source)
     if init not in ("ilkd", "random"):
         raise StageError(f"kd.student_init must be 'ilkd' or 'random', got {init!r}")
+    if source not in ("online", "cache"):
+        raise StageError(f"kd.teacher_source must be 'online' or 'cache', got {source!r}")
     if init == "random":  # throughput / memory runs at real shapes: no ILD exports needed
         num_layers = int(cfg.model.base.num_hidden_layers)
         layers = mla_layers_for(cfg, num_layers)
@@ -189,10 +213,17 @@ def run(cfg: DictConfig) -> dict:
         tokenizer = artifacts.load(cfg, "ilkd", "tokenizer", part="mla")
     world = world_size(cfg)
     steps, dm = plan_token_stage(cfg, sc, tokenizer, world, assistant_only=sc.assistant_only)
+    # the cache must match this run's data, tokenizer, shapes, temperature and k before the Trainer is built
+    cache = teacher_cache.open_for_kd(cfg, dm, tokenizer, config.vocab_size) if source == "cache" else None
     trainer = build_trainer(cfg, "kd", sc, steps, world)
-    placement = teacher_placement(cfg, trainer)  # checked before any model loads
-    # tokenizers must match before the teacher's weights load and long before training
-    teacher = load_kd_teacher(cfg, tokenizer, config.vocab_size, teacher_dtype(cfg), teacher_device(trainer))
+    if cache is not None:
+        teacher, placement, quantisation, data = None, "none (cached top-k)", \
+            cache.manifest["teacher_quantisation"], teacher_cache.CachedTeacherData(dm, cache)
+    else:
+        placement = teacher_placement(cfg, trainer)  # checked before any model loads
+        # tokenizers must match before the teacher's weights load and long before training
+        teacher = load_kd_teacher(cfg, tokenizer, config.vocab_size, teacher_dtype(cfg), teacher_device(trainer))
+        quantisation, data = teacher.quantisation, dm
     # Under ZeRO-3 only rank 0 assembles the whole hybrid (on CPU); configure_model creates it sharded.
     spec = StudentSpec(config, random=init == "random")
     if init == "ilkd" and (zero_stage(trainer) != 3 or trainer.global_rank == 0):
@@ -200,29 +231,32 @@ def run(cfg: DictConfig) -> dict:
                                     artifacts.load(cfg, "ilkd", part="mamba"), layers)
 
     heldout = []
-    if sc.heldout_batches > 0:
+    if sc.heldout_batches > 0 and teacher is not None:  # the held-out KL needs the teacher itself
         for i, b in enumerate(dm.heldout_dataloader(batch_size=int(sc.batch_size))):
             if i >= int(sc.heldout_batches):
                 break
             heldout.append(b)
-    module = instantiate(sc.module)(student=spec, teacher=teacher.model, heldout=heldout,
+    module = instantiate(sc.module)(student=spec, teacher=teacher.model if teacher is not None else None,
+                                    heldout=heldout,
                                     frozen_placement=placement, check_weights_moved=cfg.check_weights_moved)
     ckpt_dir = artifacts.checkpoint_dir(cfg, "kd")
-    fit(trainer, module, dm, resolve_ckpt_path(cfg, ckpt_dir))
+    fit(trainer, module, data, resolve_ckpt_path(cfg, ckpt_dir))
     hybrid = module.student
     kl_before, kl_after = module.kl_before, module.kl_after
     report = {"stage": "kd", "config_hash": artifacts.stage_hash(cfg, "kd"), "model": cfg.model.name,
               "mix": cfg.mix.name, "mla_layers": layers, "params": count_parameters(hybrid),
               "kv_fraction": artifacts.kv_fraction(hybrid.config), "teacher": str(cfg.model.kd_teacher),
-              "teacher_quantisation": teacher.quantisation, "teacher_placement": placement,
-              "teacher_partitioned": zero.partitioned(teacher.model), "temperature": module.temperature,
+              "teacher_quantisation": quantisation, "teacher_placement": placement,
+              "teacher_partitioned": teacher is not None and zero.partitioned(teacher.model),
+              "teacher_source": source, "teacher_cache": str(cache.dir) if cache is not None else None,
+              "temperature": module.temperature,
               "ce_weight": module.ce_weight, "assistant_only": sc.assistant_only,
               "heldout_kl_before": kl_before, "heldout_kl_after": kl_after,
               **stage_summary(trainer, module, time.perf_counter() - start)}
     hybrid.eval()
     card = dict(title=f"zebra {cfg.model.name} {cfg.mix.name} hybrid after KD", stage="kd",
                 base=str(cfg.model.teacher), teacher=str(cfg.model.kd_teacher),
-                teacher_quantisation=teacher.quantisation,
+                teacher_quantisation=quantisation,
                 data=artifacts.dataset_description(cfg.data, "sft") + f" (split {sc.split})",
                 tokens=module.tokens_seen,
                 extra={"held-out KL to teacher (before -> after KD)":
