@@ -1,0 +1,124 @@
+"""What the quality benchmark runs: the recipe and its ablations, each a list of Hydra overrides on top of the
+recipe's, and how each run's configs are composed (as train.py composes them, from zebra's config directory).
+
+Edit the ablations here. An override may name `{mla_layers}` (the recipe's SMART layers, e.g. [0,6,12,17,22,28])
+or `{n_mla}` (the recipe's number of MLA layers): they are filled from the recipe's result, so such a run needs the
+recipe to have run first (in this process or in the JSON it merges with).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, OmegaConf
+
+from zebra.launch.resolvers import register_resolvers
+from zebra.utils.paths import config_dir
+
+RECIPE = ("+experiment=smollm2_gpu",)
+
+# model=tiny (a random 4-layer Llama teacher, the embedded tokenizer), CPU, budgets of a few steps: the same code
+# path in seconds, for the test in tests/bench
+SMOKE = ("model=tiny", "trainer=cpu", "logger=none", "mix.n_mla=2", "smart.n_mla=[2]",
+         "ilkd.seq_len=64", "ilkd.batch_size=2", "ilkd.tokens=256",
+         "smart.seq_len=64", "smart.batch_size=2", "smart.tokens=128",
+         "kd.seq_len=64", "kd.batch_size=2", "kd.tokens=256",
+         "dpo.max_length=128", "dpo.max_prompt_length=64", "dpo.batch_size=2", "dpo.pairs=4")
+
+# the initialisation options (conf `init`, model.mla.rope_key) as they were before the measured ones, and the
+# measured ones; a variant whose values are all the recipe's own is not run again (it is the recipe)
+OLD_INITS = ("init.mla_svd=plain", "init.mamba_conv=default", "init.mamba_scale=none", "model.mla.rope_key=shared")
+NEW_INITS = ("init.mla_svd=activation_aware", "init.mamba_conv=identity", "init.mamba_scale=matched",
+             "model.mla.rope_key=per_kv_head")
+INIT_VARIANTS = {
+    "old": OLD_INITS,
+    "new": NEW_INITS,
+    # each new option alone on top of the old ones (run only when named: --only init_mla_svd, ...)
+    "mla_svd": ("init.mla_svd=activation_aware", *OLD_INITS[1:]),
+    "rope_key": (*OLD_INITS[:3], "model.mla.rope_key=per_kv_head"),
+    "mamba": (OLD_INITS[0], "init.mamba_conv=identity", "init.mamba_scale=matched", OLD_INITS[3]),
+}
+INIT_KEYS = ("init", "model.mla")  # what decides whether a variant is the recipe's own
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    name: str  # the key of its results in the JSON
+    what: str  # one line for the table
+    overrides: tuple[str, ...] = ()  # on top of the recipe's (and --set's)
+    stages: tuple[str, ...] = ("ilkd", "kd")  # stage.order of its pipeline
+    root: str = ""  # sub-directory of the artifacts root (default: its name); runs sharing one share stages
+    students: bool = False  # also evaluate the ILD'd students
+    ild_trained: bool = True  # false: the ILD stage only exported the initialised students (no ILD tokens)
+    default: bool = True  # part of a run without --only
+
+    @property
+    def directory(self) -> str:
+        return self.root or self.name
+
+
+RUNS: tuple[Run, ...] = (
+    Run("recipe", "the recipe: ILD -> SMART -> KD -> DPO", stages=("ilkd", "smart", "kd", "dpo"), students=True),
+    Run("no_ild", "no ILD: KD straight from the initialised students, the recipe's layers",
+        ("ilkd.max_steps=1", "ilkd.optimizer.lr=0.0", "mix=explicit", "mix.mla_layers={mla_layers}"),
+        ild_trained=False),
+    Run("uniform", "uniform placement floor(i*L/n) instead of SMART, the recipe's ILD", 
+        ("mix=uniform", "mix.n_mla={n_mla}"), root="recipe"),
+    *(Run(f"init_{name}", f"inits {name}: " + " ".join(o.split(".")[-1] for o in ov) + ", the recipe's layers",
+          (*ov, "mix=explicit", "mix.mla_layers={mla_layers}"), default=name in ("old", "new"))
+      for name, ov in INIT_VARIANTS.items()),
+)
+BY_NAME = {r.name: r for r in RUNS}
+
+
+class NeedsRecipe(LookupError):
+    """A run's overrides name the recipe's layers, and the recipe has no result yet."""
+
+
+def fill(overrides: tuple[str, ...], recipe: dict | None) -> list[str]:
+    """The overrides with `{mla_layers}` / `{n_mla}` taken from the recipe's result."""
+    out = []
+    for o in overrides:
+        if "{" in o:
+            layers = (recipe or {}).get("mla_layers")
+            if not layers:
+                raise NeedsRecipe("it needs the recipe's SMART layers: run the recipe first (--only recipe)")
+            o = o.format(mla_layers="[" + ",".join(str(i) for i in layers) + "]", n_mla=len(layers))
+        out.append(o)
+    return out
+
+
+def compose_cfg(overrides: list[str]) -> DictConfig:
+    """zebra's config with `overrides`, as train.py composes it (Hydra's compose API, zebra's resolvers)."""
+    register_resolvers()
+    with initialize_config_dir(version_base="1.3", config_dir=str(config_dir())):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def base_overrides(smoke: bool, extra: list[str] | tuple[str, ...] = ()) -> list[str]:
+    return [*RECIPE, *(SMOKE if smoke else ()), *extra]
+
+
+def pipeline_cfg(run: Run, common: list[str], root: str, recipe: dict | None) -> DictConfig:
+    order = "[" + ",".join(run.stages) + "]"
+    return compose_cfg([*common, *fill(run.overrides, recipe), "stage=pipeline", f"stage.order={order}",
+                        f"paths.root={root}/{run.directory}"])
+
+
+def eval_cfg(run: Run, common: list[str], root: str, recipe: dict | None, smoke: bool) -> DictConfig:
+    """stage=eval of the run's artifacts: held-out text and SFT sets, no lm-eval tasks, no plots."""
+    shape = ("eval.seq_len=64", "eval.max_tokens=256", "eval.sft_batches=2") if smoke else \
+        ("eval.seq_len=512", "eval.max_tokens=4096", "eval.sft_batches=8")
+    return compose_cfg([*common, *fill(run.overrides, recipe), "stage=eval", "eval.tasks=[]", "eval.plots=false",
+                        "eval.heldout=[text,sft]", f"+eval.students={str(run.students).lower()}", *shape,
+                        f"paths.root={root}/{run.directory}"])
+
+
+def init_values(cfg: DictConfig) -> dict:
+    """The config values that decide the initialisation (INIT_KEYS), resolved."""
+    out = {}
+    for key in INIT_KEYS:
+        v = OmegaConf.select(cfg, key, default=None)
+        out[key] = OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
+    return out
