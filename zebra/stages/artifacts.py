@@ -59,7 +59,10 @@ def _kd_inputs(cfg: DictConfig) -> tuple[str, ...]:
 
 
 STAGES: dict[str, Stage] = {
-    "ilkd": Stage(inputs=lambda cfg: (),
+    "teacher_data": Stage(inputs=lambda cfg: (),
+                          hashed=("model.teacher", "model.tokenizer", "model.base", "data.generate"),
+                          output="dataset", what="the teacher-generated corpus"),
+    "ilkd": Stage(inputs=lambda cfg: ("teacher_data",) if cfg.data.get("generate") is not None else (),
                   hashed=("model.name", "model.teacher", "model.tokenizer", "model.base", "model.mla", "data.sft",
                           "ilkd", "seed"),
                   output="model", what="the ILD'd {part} student", parts=("mla", "mamba"),
@@ -143,7 +146,7 @@ def stage_hash(cfg: DictConfig, stage: str) -> str:
 
 def _exported(cfg: DictConfig, stage: str, part: str) -> bool:
     out = output_path(cfg, stage, part)
-    return (out / "config.json").is_file() if STAGES[stage].output == "model" else out.is_file()
+    return (out / "config.json").is_file() if STAGES[stage].output == "model" else out.exists()
 
 
 def is_done(cfg: DictConfig, stage: str, part: str | None = None) -> bool:

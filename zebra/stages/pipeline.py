@@ -52,10 +52,18 @@ def check_order(cfg: DictConfig, order: list[str]) -> None:
                                  f"stage.order before {name}, or run it first")
 
 
+def stage_order(cfg: DictConfig) -> list[str]:
+    """`stage.order`, after the teacher_data stage when the data config samples its corpus from the teacher."""
+    order = [str(s) for s in cfg.stage.order]
+    if cfg.data.get("generate") is not None and "teacher_data" not in order:
+        order.insert(0, "teacher_data")
+    return order
+
+
 def run(cfg: DictConfig) -> dict:
     from zebra.stages.run import runner
 
-    order = list(cfg.stage.order)
+    order = stage_order(cfg)
     check_order(cfg, order)
     summary, start, cpu_start = {}, time.perf_counter(), time.process_time()
     for name in order:
