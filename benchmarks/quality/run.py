@@ -160,6 +160,8 @@ def parse_args(argv=None):
     ap.add_argument("--smoke", action="store_true", help="model=tiny, a random teacher, CPU, a few steps")
     ap.add_argument("--fresh", action="store_true", help="start a new JSON instead of merging into --out")
     ap.add_argument("--force", action="store_true", help="re-run stages that are already done (force=true)")
+    ap.add_argument("--missing", action="store_true",
+                    help="only the runs that have no result in --out yet (the same command resumes a cut-off call)")
     ap.add_argument("--curve", action="store_true", help="also the longer KD with its held-out curve")
     ap.add_argument("--curve-tokens", type=int, default=None, help="the curve's KD budget (default 48M; smoke 1k)")
     ap.add_argument("--curve-every", type=int, default=None, help="steps between points (default 100; smoke 4)")
@@ -204,6 +206,9 @@ def main(argv=None) -> dict:
 
     out = Path(args.out)
     results = load_results(out, args.smoke, args.fresh)
+    if args.missing:
+        args.names = [n for n in args.names if "models" not in results["runs"].get(n, {})]
+        args.curve = args.curve and not (results.get("curve") or {}).get("complete")
     common = base_overrides(args.smoke, args.sets)
     compose_cfg(common)  # the recipe and --set compose, before anything runs
     results.update(device=device_name(), versions=versions("transformers", "lightning", "mamba_ssm", "hydra-core"),
