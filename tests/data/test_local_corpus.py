@@ -174,10 +174,30 @@ def test_field_missing_from_some_records(tok, tmp_path, chat, write_jsonl):
     rows = [chat(i) for i in range(4)]
     rows[2] = {"conversation": rows[2]["messages"]}
     src = write_jsonl(tmp_path / "c.jsonl", rows)
-    with pytest.raises(ValueError, match=r"c.jsonl:3: no field\(s\) \['messages'\]; this record has \['conversation'\]"):
+    with pytest.raises(ValueError, match=r"c.jsonl:3: no field\(s\) \['messages'\]; this record has "
+                                         r"\['conversation'\]"):
         _dm(tok, tmp_path, {"path": str(src)}).setup()
     parquet = tmp_path / "t.parquet"
     datasets.Dataset.from_dict({"text": ["a", None, "c"]}).to_parquet(str(parquet))
     with pytest.raises(ValueError, match=r"t.parquet \(row 1\): field 'text' is null"):
         _dm(tok, tmp_path, {"path": str(parquet), "text_field": "text"}).setup()
     assert _no_cache_written(tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------ data=local
+def test_local_config_builds_the_data_module(tok, tmp_path, chat, write_jsonl):
+    from hydra.utils import instantiate
+
+    from tests.helpers.configs import compose_cfg
+    from zebra.errors import ConfigError
+    from zebra.stages.validate import check_resolves
+
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    write_jsonl(folder / "a.jsonl", [chat(i) for i in range(8)])
+    cfg = compose_cfg(["data=local", f"data.sft.sources=[{{path: '{folder}/*.jsonl'}}]"])
+    dm = instantiate(cfg.data.sft, tokenizer=tok, cache_dir=tmp_path / "cache", seq_len=16, batch_size=1,
+                     heldout_fraction=0.0)
+    assert _documents(dm) == _chat_ids(tok, _convs(chat, 8))
+    with pytest.raises(ConfigError, match=r"data.sft.sources.*has no value"):
+        check_resolves(compose_cfg(["data=local"]))
