@@ -17,8 +17,9 @@ perplexity and mean per-token KL(teacher || model) on (a) the held-out split of 
 to make it and the wall time of the stages that made it (their report.json). Models: the teacher, both ILD'd
 students, the assembled hybrid before KD, the KD'd hybrid and the DPO'd hybrid of the recipe; the assembled and
 KD'd hybrids of each ablation, whose KD has the recipe's token budget:
-  no_ild     KD straight from the initialisation: the ILD stage runs one step at learning rate 0, so its exports
-             are the initialised students (the init code is the stage's own); MLA at the recipe's SMART layers.
+  no_ild     KD straight from the initialisation: the ILD stage runs one step at learning rate 0 (its scheduler
+             runs.frozen_lr), so its exports are the initialised students (the init code is the stage's own); MLA
+             at the recipe's SMART layers.
   uniform    MLA at floor(i * L / n) instead of SMART's choice, from the recipe's ILD'd students.
   init_*     the initialisation options (conf `init`, model.mla.rope_key) switched as a group: ILD + KD again at
              the recipe's SMART layers. A variant whose values are the recipe's own is not run again.

@@ -27,7 +27,10 @@ def final_model(res: dict) -> str | None:
 
 
 def _kd_value(results: dict, run: str, key: str):
-    return ((results.get("runs", {}).get(run) or {}).get("models") or {}).get("kd", {}).get(key)
+    res = results.get("runs", {}).get(run) or {}
+    if "same_as" in res:  # not run again: its config is that run's
+        res = results["runs"].get(res["same_as"]) or {}
+    return (res.get("models") or {}).get("kd", {}).get(key)
 
 
 def _order(results: dict, better: str, worse: str, claim: str) -> dict:

@@ -25,19 +25,26 @@ SMOKE = ("model=tiny", "trainer=cpu", "logger=none", "mix.n_mla=2", "smart.n_mla
          "smart.seq_len=64", "smart.batch_size=2", "smart.tokens=128",
          "kd.seq_len=64", "kd.batch_size=2", "kd.tokens=256",
          "dpo.max_length=128", "dpo.max_prompt_length=64", "dpo.batch_size=2", "dpo.pairs=4")
+# after a run's own overrides in the smoke mode: the tiny preset's MLA dims (the init variants set SmolLM2's)
+SMOKE_LAST = ("model.mla.kv_lora_rank=16", "model.mla.qk_rope_head_dim=8", "model.mla.qk_nope_head_dim=8")
 
-# the initialisation options (conf `init`, model.mla.rope_key) as they were before the measured ones, and the
-# measured ones; a variant whose values are all the recipe's own is not run again (it is the recipe)
-OLD_INITS = ("init.mla_svd=plain", "init.mamba_conv=default", "init.mamba_scale=none", "model.mla.rope_key=shared")
-NEW_INITS = ("init.mla_svd=activation_aware", "init.mamba_conv=identity", "init.mamba_scale=matched",
-             "model.mla.rope_key=per_kv_head")
+# The initialisation options (conf/init, model.mla.rope_key) as they were before they were measured, and the measured
+# ones. The rope key layouts spend the same 96 cached values per MLA layer and token on SmolLM2 (5% KV): one shared
+# key at r_kv 64 + 32, or one per KV head at r_kv 48 + 3 x 16 (conf/model/smollm2_135m.yaml).
+SHARED_ROPE_KEY = ("model.mla.rope_key=shared", "model.mla.kv_lora_rank=64", "model.mla.qk_rope_head_dim=32",
+                   "model.mla.qk_nope_head_dim=32")
+PER_KV_HEAD_ROPE_KEY = ("model.mla.rope_key=per_kv_head", "model.mla.kv_lora_rank=48", "model.mla.qk_rope_head_dim=16",
+                        "model.mla.qk_nope_head_dim=48")
+OLD_SVD_MAMBA = ("init.mla_svd=plain", "init.mamba_conv=default", "init.mamba_scale=none")
+NEW_SVD_MAMBA = ("init.mla_svd=activation_aware", "init.mamba_conv=identity", "init.mamba_scale=matched")
+# a variant whose values are all the recipe's own is not run again (it is the recipe)
 INIT_VARIANTS = {
-    "old": OLD_INITS,
-    "new": NEW_INITS,
+    "old": (*OLD_SVD_MAMBA, *SHARED_ROPE_KEY),
+    "new": (*NEW_SVD_MAMBA, *PER_KV_HEAD_ROPE_KEY),
     # each new option alone on top of the old ones (run only when named: --only init_mla_svd, ...)
-    "mla_svd": ("init.mla_svd=activation_aware", *OLD_INITS[1:]),
-    "rope_key": (*OLD_INITS[:3], "model.mla.rope_key=per_kv_head"),
-    "mamba": (OLD_INITS[0], "init.mamba_conv=identity", "init.mamba_scale=matched", OLD_INITS[3]),
+    "mla_svd": (NEW_SVD_MAMBA[0], *OLD_SVD_MAMBA[1:], *SHARED_ROPE_KEY),
+    "rope_key": (*OLD_SVD_MAMBA, *PER_KV_HEAD_ROPE_KEY),
+    "mamba": (OLD_SVD_MAMBA[0], *NEW_SVD_MAMBA[1:], *SHARED_ROPE_KEY),
 }
 INIT_KEYS = ("init", "model.mla")  # what decides whether a variant is the recipe's own
 
@@ -61,15 +68,23 @@ class Run:
 RUNS: tuple[Run, ...] = (
     Run("recipe", "the recipe: ILD -> SMART -> KD -> DPO", stages=("ilkd", "smart", "kd", "dpo"), students=True),
     Run("no_ild", "no ILD: KD straight from the initialised students, the recipe's layers",
-        ("ilkd.max_steps=1", "ilkd.optimizer.lr=0.0", "mix=explicit", "mix.mla_layers={mla_layers}"),
-        ild_trained=False),
+        ("ilkd.max_steps=1", "ilkd.scheduler._target_=benchmarks.quality.runs.frozen_lr", "mix=explicit",
+         "mix.mla_layers={mla_layers}"), ild_trained=False),
     Run("uniform", "uniform placement floor(i*L/n) instead of SMART, the recipe's ILD", 
         ("mix=uniform", "mix.n_mla={n_mla}"), root="recipe"),
-    *(Run(f"init_{name}", f"inits {name}: " + " ".join(o.split(".")[-1] for o in ov) + ", the recipe's layers",
+    *(Run(f"init_{name}", f"inits {name}: " + " ".join(o.split(".")[-1] for o in ov[:4]) + ", the recipe's layers",
           (*ov, "mix=explicit", "mix.mla_layers={mla_layers}"), default=name in ("old", "new"))
       for name, ov in INIT_VARIANTS.items()),
 )
 BY_NAME = {r.name: r for r in RUNS}
+
+
+def frozen_lr(optimizer, total_steps: int, **_):
+    """A scheduler that holds every learning rate at 0 (the no_ild run's ILD: one step that changes no weight, so the
+    stage exports the initialised students through its own init code)."""
+    import torch
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.0)
 
 
 class NeedsRecipe(LookupError):
@@ -100,9 +115,13 @@ def base_overrides(smoke: bool, extra: list[str] | tuple[str, ...] = ()) -> list
     return [*RECIPE, *(SMOKE if smoke else ()), *extra]
 
 
-def pipeline_cfg(run: Run, common: list[str], root: str, recipe: dict | None) -> DictConfig:
+def run_overrides(run: Run, recipe: dict | None, smoke: bool) -> list[str]:
+    return [*fill(run.overrides, recipe), *(SMOKE_LAST if smoke else ())]
+
+
+def pipeline_cfg(run: Run, common: list[str], root: str, recipe: dict | None, smoke: bool) -> DictConfig:
     order = "[" + ",".join(run.stages) + "]"
-    return compose_cfg([*common, *fill(run.overrides, recipe), "stage=pipeline", f"stage.order={order}",
+    return compose_cfg([*common, *run_overrides(run, recipe, smoke), "stage=pipeline", f"stage.order={order}",
                         f"paths.root={root}/{run.directory}"])
 
 
@@ -110,7 +129,7 @@ def eval_cfg(run: Run, common: list[str], root: str, recipe: dict | None, smoke:
     """stage=eval of the run's artifacts: held-out text and SFT sets, no lm-eval tasks, no plots."""
     shape = ("eval.seq_len=64", "eval.max_tokens=256", "eval.sft_batches=2") if smoke else \
         ("eval.seq_len=512", "eval.max_tokens=4096", "eval.sft_batches=8")
-    return compose_cfg([*common, *fill(run.overrides, recipe), "stage=eval", "eval.tasks=[]", "eval.plots=false",
+    return compose_cfg([*common, *run_overrides(run, recipe, smoke), "stage=eval", "eval.tasks=[]", "eval.plots=false",
                         "eval.heldout=[text,sft]", f"+eval.students={str(run.students).lower()}", *shape,
                         f"paths.root={root}/{run.directory}"])
 

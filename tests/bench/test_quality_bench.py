@@ -86,8 +86,23 @@ def test_overrides_take_the_recipes_layers():
     with pytest.raises(NeedsRecipe):
         fill(run.overrides, None)
     filled = fill(run.overrides, {"mla_layers": [0, 6, 12]})
-    assert "mix.mla_layers=[0,6,12]" in filled and "ilkd.optimizer.lr=0.0" in filled
+    assert "mix.mla_layers=[0,6,12]" in filled and "ilkd.max_steps=1" in filled
     assert "mix.n_mla=3" in fill(BY_NAME["uniform"].overrides, {"mla_layers": [0, 6, 12]})
+
+
+def test_the_no_ild_scheduler_changes_no_weight():
+    import torch
+
+    from benchmarks.quality.runs import frozen_lr
+
+    w = torch.nn.Parameter(torch.randn(4, 4))
+    before = w.detach().clone()
+    opt = torch.optim.AdamW([w], lr=1e-3, weight_decay=0.1)
+    sched = frozen_lr(opt, total_steps=1, warmup_ratio=0.05)
+    (w ** 2).sum().backward()
+    opt.step()
+    sched.step()
+    assert torch.equal(w.detach(), before)
 
 
 def _results(ppl, kl, no_ild_kl, uniform_kl):
@@ -112,3 +127,11 @@ def test_targets_and_ablation_order():
     assert not s["ablations"]["ild"]["holds"] and not s["ablations"]["smart"]["holds"]
     text = rp.verdict({**_results(45.1, 0.51, 0.3, 0.2), "summary": s})
     assert "NOT met" in text and "does NOT hold" in text
+
+
+def test_a_variant_equal_to_the_recipe_is_compared_as_the_recipe():
+    results = _results(ppl=40.0, kl=0.3, no_ild_kl=0.9, uniform_kl=0.4)
+    results["runs"]["init_new"] = {"skipped": "its initialisation is the recipe's own", "same_as": "recipe"}
+    results["runs"]["init_old"] = {"models": {"kd": {"kl_text": 0.7, "kl_sft": 0.8}}}
+    inits = rp.summary(results)["ablations"]["inits"]
+    assert inits["holds"] and inits["kl_text"] == {"init_new": 0.3, "init_old": 0.7, "difference": pytest.approx(0.4)}
