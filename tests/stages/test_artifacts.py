@@ -23,7 +23,7 @@ def test_hashes_follow_the_graph():
     assert hashes("num_threads=3", "ckpt_path=last", "force=true", "check_weights_moved=true") == base
     changed = {s for s, h in hashes("kd.module.temperature=2.0").items() if h != base[s]}
     assert changed == {"kd", "dpo", "teacher_cache"}  # kd's own setting, dpo through its input, the cached log-probs
-    ild_free = {"teacher_cache"}  # the teacher's top-k over the KD split: no student in it
+    ild_free = {"teacher_cache", "teacher_data"}  # the teacher's top-k / samples: no student in them
     assert {s for s, h in hashes("ilkd.optimizer.lr=1e-3").items() if h != base[s]} == set(artifacts.STAGES) - ild_free
     assert {s for s, h in hashes("teacher_cache.top_k=16").items() if h != base[s]} == {"teacher_cache"}
     assert {s for s, h in hashes("teacher_cache.top_k=16", "kd.teacher_source=cache").items()

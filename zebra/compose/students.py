@@ -1,9 +1,9 @@
 """Full-depth students built from the base, and the hybrid assembled from them (METHOD.md §1, §3, §5).
 
 `build_student` makes an all-MLA or all-Mamba2 ZebraForCausalLM: every attention is replaced by the new
-mixer (initialised from that attention's weights), and the MLPs, norms, embeddings, final norm and LM head
-are copied from the base. `assemble_hybrid` takes each whole decoder layer (mixer + MLP + both norms) from the
-ILD'd student of the matching kind.
+mixer (initialised from that attention's weights, as the `init` options say: conf/init/), and the MLPs,
+norms, embeddings, final norm and LM head are copied from the base. `assemble_hybrid` takes each whole decoder
+layer (mixer + MLP + both norms) from the ILD'd student of the matching kind.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ import copy
 import torch
 from transformers.initialization import no_init_weights
 
+from zebra.compose.calibration import (attention_input_covariances, check_init_options, match_mamba_output_scales,
+                                      needs_calibration)
 from zebra.compose.init_mla import init_mamba_from_attention, init_mla_from_attention
 from zebra.compose.teacher import check_teacher_config, zebra_config_from_teacher
 from zebra.model import ZebraForCausalLM
@@ -21,7 +23,8 @@ from zebra.model import ZebraForCausalLM
 BASE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                "num_key_value_heads", "head_dim", "hidden_act", "rms_norm_eps", "rope_parameters",
                "tie_word_embeddings")
-MLA_FIELDS = ("q_lora_rank", "kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim", "mla_rope")
+MLA_FIELDS = ("q_lora_rank", "kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim", "mla_rope",
+              "rope_key")
 MAMBA_FIELDS = ("mamba_d_inner", "mamba_d_xb", "mamba_nheads", "mamba_headdim", "mamba_d_state", "mamba_d_conv",
                 "mamba_chunk_size", "mamba_dt_min", "mamba_dt_max", "mamba_dt_init_floor", "mamba_A_init_min",
                 "mamba_A_init_max")
@@ -48,17 +51,24 @@ def _attention_weights(layer) -> tuple[torch.Tensor, ...]:
 
 @torch.no_grad()
 def build_student(teacher_model, zebra_config_kwargs: dict | None = None, kind: str = "mla",
-                  dtype: torch.dtype | None = None):
+                  dtype: torch.dtype | None = None, init: dict | None = None, calibration: list[dict] | None = None):
     """An all-MLA (`kind="mla"`) or all-Mamba2 (`kind="mamba"`) student of a Llama base.
 
     `zebra_config_kwargs`: ZebraConfig fields beyond the base's dims (q_lora_rank, kv_lora_rank,
-    qk_rope_head_dim, qk_nope_head_dim, v_head_dim, mla_rope, mamba_*); unset ones take ZebraConfig's defaults.
+    qk_rope_head_dim, qk_nope_head_dim, v_head_dim, mla_rope, rope_key, mamba_*); unset ones take ZebraConfig's
+    defaults. `init`: the init options of conf/init/ (mla_svd, mamba_conv, mamba_scale; default plain SVD,
+    default conv, no scale); `calibration`: token rows ({"input_ids": [1, n]}, zebra.compose.calibration) of the
+    base's data that the activation-aware SVD and the matched Mamba2 scale are computed on (used only by them).
     Ranks are validated from the config before any weight is copied. The student is built in float32 (float64
     for a float64 base) unless `dtype` is given; A_log, D and dt_bias stay fp32 under any cast.
     Returns (student in eval mode, report) where the report lists each layer's initialisation errors.
     """
     if kind not in ("mla", "mamba"):
         raise ValueError(f"kind must be 'mla' or 'mamba', got {kind!r}")
+    init = check_init_options(init)
+    uses_rows = (init["mla_svd"] == "activation_aware") if kind == "mla" else (init["mamba_scale"] == "matched")
+    if needs_calibration(init) and uses_rows and not calibration:
+        raise ValueError(f"init {init} needs calibration rows of the base's data, none given")
     check_teacher_config(teacher_model.config)
     kwargs = dict(zebra_config_kwargs or {})
     kwargs.pop("layer_types", None)  # the kind decides the layer types
@@ -72,18 +82,29 @@ def build_student(teacher_model, zebra_config_kwargs: dict | None = None, kind: 
         student = ZebraForCausalLM(config).to(build_dtype)
     copy_shared_weights(teacher_model, student)
 
+    covariances = None
+    if kind == "mla" and init["mla_svd"] == "activation_aware":
+        covariances = attention_input_covariances(teacher_model, calibration)
     layer_reports = []
     for i, (src, dst) in enumerate(zip(teacher_model.model.layers, student.model.layers)):
         weights = _attention_weights(src)
         if kind == "mla":
-            rep = init_mla_from_attention(dst.mixer, *weights, config)
+            cov = covariances[i] if covariances is not None else None
+            rep = init_mla_from_attention(dst.mixer, *weights, config, input_covariance=cov)
         else:
-            rep = init_mamba_from_attention(dst.mixer, *weights)
+            rep = init_mamba_from_attention(dst.mixer, *weights, conv=init["mamba_conv"])
         layer_reports.append({"layer": i, **rep})
+    if kind == "mamba" and init["mamba_scale"] == "matched":
+        student.eval()  # the scale is matched on the mixer as it will first run
+        scales = match_mamba_output_scales(teacher_model, student, calibration)
+        for rep, scale in zip(layer_reports, scales):
+            rep["out_scale"] = scale
     if dtype is not None:
         student.to(dtype)
     student.eval()
     report = {"kind": kind, "config": {k: getattr(config, k) for k in MLA_FIELDS + ("mamba_d_xb", "mamba_nheads")},
+              "init": {k: init[k] for k in (("mla_svd",) if kind == "mla" else ("mamba_conv", "mamba_scale"))},
+              "calibration_tokens": sum(r["input_ids"].numel() for r in calibration or ()) if uses_rows else 0,
               "layers": layer_reports}
     if kind == "mla":
         keys = ("q_truncation", "kv_truncation", "q_effective", "k_nope_effective", "v_effective", "k_rope_effective")

@@ -64,7 +64,7 @@ STAGES: dict[str, Stage] = {
                           output="dataset", what="the teacher-generated corpus"),
     "ilkd": Stage(inputs=lambda cfg: ("teacher_data",) if cfg.data.get("generate") is not None else (),
                   hashed=("model.name", "model.teacher", "model.tokenizer", "model.base", "model.mla", "data.sft",
-                          "ilkd", "seed"),
+                          "ilkd", "init", "seed"),
                   output="model", what="the ILD'd {part} student", parts=("mla", "mamba"),
                   unhashed=("ilkd.students",)),
     "smart": Stage(inputs=lambda cfg: ("ilkd",), hashed=("data.sft", "smart", "seed"), output="sensitivity.json",

@@ -61,6 +61,8 @@ class ILDModule(StageModule):
         self.specs = {k: v for k, v in students.items() if isinstance(v, StudentSpec)}
         self.students = nn.ModuleDict({k: v for k, v in students.items() if k not in self.specs})
         self.kinds = list(students)
+        # each student's own summed loss per training step (loss_history holds their sum, the optimised loss)
+        self.student_loss_history: dict[str, list[float]] = {k: [] for k in self.kinds}
         for s in self.students.values():
             self.freeze_for_ild(s, last_layer_target)
 
@@ -148,6 +150,8 @@ class ILDModule(StageModule):
         loss = sum(losses.values())
         self.check_finite(loss)
         self.loss_history.append(float(loss.detach()))
+        for kind, value in losses.items():
+            self.student_loss_history.setdefault(kind, []).append(float(value.detach()))
         logs = {f"train/{k}_loss": v.detach() for k, v in losses.items()}
         logs["train/loss"] = loss.detach()
         logs["train/global_step"] = float(self.global_step)
@@ -155,11 +159,46 @@ class ILDModule(StageModule):
         self.log("loss", loss.detach(), prog_bar=True, logger=False, on_step=True, on_epoch=False, batch_size=1)
         return loss
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["zebra"]["student_loss_history"] = {k: list(v) for k, v in self.student_loss_history.items()}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        saved = checkpoint.get("zebra", {}).get("student_loss_history", {})
+        self.student_loss_history.update({k: list(v) for k, v in saved.items()})
+
+
+def own_losses(history: list[float]) -> dict:
+    """A student's own first and last training loss (the stage's loss_first / loss_last are the students' sum)."""
+    return {"loss_first": history[0] if history else None, "loss_last": history[-1] if history else None}
+
+
+def calibration_for_init(cfg: DictConfig, datamodule, init: dict) -> list[dict]:
+    """The calibration rows the init options need (none when they need none): the first `init.calibration_rows`
+    packed rows of the ILD split, cut into their documents (zebra.compose.calibration.calibration_rows)."""
+    from zebra.compose.calibration import calibration_rows, needs_calibration
+
+    if not needs_calibration(init):
+        return []
+    split = cfg.ilkd.split
+    available = len(datamodule.rows(split))
+    n = min(int(init["calibration_rows"]), available)
+    if n < int(init["calibration_rows"]):
+        log.warning("ilkd: init.calibration_rows=%d but split %r has %d rows: calibrating on all of them",
+                    init["calibration_rows"], split, available)
+    batches = datamodule.calibration_batches(n * int(cfg.ilkd.seq_len), split=split)
+    rows = calibration_rows(batches, n_rows=None)
+    if not rows:
+        raise StageError(f"no calibration documents of at least 2 tokens in split {split!r}")
+    return rows
+
 
 # ------------------------------------------------------------------------------------------------ runner
 def run(cfg: DictConfig) -> dict:
     """Train the students `ilkd.students` names (both, mla or mamba) and export each as its own part of the stage.
     The module is `ilkd.module` (an ILDModule, completed here with the students and the teacher)."""
+    from zebra.compose.calibration import check_init_options
     from zebra.compose.students import build_student, zebra_config_from_teacher
 
     sc = cfg.ilkd
@@ -168,7 +207,11 @@ def run(cfg: DictConfig) -> dict:
     if any(k not in KINDS for k in kinds):
         raise StageError(f"ilkd.students must be both, mla or mamba, got {sc.students!r}")
 
-    # cheap checks first: data (paths, emptiness, enough tokens for one batch) before any model is loaded
+    # cheap checks first: init options, data (paths, emptiness, enough tokens for one batch) before any model loads
+    try:
+        init = check_init_options(OmegaConf.to_container(cfg.init, resolve=True), from_config=True)
+    except ValueError as err:
+        raise StageError(str(err)) from err
     tokenizer = load_model_tokenizer(cfg.model.tokenizer)
     world = world_size(cfg)
     steps, datamodule = plan_token_stage(cfg, sc, tokenizer, world)
@@ -187,6 +230,7 @@ def run(cfg: DictConfig) -> dict:
     # Under ZeRO-3 only rank 0 builds each student whole (on CPU, from the teacher); configure_model creates it
     # sharded and fills it from rank 0's copy one layer at a time.
     builds = zero_stage(trainer) != 3 or trainer.global_rank == 0
+    calibration = calibration_for_init(cfg, datamodule, init) if builds else []
     students, init_reports = {}, {}
     for kind in kinds:
         num_layers = teacher.model.config.num_hidden_layers
@@ -195,8 +239,9 @@ def run(cfg: DictConfig) -> dict:
         init_reports[kind] = {}
         if builds:
             t0 = time.perf_counter()
-            spec.full, rep = build_student(teacher.model, mla_kwargs, kind=kind)
-            init_reports[kind] = rep.get("mean") or {}
+            spec.full, rep = build_student(teacher.model, mla_kwargs, kind=kind, init=init, calibration=calibration)
+            init_reports[kind] = {**(rep.get("mean") or {}), **rep["init"],
+                                  "calibration_tokens": rep["calibration_tokens"]}
             log.info("ilkd: built the all-%s student in %.1f s", kind, time.perf_counter() - t0)
         students[kind] = spec
 
@@ -222,7 +267,7 @@ def run(cfg: DictConfig) -> dict:
                     extra={"last-layer target": module.last_layer_target, "mixer loss": module.mixer_loss})
         part = {"kind": kind, "config_hash": digest, "params": count_parameters(student),
                 "kv_fraction": artifacts.kv_fraction(student.config), "init_errors": init_reports[kind],
-                "loss_first": summary["loss_first"], "loss_last": summary["loss_last"],
+                **own_losses(module.student_loss_history.get(kind, [])),
                 "export": str(artifacts.output_path(cfg, "ilkd", kind))}
         # collective under ZeRO-3: every rank gathers the student (rank 0 writes it)
         merged["students"][kind] = artifacts.finish(cfg, "ilkd", trainer, part, part=kind, model=student,
