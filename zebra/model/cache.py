@@ -38,8 +38,8 @@ class MLALayerCache:
         return self.latent[:, : self.length]
 
     def write(self, new: torch.Tensor, cache_position: torch.Tensor) -> torch.Tensor:
-        """Static caches only: write `new` [B, T, r_kv + d_rope] into the slots `cache_position` [T] (a device
-        tensor) in place and return the whole buffer [B, max_length, r_kv + d_rope].
+        """Static caches only: write `new` [B, T, mla_cache_dim] into the slots `cache_position` [T] (a device
+        tensor) in place and return the whole buffer [B, max_length, mla_cache_dim].
 
         Nothing here reads a tensor on the host, so the write can sit inside a CUDA graph: every replay writes
         at whatever `cache_position` then holds. Which slots are valid is the caller's mask to keep; `length`
