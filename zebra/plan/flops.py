@@ -144,7 +144,7 @@ def forward_flops(model_or_config, seq_len: int, doc_lengths: Iterable[int] | No
     cfg = _config(model_or_config)
     ctx = causal_mean_context(doc_lengths if doc_lengths is not None else int(seq_len))
     out = {"linear": 0.0, "attention": 0.0, "conv": 0.0, "ssd": 0.0, "lm_head": 0.0}
-    types = list(cfg.layer_types) if is_hybrid(cfg) else ["llama"] * cfg.num_hidden_layers
+    types = list(cfg.hybrid_layer_types) if is_hybrid(cfg) else ["llama"] * cfg.num_hidden_layers
     if len(types) != cfg.num_hidden_layers:
         raise ValueError(f"{len(types)} layer types for {cfg.num_hidden_layers} layers")
     per_kind = {"llama": lambda: llama_attention_flops(cfg, ctx), "mla": lambda: mla_flops(cfg, ctx),
