@@ -133,7 +133,7 @@ def main(argv=None):
     batch, seq = (2, 64) if args.smoke else (args.batch, args.seq)
     warmup, iters = (1, 3) if args.smoke else (args.warmup, args.iters)
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-    cfg = ZebraConfig(num_hidden_layers=2, layer_types=["mla", "mamba"], **dims)
+    cfg = ZebraConfig(num_hidden_layers=2, hybrid_layer_types=["mla", "mamba"], **dims)
     torch.manual_seed(0)
 
     def hidden():

@@ -62,7 +62,7 @@ def build_shapes(smoke: bool) -> dict:
 
 def config_summary(config) -> dict:
     keys = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-            "num_attention_heads", "num_key_value_heads", "head_dim", "tie_word_embeddings", "layer_types",
+            "num_attention_heads", "num_key_value_heads", "head_dim", "tie_word_embeddings", "hybrid_layer_types",
             "q_lora_rank", "kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim", "mamba_d_inner",
             "mamba_d_xb", "mamba_nheads", "mamba_headdim", "mamba_d_state", "mamba_d_conv", "mamba_chunk_size")
     return {k: getattr(config, k) for k in keys if getattr(config, k, None) is not None}

@@ -17,7 +17,7 @@ TINY = dict(vocab_size=10, hidden_size=8, intermediate_size=16, num_attention_he
 
 
 def tiny_hybrid(types=("mla", "mamba")):
-    return ZebraConfig(num_hidden_layers=len(types), layer_types=list(types), **TINY)
+    return ZebraConfig(num_hidden_layers=len(types), hybrid_layer_types=list(types), **TINY)
 
 
 def tiny_llama(layers=1):

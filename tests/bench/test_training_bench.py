@@ -81,10 +81,11 @@ def test_flop_accounting(smoke):
 def test_real_shapes_without_building_them():
     shapes = models.build_shapes(smoke=False)
     s, t = shapes["kd_student"], shapes["kd_teacher"]
-    assert s.layer_types.count("mla") == 4 and s.mla_layers == [0, 5, 10, 14]
+    assert s.hybrid_layer_types.count("mla") == 4 and s.mla_layers == [0, 5, 10, 14]
     assert (t.hidden_size, t.num_hidden_layers, t.intermediate_size, t.vocab_size) == (4096, 32, 14336, 128256)
     assert s.vocab_size == t.vocab_size == 128256 and s.hidden_size == 2048
-    assert set(shapes["ild_mla"].layer_types) == {"mla"} and set(shapes["ild_mamba"].layer_types) == {"mamba"}
+    assert set(shapes["ild_mla"].hybrid_layer_types) == {"mla"}
+    assert set(shapes["ild_mamba"].hybrid_layer_types) == {"mamba"}
     ild = F.ild_step_flops({"mla": shapes["ild_mla"], "mamba": shapes["ild_mamba"]}, shapes["ild_teacher"], 2048)
     both = ild["student_train_mla"] + ild["student_train_mamba"]
     assert (2 * ild["teacher_forward"] + both) / (ild["teacher_forward"] + both) == pytest.approx(1.14, abs=0.01)

@@ -32,7 +32,7 @@ def attention_weights(h, g, hd, hidden, dtype=torch.float32, seed=0):
 def mla_config(h, g, hd, hidden, variant, **kw):
     return ZebraConfig(vocab_size=50, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1,
                        num_attention_heads=h, num_key_value_heads=g, head_dim=hd, mla_rope=variant,
-                       layer_types=["mla"], **kw)
+                       hybrid_layer_types=["mla"], **kw)
 
 
 def rel(a, b):
@@ -125,7 +125,7 @@ def test_bad_shapes_raise():
 
 def mamba_config(h, g, hd, hidden):
     return ZebraConfig(vocab_size=50, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1,
-                       num_attention_heads=h, num_key_value_heads=g, head_dim=hd, layer_types=["mamba"])
+                       num_attention_heads=h, num_key_value_heads=g, head_dim=hd, hybrid_layer_types=["mamba"])
 
 
 def test_mamba_rows_and_defaults_kept():

@@ -61,7 +61,7 @@ def test_shared_weights_copied_and_mamba_rows(tiny_llama):
     for kind in ("mla", "mamba"):
         student, report = build_student(base, {"q_lora_rank": 32, "kv_lora_rank": 16}, kind)
         assert report["kind"] == kind and len(report["layers"]) == 3
-        assert student.config.layer_types == [kind] * 3
+        assert student.config.hybrid_layer_types == [kind] * 3
         assert torch.equal(student.model.embed_tokens.weight, base.model.embed_tokens.weight)
         assert student.lm_head.weight is student.model.embed_tokens.weight  # tied stays tied
         assert torch.equal(student.model.norm.weight, base.model.norm.weight)
@@ -120,7 +120,7 @@ def test_hybrid_takes_whole_layers(tiny_llama):
     perturb(mamba, 2)
     idx = [0, 3]
     hybrid = assemble_hybrid(mla, mamba, idx)
-    assert hybrid.config.layer_types == ["mla", "mamba", "mamba", "mla", "mamba"]
+    assert hybrid.config.hybrid_layer_types == ["mla", "mamba", "mamba", "mla", "mamba"]
     assert hybrid.config.kv_lora_rank == 16
     for i, layer in enumerate(hybrid.model.layers):
         src = (mla if i in idx else mamba).model.layers[i]
@@ -141,7 +141,7 @@ def test_hybrid_takes_whole_layers(tiny_llama):
         expected = mla.lm_head(mla.model.norm(h))
     assert torch.allclose(logits(hybrid, ids), expected, rtol=0, atol=1e-12)
     # the students are untouched
-    assert mla.config.layer_types == ["mla"] * 5 and mamba.config.layer_types == ["mamba"] * 5
+    assert mla.config.hybrid_layer_types == ["mla"] * 5 and mamba.config.hybrid_layer_types == ["mamba"] * 5
 
 
 def test_hybrid_validation(tiny_llama):
@@ -163,9 +163,9 @@ def test_hybrid_validation(tiny_llama):
     same_shape, _ = build_student(tiny_llama(g=2, layers=4, seed=7), {}, "mamba")
     with pytest.raises(ValueError, match="embeddings differ"):
         assemble_hybrid(mla, same_shape, [1])
-    assert assemble_hybrid(mla, mamba, []).config.layer_types == ["mamba"] * 4
+    assert assemble_hybrid(mla, mamba, []).config.hybrid_layer_types == ["mamba"] * 4
     tied_base = tiny_llama(g=2, layers=4, tied=True)
     tied = assemble_hybrid(build_student(tied_base, {}, "mla")[0], build_student(tied_base, {}, "mamba")[0], [2])
     assert tied.lm_head.weight is tied.model.embed_tokens.weight
     assert torch.equal(tied.lm_head.weight, tied_base.lm_head.weight)
-    assert assemble_hybrid(mla, mamba, range(4)).config.layer_types == ["mla"] * 4
+    assert assemble_hybrid(mla, mamba, range(4)).config.hybrid_layer_types == ["mla"] * 4

@@ -177,7 +177,7 @@ def test_imported_model_reproduces_reference_forward(tmp_path, tied):
     sd, _, _ = write_reference_checkpoint(tmp_path / "ckpt", tied=tied)
     model, tokenizer, info = load_reference(tmp_path / "ckpt", dtype=torch.float64)
     assert tokenizer is None and info["mla_layers"] == MLA_LAYERS
-    assert model.config.mla_rope == "reference" and model.config.layer_types == ["mla", "mamba", "mla", "mamba"]
+    assert model.config.mla_rope == "reference" and model.config.hybrid_layer_types == ["mla", "mamba", "mla", "mamba"]
     assert (model.config.q_lora_rank, model.config.kv_lora_rank) == (R_Q, R_KV)
     ids = torch.randint(0, V, (21,), generator=torch.Generator().manual_seed(1))  # longer than the conv and > 16
     with torch.no_grad():
@@ -201,7 +201,7 @@ def test_parameter_mapping_is_a_bijection(tmp_path):
     ours = set(ZebraForCausalLM(config).state_dict())
     assert set(mapped) == ours  # onto our parameters, nothing left over
     for new, old in mapped.items():  # and the inverse undoes it
-        assert zebra_to_reference_key(new, config.layer_types) == old
+        assert zebra_to_reference_key(new, config.hybrid_layer_types) == old
     assert set(convert_state_dict(sd, config)) == ours
 
 

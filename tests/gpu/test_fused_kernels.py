@@ -23,7 +23,7 @@ def small_hybrid(dtype):
     cfg = ZebraConfig(vocab_size=500, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
                       num_attention_heads=8, num_key_value_heads=2, head_dim=32, q_lora_rank=128, kv_lora_rank=64,
                       qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=32, mamba_chunk_size=64,
-                      layer_types=["mla", "mamba", "mamba", "mla"])
+                      hybrid_layer_types=["mla", "mamba", "mamba", "mla"])
     return ZebraForCausalLM(cfg).to(DEV, dtype).eval()
 
 

@@ -111,7 +111,7 @@ def test_state_update_matches_step():
 def small_mixer():
     torch.manual_seed(3)
     cfg = ZebraConfig(vocab_size=100, hidden_size=512, intermediate_size=1024, num_hidden_layers=1,
-                      num_attention_heads=8, num_key_value_heads=2, head_dim=64, layer_types=["mamba"],
+                      num_attention_heads=8, num_key_value_heads=2, head_dim=64, hybrid_layer_types=["mamba"],
                       mamba_chunk_size=64)
     m = Mamba2Mixer(cfg, 0)
     with torch.no_grad():

@@ -20,7 +20,7 @@ def rel(a, b):
 
 def small_config(**kw):
     base = dict(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, head_dim=16, layer_types=["mamba"] * 2, mamba_chunk_size=16)
+                num_key_value_heads=2, head_dim=16, hybrid_layer_types=["mamba"] * 2, mamba_chunk_size=16)
     base.update(kw)
     return ZebraConfig(**base)
 

@@ -20,7 +20,7 @@ def make_model(layer_types, dtype=torch.float64, seed=0, **kw):
     cfg = ZebraConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=len(layer_types),
                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, q_lora_rank=32, kv_lora_rank=24,
                       qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, mamba_chunk_size=16,
-                      layer_types=layer_types, **kw)
+                      hybrid_layer_types=layer_types, **kw)
     model = ZebraForCausalLM(cfg).to(dtype).eval()
     # Random SSM decay and norms so that the state and gates are exercised, not just their init values.
     with torch.no_grad():

@@ -60,7 +60,7 @@ def test_exported_hybrid_loads_with_auto_classes(pipeline_run):
 
     root, *_ = pipeline_run
     model = AutoModelForCausalLM.from_pretrained(root / "tiny" / "2mla-uniform" / "dpo" / "model")
-    assert model.config.layer_types == ["mla", "mamba", "mla", "mamba"]
+    assert model.config.hybrid_layer_types == ["mla", "mamba", "mla", "mamba"]
     out = model(input_ids=torch.tensor([[1, 2, 3]]), use_cache=False)
     assert torch.isfinite(out.logits).all()
 

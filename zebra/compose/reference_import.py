@@ -312,7 +312,7 @@ def reference_zebra_config(base: dict, hybrid: dict, state_dict: dict[str, torch
             max_position_embeddings=int(base.get("max_position_embeddings", 8192)), rope_parameters=rope_parameters,
             tie_word_embeddings=bool(base.get("tie_word_embeddings", False)),
             bos_token_id=base.get("bos_token_id"), eos_token_id=base.get("eos_token_id"),
-            pad_token_id=base.get("pad_token_id"), layer_types=layer_types, q_lora_rank=r_q, kv_lora_rank=r_kv,
+            pad_token_id=base.get("pad_token_id"), hybrid_layer_types=layer_types, q_lora_rank=r_q, kv_lora_rank=r_kv,
             qk_rope_head_dim=d_rope, qk_nope_head_dim=d_nope, v_head_dim=d_v, mla_rope="reference", **mamba)
     except ValueError as err:
         raise ReferenceImportError(f"the reference checkpoint's dimensions do not fit zebra's model: {err}") from err
@@ -329,7 +329,7 @@ def convert_state_dict(state_dict: dict[str, torch.Tensor], config) -> dict[str,
             i, rest = int(m.group(1)), m.group(2)
             if i >= config.num_hidden_layers:
                 raise ReferenceImportError(f"{key}: layer {i} does not exist ({config.num_hidden_layers} layers)")
-            kind = config.layer_types[i]
+            kind = config.hybrid_layer_types[i]
             if (rest.startswith("mla.") and kind != "mla") or (rest.startswith("mamba.") and kind != "mamba"):
                 raise ReferenceImportError(f"{key} is a {rest.split('.')[0]} weight but hybrid_config lists layer {i} "
                                            f"as {kind}")
@@ -354,7 +354,7 @@ def load_reference(src: str | Path, dtype: torch.dtype | None = None):
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     if (hybrid.get("ssm_cfg") or {}).get("conv_bias") is False:  # no conv bias: ours is zero
-        for i, kind in enumerate(config.layer_types):
+        for i, kind in enumerate(config.hybrid_layer_types):
             if kind == "mamba":
                 w = state.get(f"model.layers.{i}.mixer.conv1d.weight")
                 if w is not None:
@@ -374,7 +374,7 @@ def load_reference(src: str | Path, dtype: torch.dtype | None = None):
     for key, value in state.items():
         want = model.state_dict()[key].shape
         if tuple(value.shape) != tuple(want):
-            raise ReferenceImportError(f"{zebra_to_reference_key(key, config.layer_types)} has shape "
+            raise ReferenceImportError(f"{zebra_to_reference_key(key, config.hybrid_layer_types)} has shape "
                                        f"{tuple(value.shape)}, zebra expects {tuple(want)}")
     model.load_state_dict(state, strict=not config.tie_word_embeddings)
     if config.tie_word_embeddings:

@@ -71,7 +71,7 @@ def build_student(teacher_model, zebra_config_kwargs: dict | None = None, kind: 
         raise ValueError(f"init {init} needs calibration rows of the base's data, none given")
     check_teacher_config(teacher_model.config)
     kwargs = dict(zebra_config_kwargs or {})
-    kwargs.pop("layer_types", None)  # the kind decides the layer types
+    kwargs.pop("hybrid_layer_types", None)  # the kind decides the layer types
     num_layers = teacher_model.config.num_hidden_layers
     config = zebra_config_from_teacher(teacher_model.config, [kind] * num_layers, **kwargs)
 
@@ -127,7 +127,7 @@ def hybrid_config(mla_config, mamba_config, mla_indices):
     config = copy.deepcopy(mla_config)
     for f in MAMBA_FIELDS:
         setattr(config, f, getattr(mamba_config, f))
-    config.layer_types = ["mla" if i in chosen else "mamba" for i in range(mla_config.num_hidden_layers)]
+    config.hybrid_layer_types = ["mla" if i in chosen else "mamba" for i in range(mla_config.num_hidden_layers)]
     config.check()
     return config
 
@@ -160,9 +160,9 @@ def assemble_hybrid(mla_student, mamba_student, mla_indices, check_embeddings: b
     layer_types = ["mla" if i in chosen else "mamba" for i in range(num_layers)]
     for i, kind in enumerate(layer_types):
         src = mla_student if kind == "mla" else mamba_student
-        if src.config.layer_types[i] != kind:
+        if src.config.hybrid_layer_types[i] != kind:
             raise ValueError(f"layer {i} must come from the {kind} student, but that student's layer {i} is "
-                             f"{src.config.layer_types[i]!r}")
+                             f"{src.config.hybrid_layer_types[i]!r}")
     if check_embeddings and not torch.equal(mla_student.model.embed_tokens.weight,
                                             mamba_student.model.embed_tokens.weight):
         raise ValueError("the students' embeddings differ: they were not built from the same base")

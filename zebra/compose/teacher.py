@@ -539,4 +539,4 @@ def zebra_config_from_teacher(teacher_config, layer_types, q_lora_rank=None, kv_
         rope_parameters=_rope_parameters(tc), tie_word_embeddings=bool(getattr(tc, "tie_word_embeddings", False)),
         max_position_embeddings=tc.max_position_embeddings, initializer_range=getattr(tc, "initializer_range", 0.02),
         bos_token_id=tc.bos_token_id, eos_token_id=tc.eos_token_id, pad_token_id=getattr(tc, "pad_token_id", None),
-        layer_types=layer_types, mla_rope=mla_rope, **{k: v for k, v in mla.items() if v is not None}, **extra)
+        hybrid_layer_types=layer_types, mla_rope=mla_rope, **{k: v for k, v in mla.items() if v is not None}, **extra)

@@ -155,7 +155,7 @@ def mla_layers_of_export(path: Path) -> list[int] | None:
         cfg = json.loads((path / "config.json").read_text())
     except (OSError, ValueError):
         return None
-    types = cfg.get("layer_types")
+    types = cfg.get("hybrid_layer_types") or cfg.get("layer_types")  # the field's name in earlier exports
     if cfg.get("model_type") != "zebra" or not types:
         return None
     return [i for i, t in enumerate(types) if t == "mla"]
@@ -279,7 +279,7 @@ def cache_info(model) -> dict:
         return {"kv_fraction": c["kv_fraction"], "cache_bytes_per_token": c["cache_bytes_per_token"],
                 "cache_constant_bytes": c["cache_constant_bytes"],
                 "base_kv_bytes_per_token": c["base_kv_bytes_per_token"], "mla_layers": cfg.mla_layers,
-                "layer_types": "".join("A" if t == "mla" else "M" for t in cfg.layer_types)}
+                "layer_types": "".join("A" if t == "mla" else "M" for t in cfg.hybrid_layer_types)}
     g = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
     hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     per_token = 2 * cfg.num_hidden_layers * g * hd * 2  # K and V, bf16

@@ -86,7 +86,7 @@ class HybridCache:
         self.batch_size = batch_size
         self.max_length = max_length  # None: dynamic (MLA entries grow by concatenation); else static
         self.layers: list[MLALayerCache | MambaLayerCache] = []
-        for t in config.layer_types:
+        for t in config.hybrid_layer_types:
             if t == "mla":
                 self.layers.append(MLALayerCache(batch_size, config.mla_cache_dim, dtype, device, max_length))
             else:
@@ -119,7 +119,7 @@ class HybridCache:
 
     def nbytes_by_kind(self) -> dict[str, int]:
         out = {"mla": 0, "mamba": 0}
-        for kind, layer in zip(self.config.layer_types, self.layers):
+        for kind, layer in zip(self.config.hybrid_layer_types, self.layers):
             out[kind] += sum(t.numel() * t.element_size() for t in layer.tensors())
         return out
 

@@ -22,7 +22,10 @@ class ZebraConfig(PreTrainedConfig):
     """Hybrid MLA + Mamba2 decoder built from a Llama-family base (METHOD.md §2).
 
     Every decoder layer is a Llama block whose mixer is either Multi-head Latent Attention ("mla")
-    or an attention-shaped Mamba2 ("mamba"); `layer_types` says which, one entry per layer.
+    or an attention-shaped Mamba2 ("mamba"); `hybrid_layer_types` says which, one entry per layer (not
+    `layer_types`: transformers reserves that name for its own attention kinds and validates it wherever a
+    config.json is read, also by AutoTokenizer in a process that never imported zebra; exports written before the
+    rename, which have `layer_types`, still load).
     Unset MLA/Mamba dims default to the base's shapes (full-rank MLA, d_rope = head_dim / 2).
     """
 
@@ -50,7 +53,7 @@ class ZebraConfig(PreTrainedConfig):
     eos_token_id: int | list[int] | None = None
 
     # --- the layer mix ---
-    layer_types: list[str] | None = None
+    hybrid_layer_types: list[str] | None = None
 
     # --- MLA (METHOD §2.2) ---
     q_lora_rank: int | None = None  # r_q
@@ -84,15 +87,18 @@ class ZebraConfig(PreTrainedConfig):
     mla_absorb_max_tokens: int = 16  # MLA calls of at most this many new tokens after a history: absorbed form
 
     def __post_init__(self, **kwargs):
+        legacy_layer_types = kwargs.pop("layer_types", None)  # the field's name in earlier exports
+        if self.hybrid_layer_types is None:
+            self.hybrid_layer_types = legacy_layer_types
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.rope_parameters is None:
             self.rope_parameters = {"rope_type": "default", "rope_theta": 10000.0}
-        if self.layer_types is None:
-            self.layer_types = ["mla"] * self.num_hidden_layers
-        self.layer_types = list(self.layer_types)
+        if self.hybrid_layer_types is None:
+            self.hybrid_layer_types = ["mla"] * self.num_hidden_layers
+        self.hybrid_layer_types = list(self.hybrid_layer_types)
         hd, h, g = self.head_dim, self.num_attention_heads, self.num_key_value_heads
         if self.qk_rope_head_dim is None:
             self.qk_rope_head_dim = hd // 2
@@ -128,7 +134,7 @@ class ZebraConfig(PreTrainedConfig):
 
     @property
     def mla_layers(self) -> list[int]:
-        return [i for i, t in enumerate(self.layer_types) if t == "mla"]
+        return [i for i, t in enumerate(self.hybrid_layer_types) if t == "mla"]
 
     @property
     def mamba_conv_dim(self) -> int:
@@ -156,11 +162,6 @@ class ZebraConfig(PreTrainedConfig):
         return 2 * self.num_key_value_heads * self.head_dim
 
     # ---- validation (ValueError names the field) ----
-    def validate_layer_type(self):
-        # transformers validates `layer_types` against its own vocabulary (and remaps "mamba" for remote
-        # code); ours has a different one. `@strict` makes this override the one that runs.
-        self.check()
-
     def check(self) -> None:
         def need(cond: bool, field: str, msg: str) -> None:
             if not cond:
@@ -172,10 +173,10 @@ class ZebraConfig(PreTrainedConfig):
         h, g, hd = self.num_attention_heads, self.num_key_value_heads, self.head_dim
         need(h % g == 0, "num_key_value_heads",
              f"num_attention_heads ({h}) must be divisible by num_key_value_heads ({g})")
-        need(len(self.layer_types) == self.num_hidden_layers, "layer_types",
-             f"has {len(self.layer_types)} entries but num_hidden_layers is {self.num_hidden_layers}")
-        bad = sorted({t for t in self.layer_types if t not in LAYER_TYPES})
-        need(not bad, "layer_types", f"unknown layer type(s) {bad}; allowed: {list(LAYER_TYPES)}")
+        need(len(self.hybrid_layer_types) == self.num_hidden_layers, "hybrid_layer_types",
+             f"has {len(self.hybrid_layer_types)} entries but num_hidden_layers is {self.num_hidden_layers}")
+        bad = sorted({t for t in self.hybrid_layer_types if t not in LAYER_TYPES})
+        need(not bad, "hybrid_layer_types", f"unknown layer type(s) {bad}; allowed: {list(LAYER_TYPES)}")
         need(self.mla_rope in MLA_ROPE_VARIANTS, "mla_rope",
              f"must be one of {list(MLA_ROPE_VARIANTS)}, got {self.mla_rope!r}")
         need(self.rope_key in MLA_ROPE_KEYS, "rope_key", f"must be one of {list(MLA_ROPE_KEYS)}, got {self.rope_key!r}")

@@ -69,7 +69,7 @@ class ZebraDecoderLayer(GradientCheckpointingLayer):
     def __init__(self, config: ZebraConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
-        self.layer_type = config.layer_types[layer_idx]
+        self.layer_type = config.hybrid_layer_types[layer_idx]
         self.input_layernorm = ZebraRMSNorm(config.hidden_size, config.rms_norm_eps, config)
         mixer_cls = MultiHeadLatentAttention if self.layer_type == "mla" else Mamba2Mixer
         self.mixer = mixer_cls(config, layer_idx)

@@ -30,7 +30,7 @@ def zebra_config_from_preset(model_cfg, layer_types: list[str]) -> ZebraConfig:
     """A ZebraConfig from a `conf/model` preset's `base` and `mla` blocks (architecture numbers, no download)."""
     base = dict(_plain(model_cfg["base"]))
     mla = dict(_plain(model_cfg["mla"]))
-    return ZebraConfig(**base, **mla, layer_types=layer_types)
+    return ZebraConfig(**base, **mla, hybrid_layer_types=layer_types)
 
 
 def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:
@@ -70,7 +70,7 @@ def describe(cfg) -> dict:
         "base_kv_bytes_per_token": cache["base_kv_bytes_per_token"],
         "mla_layers": mla_layers,
         "placement": placement,
-        "layer_types": config.layer_types,
+        "layer_types": config.hybrid_layer_types,
     }
     opts = _plain(cfg.get("describe")) if hasattr(cfg, "get") else None
     if opts is not None:  # stage=describe (conf/stage/describe.yaml): memory plan and inference cache
@@ -161,7 +161,7 @@ def layer_activation_elements(config: ZebraConfig, kind: str) -> float:
 def model_activation_elements(config: ZebraConfig, checkpointing: bool) -> float:
     """Per token, a whole decoder stack: every layer's saved values, or with activation checkpointing each layer's
     input (H) plus one layer's values while it is recomputed in backward."""
-    per_layer = [layer_activation_elements(config, t) for t in config.layer_types]
+    per_layer = [layer_activation_elements(config, t) for t in config.hybrid_layer_types]
     if checkpointing:
         return float(config.num_hidden_layers * config.hidden_size + max(per_layer))
     return float(sum(per_layer))

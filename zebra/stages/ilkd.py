@@ -234,7 +234,7 @@ def run(cfg: DictConfig) -> dict:
     students, init_reports = {}, {}
     for kind in kinds:
         num_layers = teacher.model.config.num_hidden_layers
-        kwargs = {k: v for k, v in mla_kwargs.items() if k != "layer_types"}
+        kwargs = {k: v for k, v in mla_kwargs.items() if k != "hybrid_layer_types"}
         spec = StudentSpec(zebra_config_from_teacher(teacher.model.config, [kind] * num_layers, **kwargs))
         init_reports[kind] = {}
         if builds:
