@@ -157,7 +157,8 @@ def plot(results: dict, out_png) -> str | None:
     ratios = [m["ppl_text"] / t["ppl_text"] if _ok(t.get("ppl_text")) else float("nan") for _, m in bars]
     axes[1].bar(x, ratios, color="tab:orange")
     axes[1].axhline(TARGET_PPL_RATIO, color="tab:red", ls="--", label=f"target {TARGET_PPL_RATIO}x")
-    axes[1].set_yscale("log")
+    if max((r for r in ratios if _ok(r)), default=1.0) > 3:  # the untrained hybrids sit orders of magnitude off
+        axes[1].set_yscale("log")
     axes[1].set_ylabel("perplexity / teacher's")
     axes[1].set_title(f"heldout.txt (teacher ppl {_f(t.get('ppl_text'))})")
     for ax in axes[:2]:

@@ -21,9 +21,11 @@ from benchmarks.quality.runs import (BY_NAME, RUNS, NeedsRecipe, Run, base_overr
                                      init_values, pipeline_cfg)
 from zebra.utils.files import write_json_atomic
 
-MODEL_STAGES = {  # which stages made each evaluated model (their tokens and wall times add up)
-    "ilkd_mla": ("ilkd",), "ilkd_mamba": ("ilkd",), "assembled": ("ilkd", "smart"),
-    "kd": ("ilkd", "smart", "kd"), "dpo": ("ilkd", "smart", "kd", "dpo"),
+MODEL_STAGES = {  # which stages made each evaluated model (their tokens and wall times add up); teacher_data when
+    # the data config samples the corpus from the teacher
+    "ilkd_mla": ("teacher_data", "ilkd"), "ilkd_mamba": ("teacher_data", "ilkd"),
+    "assembled": ("teacher_data", "ilkd", "smart"), "kd": ("teacher_data", "ilkd", "smart", "kd"),
+    "dpo": ("teacher_data", "ilkd", "smart", "kd", "dpo"),
 }
 TRAINING_STAGES = ("ilkd", "kd", "dpo")  # SMART's calibration tokens are not trained on
 
@@ -64,7 +66,7 @@ def execute(run: Run, args, common: list[str], results: dict, log) -> dict:
     recipe = results["runs"].get("recipe")
     recipe = recipe if recipe and "models" in recipe else None
     try:
-        cfg = pipeline_cfg(run, common, args.root, recipe)
+        cfg = pipeline_cfg(run, common, args.root, recipe, args.smoke)
         ecfg = eval_cfg(run, common, args.root, recipe, args.smoke)
     except NeedsRecipe as err:
         return {"skipped": str(err)}
@@ -75,12 +77,13 @@ def execute(run: Run, args, common: list[str], results: dict, log) -> dict:
     if args.force:
         with open_dict(cfg):
             cfg.force = True
+    share_corpus(cfg, Path(args.root), run)
     start = time.perf_counter()
     log(f"{run.name}: {run.what}; stages {list(run.stages)} under {cfg.paths.model_dir}")
     pipeline = run_stage(cfg)
     train_seconds = time.perf_counter() - start
     evaluation = run_stage(ecfg)
-    reports = stage_reports(cfg, run.stages)
+    reports = stage_reports(cfg, (("teacher_data",) if cfg.data.get("generate") is not None else ()) + run.stages)
     kd = reports.get("kd") or {}
     result = {"what": run.what, "overrides": [*args.sets, *fill(run.overrides, recipe)],
               "stages": list(run.stages), "mix": str(cfg.mix.name), "mla_layers": kd.get("mla_layers"),
@@ -93,6 +96,20 @@ def execute(run: Run, args, common: list[str], results: dict, log) -> dict:
     if "smart" in reports:
         result["smart_selections"] = reports["smart"].get("selections")
     return result
+
+
+def share_corpus(cfg, root: Path, run: Run) -> None:
+    """A data config that samples its corpus from the teacher (data=teacher_generated) writes it under the run's
+    model directory: a run in a directory of its own reads the recipe's corpus (a link) instead of sampling the same
+    one again (the teacher_data stage then finds it done for the same config)."""
+    if cfg.data.get("generate") is None or run.directory == "recipe":
+        return
+    model_dir = Path(cfg.paths.model_dir)
+    recipe_corpus = root.resolve() / "recipe" / model_dir.name / "teacher_data"
+    mine = model_dir / "teacher_data"
+    if recipe_corpus.is_dir() and not mine.exists():
+        mine.parent.mkdir(parents=True, exist_ok=True)
+        mine.symlink_to(recipe_corpus, target_is_directory=True)
 
 
 def tokens_per_s(reports: dict) -> dict:
@@ -119,7 +136,7 @@ def run_curve(args, common: list[str], results: dict, save, log) -> None:
     points_file = Path(args.root) / "curve.jsonl"
     out = results.setdefault("curve", {})
     try:
-        cfg = pipeline_cfg(run, common, args.root, recipe)
+        cfg = pipeline_cfg(run, common, args.root, recipe, args.smoke)
     except NeedsRecipe as err:
         out["skipped"] = str(err)
         save()
