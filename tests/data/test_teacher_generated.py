@@ -191,3 +191,31 @@ def test_bad_settings_fail_before_the_teacher_loads(tmp_path):
     with pytest.raises(StageError, match="use data=teacher_generated"):
         run(compose_cfg(["model=tiny", f"paths.root={tmp_path}"]))
     assert not (tmp_path / "tiny").exists()
+
+
+# ------------------------------------------------------------------------------------------------ on the GPU
+@pytest.mark.gpu
+def test_gpu_batch_equals_cpu_reference(llama64):
+    model = LlamaForCausalLM(llama64.config).to(torch.float32)
+    model.load_state_dict(llama64.state_dict())
+    prompts = [[5, 9, 11, 3, 7, 2], [4], [8, 8, 1]]
+    got = sample_batch(model.cuda().eval(), prompts, SamplingSettings(temperature=0.0, max_new_tokens=6), pad_id=0,
+                       stop_ids=(), generator=torch.Generator(device="cuda"))
+    assert [new for new, _ in got] == [_greedy_reference(llama64, p, 6) for p in prompts]
+
+
+@pytest.mark.gpu
+def test_gpu_stage_on_the_embedded_teacher(tmp_path):
+    """The embedded teacher on the GPU in bf16: prints the sampling throughput the report records."""
+    from zebra.stages.run import run
+
+    prefs = write_preferences(tmp_path / "prefs.jsonl")
+    overrides = [o for o in _overrides(tmp_path, prefs) if not o.startswith(("model=", "data.generate."))]
+    cfg = compose_cfg(overrides + ["data.generate.max_prompts=64", "data.generate.free_samples=64",
+                                   "data.generate.max_new_tokens=128", "data.generate.batch_size=128"])
+    run(cfg)
+    report = json.loads((tmp_path / "smollm2_135m" / "teacher_data" / "report.json").read_text())
+    print("teacher_data on", torch.cuda.get_device_name(), {k: report[k] for k in (
+        "responses", "free_samples", "new_tokens", "sampling_seconds", "tokens_per_second", "finished_fraction")})
+    assert report["device"].startswith("cuda") and report["dtype"] == "bfloat16"
+    assert report["responses"] == 64 and report["free_samples"] == 64 and report["new_tokens"] >= 64 * 128
