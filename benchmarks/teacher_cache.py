@@ -1,7 +1,7 @@
 """KD from a teacher cache vs online KD: step throughput and peak memory, and what building the cache costs.
 
-    python -m benchmarks.teacher_cache                    # one GPU: zebra_1b student, 8B-shaped random teacher, seq 2048
-    python -m benchmarks.teacher_cache --smoke --device cpu   # tiny shapes on CPU (checks the code path; times nothing)
+    python -m benchmarks.teacher_cache                        # one GPU: zebra_1b student, 8B-shaped teacher, seq 2048
+    python -m benchmarks.teacher_cache --smoke --device cpu   # tiny shapes on CPU (the code path; times nothing)
 
 Measured, each written to the JSON as it finishes (default experiments/teacher_cache/teacher_cache_bench.json):
 - `online`: KDModule.training_step + backward + AdamW with the teacher in memory (the stage's default path).
@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from benchmarks.harness import GIB, Device, versions
+from benchmarks.harness import GIB, Device, NoTimer, versions
 from benchmarks.training.models import build_shapes, build_student, build_teacher, config_summary, make_batch, \
     make_optimizer
 from benchmarks.training.run import autocast, batch_candidates, measure, search_batch
@@ -152,8 +152,6 @@ def main(argv=None) -> dict:
     def online_step(b, timer):
         batch, _ = make_batch(b, args.seq, vocab, device, seed=b)
         return kd_step(module, opt, batch, device, args.precision, timer)
-
-    from benchmarks.harness import NoTimer
 
     if args.batch:
         mb, tried = args.batch, {"fixed": args.batch}
