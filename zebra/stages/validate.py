@@ -354,6 +354,7 @@ def check_generate(cfg: DictConfig, stage: str) -> None:
 _TRAINING = dict(positive=("seq_len", "batch_size", "accumulate_grad_batches"), optional_positive=BUDGET,
                  non_negative=("checkpoint_every_n_steps",), budget=BUDGET, lr=True)
 
+
 def _kd_reads(cfg: DictConfig) -> tuple[str, ...]:
     """A randomly initialised KD student (throughput runs) reads no ILD export; a smart mix still reads SMART's."""
     from zebra.stages.artifacts import STAGES
