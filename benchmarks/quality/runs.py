@@ -126,11 +126,13 @@ def pipeline_cfg(run: Run, common: list[str], root: str, recipe: dict | None, sm
 
 
 def eval_cfg(run: Run, common: list[str], root: str, recipe: dict | None, smoke: bool) -> DictConfig:
-    """stage=eval of the run's artifacts: held-out text and SFT sets, no lm-eval tasks, no plots."""
+    """stage=eval of the run's artifacts: held-out text and SFT sets, no lm-eval tasks, no plots, float32 weights
+    (as the CPU pipeline's figures, teacher 31.73 on heldout.txt, were measured)."""
     shape = ("eval.seq_len=64", "eval.max_tokens=256", "eval.sft_batches=2") if smoke else \
         ("eval.seq_len=512", "eval.max_tokens=4096", "eval.sft_batches=8")
     return compose_cfg([*common, *run_overrides(run, recipe, smoke), "stage=eval", "eval.tasks=[]", "eval.plots=false",
-                        "eval.heldout=[text,sft]", f"+eval.students={str(run.students).lower()}", *shape,
+                        "eval.heldout=[text,sft]", f"++eval.students={str(run.students).lower()}",
+                        "++eval.dtype=float32", *shape,
                         f"paths.root={root}/{run.directory}"])
 
 
