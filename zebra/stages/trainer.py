@@ -20,6 +20,7 @@ from torch import nn
 from zebra.stages import zero
 from zebra.stages.artifacts import checkpoint_dir, stage_dir
 from zebra.stages.errors import StageError
+from zebra.stages.progress import progress_callbacks
 
 log = logging.getLogger("zebra.stages")
 
@@ -160,6 +161,9 @@ def build_trainer(cfg: DictConfig, stage: str, sc: DictConfig, max_steps: int, w
         callbacks.append(CheckpointDiskSpace(str(ckpt_dir), keep=keep, weights_only=weights_only))
     callbacks.append(ThroughputMonitor(peak_flops=cfg.perf.peak_flops,
                                        log_every_n_steps=int(cfg.trainer.log_every_n_steps)))
+    shown, bar = progress_callbacks(stage, bool(cfg.trainer.enable_progress_bar), cfg.progress.every_n_steps,
+                                    cfg.progress.every_seconds)
+    callbacks += shown
     for cb in cfg.callbacks.values():
         if cb is not None and "_target_" in cb:
             callbacks.append(instantiate(cb))
@@ -169,7 +173,7 @@ def build_trainer(cfg: DictConfig, stage: str, sc: DictConfig, max_steps: int, w
     trainer = instantiate(cfg.trainer, max_steps=int(max_steps),
                           accumulate_grad_batches=int(sc.accumulate_grad_batches), callbacks=callbacks,
                           logger=loggers or False, strategy=build_strategy(cfg.strategy),
-                          default_root_dir=str(out_dir), enable_checkpointing=every > 0)
+                          default_root_dir=str(out_dir), enable_checkpointing=every > 0, enable_progress_bar=bar)
     if trainer.world_size != world:
         raise StageError(f"the {stage} budget was planned for {world} processes (trainer.devices x trainer.num_nodes) "
                          f"but the Trainer runs {trainer.world_size}; set trainer.devices to the processes per node")
