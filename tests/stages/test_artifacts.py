@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from stage_helpers import compose_cfg
 from zebra.stages import artifacts, budget
@@ -92,3 +93,102 @@ def test_trainer_is_built_with_the_budget(tmp_path):
     assert trainer.max_steps == 5 and trainer.accumulate_grad_batches == 2 and trainer.gradient_clip_val == 1.0
     with pytest.raises(StageError, match="planned for 2 processes"):
         build_trainer(cfg, "kd", cfg.kd, max_steps=5, world=2)
+
+
+# ------------------------------------------------------------------------------------------------ no result lost
+def tiny_model(seed: int):
+    from zebra.model import ZebraConfig, ZebraForCausalLM
+
+    torch.manual_seed(seed)
+    return ZebraForCausalLM(ZebraConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                        num_attention_heads=2, hybrid_layer_types=["mla", "mamba"],
+                                        mamba_chunk_size=16)).eval()
+
+
+CARD = dict(title="t", stage="kd", base="b", teacher="t", teacher_quantisation="none", data="d", tokens=0)
+
+
+def kd_cfg(root, *extra):
+    return compose_cfg(["model=tiny", "mix=uniform", "mix.n_mla=2", f"paths.root={root}", *extra])
+
+
+def finish_kd(cfg, seed: int, trainer=None):
+    report = {"config_hash": artifacts.stage_hash(cfg, "kd"), "seed": seed}
+    return artifacts.finish(cfg, "kd", trainer, report, model=tiny_model(seed), card=CARD)
+
+
+def tree_bytes(root) -> dict:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_a_finished_result_of_another_config_is_kept(tmp_path):
+    a, b = kd_cfg(tmp_path), kd_cfg(tmp_path, "kd.module.temperature=2.0")
+    d = artifacts.stage_dir(a, "kd")
+    finish_kd(a, 1)
+    first = tree_bytes(d / "model")
+    hash_a = artifacts.stage_hash(a, "kd")
+    finish_kd(b, 2)
+    assert artifacts.is_done(b, "kd") and not artifacts.is_done(a, "kd")
+    kept = d / "previous" / hash_a
+    assert tree_bytes(kept / "model") == first and tree_bytes(d / "model") != first
+    assert json.loads((kept / "report.json").read_text()) == {"config_hash": hash_a, "seed": 1, "export_check": None}
+    finish_kd(b, 3)  # the same config again: replaced in place, nothing more kept
+    assert sorted(p.name for p in (d / "previous").iterdir()) == [hash_a]
+    assert artifacts.load(b, "kd", "report")["seed"] == 3
+    finish_kd(kd_cfg(tmp_path, "kd.module.temperature=3.0", "force=true"), 4)  # force: replaced, not kept
+    assert sorted(p.name for p in (d / "previous").iterdir()) == [hash_a]
+    assert artifacts.load(a, "kd", "report")["seed"] == 4
+
+
+def test_file_outputs_of_another_config_are_kept(tmp_path):
+    def outputs(text):
+        return lambda d: ((d / "sensitivity.json").write_text(text), (d / "sensitivity.png").write_text(text))
+
+    a, b = kd_cfg(tmp_path), kd_cfg(tmp_path, "smart.tokens=5")
+    for cfg, text in ((a, "a"), (b, "b")):
+        artifacts.finish(cfg, "smart", None, {"config_hash": artifacts.stage_hash(cfg, "smart")}, outputs=outputs(text))
+    d = artifacts.stage_dir(a, "smart")
+    kept = d / "previous" / artifacts.stage_hash(a, "smart")
+    assert sorted(p.name for p in kept.iterdir()) == ["report.json", "sensitivity.json", "sensitivity.png"]
+    assert (kept / "sensitivity.png").read_text() == "a" and (d / "sensitivity.png").read_text() == "b"
+    assert not [p for p in d.iterdir() if p.name.startswith(".")]
+
+
+def test_a_run_that_trained_no_step_is_refused_and_changes_nothing(tmp_path):
+    from types import SimpleNamespace
+
+    cfg = kd_cfg(tmp_path)
+    finish_kd(cfg, 1)
+    d = artifacts.stage_dir(cfg, "kd")
+    before = tree_bytes(d)
+    with pytest.raises(StageError, match="trained 0 optimiser steps"):
+        finish_kd(kd_cfg(tmp_path, "kd.max_steps=0"), 2, trainer=SimpleNamespace(global_step=0, global_rank=0))
+    assert tree_bytes(d) == before
+
+
+def test_a_killed_writes_leftovers_are_removed_by_the_next_finish(tmp_path):
+    cfg = kd_cfg(tmp_path)
+    d = artifacts.stage_dir(cfg, "kd")
+    (d / ".model.tmp-dead" / "sub").mkdir(parents=True)
+    (d / ".model.tmp-dead" / "model.safetensors").write_bytes(b"\0" * 100)
+    (d / ".model.old-123").mkdir()
+    (d / ".report.json.tmp-abc").write_text("{")
+    finish_kd(cfg, 1)
+    assert sorted(p.name for p in d.iterdir()) == ["model", "report.json"]
+
+
+@pytest.mark.parametrize("mask,dirs,files_", [(0o022, 0o755, 0o644), (0o027, 0o750, 0o640)])
+def test_exports_and_reports_are_as_readable_as_the_umask_allows(tmp_path, mask, dirs, files_):
+    import os
+    import stat
+
+    old = os.umask(mask)
+    try:
+        cfg = kd_cfg(tmp_path)
+        finish_kd(cfg, 1)
+    finally:
+        os.umask(old)
+    d = artifacts.stage_dir(cfg, "kd")
+    modes = {str(p.relative_to(d)): stat.S_IMODE(p.stat().st_mode) for p in [d / "model", *d.rglob("*")]}
+    assert {k for k, m in modes.items() if m != (dirs if (d / k).is_dir() else files_)} == set(), modes
+    assert modes["report.json"] == files_ and modes["model/model.safetensors"] == files_

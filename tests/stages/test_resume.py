@@ -4,10 +4,18 @@ uninterrupted run (CPU, same seed), because the checkpoint holds model, optimise
 from __future__ import annotations
 
 import csv
+import json
+import os
+import random
+import subprocess
+import sys
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
+import torch
 
+from stage_helpers import tiny_overrides
 from tests.stages.crash import KilledForTest
 from zebra.stages.run import run
 
@@ -59,3 +67,166 @@ def test_checkpoints_removed_after_the_stage_when_asked(make_cfg, tmp_path):
     assert not (dropped / "tiny" / "ilkd" / "checkpoints-mla").exists()
     assert (dropped / "tiny" / "ilkd" / "mla" / "model" / "model.safetensors").is_file()
     assert (dropped / "tiny" / "ilkd" / "report.json").is_file()
+
+
+# ------------------------------------------------------------------------------------------------ kills
+KD = ["stage=kd", "kd.student_init=random", "kd.max_steps=5", "kd.checkpoint_every_n_steps=1", "num_threads=1"]
+REPO = Path(__file__).resolve().parents[2]
+
+
+def export_tensors(model_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(model_dir / "model.safetensors")
+
+
+def tree_bytes(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def train_in_subprocess(root: Path, data_files: dict, *extra: str) -> subprocess.CompletedProcess:
+    """`python train.py` on the tiny KD run, as a user starts it (the same hash seed in every process: the runs
+    compared must see the same data order)."""
+    args = tiny_overrides(root, data_files, [*KD, *extra, f"hydra.run.dir={root}/hydra"])
+    env = {**os.environ, "PYTHONHASHSEED": "0", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "train.py", *args], cwd=REPO, capture_output=True, text=True, env=env,
+                          stdin=subprocess.DEVNULL, timeout=600)
+
+
+KD_DIR = ("tiny", "2mla-uniform", "kd")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, data_files) -> tuple[dict, dict]:
+    """(report, export weights) of the tiny KD run that nothing stops. The embedded tokenizer is converted into
+    the session's cache first: the run that converts it draws from the global RNG while converting, so it would
+    start from other random weights than the runs after it."""
+    from zebra.stages.teacher import load_model_tokenizer
+
+    load_model_tokenizer("smollm2_135m")
+    root = tmp_path_factory.mktemp("uninterrupted")
+    res = train_in_subprocess(root, data_files)
+    assert res.returncode == 0, res.stderr[-3000:]
+    kd_dir = root.joinpath(*KD_DIR)
+    return json.loads((kd_dir / "report.json").read_text()), export_tensors(kd_dir / "model")
+
+
+def test_export_killed_midway_resumes_and_finishes(make_cfg, tmp_path, monkeypatch):
+    """Killed while writing the KD export (its temporary directory half written), the run resumes with
+    ckpt_path=last from a checkpoint already at max_steps: no step is trained again, the held-out KL is measured,
+    the export is finished with the trained weights and the temporary directory is gone."""
+    from zebra.model import export
+
+    real_save, trained = export.save_hf_model, {}
+
+    def killed_while_saving(model, out_dir, *args, **kwargs):
+        trained.update({k: v.detach().clone() for k, v in model.state_dict().items()})
+        half = Path(out_dir).parent / f".{Path(out_dir).name}.tmp-killed"
+        half.mkdir()
+        (half / "model.safetensors").write_bytes(b"\0" * 1000)
+        raise KilledForTest("killed during the export")
+
+    monkeypatch.setattr(export, "save_hf_model", killed_while_saving)
+    with pytest.raises(KilledForTest):
+        run(make_cfg(*KD))
+    kd_dir = tmp_path / "artifacts" / "tiny" / "2mla-uniform" / "kd"
+    assert (kd_dir / ".model.tmp-killed").is_dir() and not (kd_dir / "model").exists()
+    assert not (kd_dir / "report.json").exists()
+
+    monkeypatch.setattr(export, "save_hf_model", real_save)
+    resumed = run(make_cfg(*KD, "ckpt_path=last"))
+    assert resumed["steps"] == 5 and len(resumed["loss_history"]) == 5
+    assert resumed["heldout_kl_after"] is not None and resumed["heldout_kl_before"] is not None
+    assert not [p.name for p in kd_dir.iterdir() if p.name.startswith(".")]
+    got = export_tensors(kd_dir / "model")
+    assert got.keys() <= trained.keys() and got
+    assert all(torch.equal(got[k], trained[k]) for k in got)
+    assert "->" in (kd_dir / "model" / "README.md").read_text()  # the card's KL line
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM", "SIGKILL"])
+def test_kill_at_a_random_step_resumes_to_the_uninterrupted_result(signame, make_cfg, data_files, tmp_path,
+                                                                   uninterrupted):
+    """A tiny KD run in its own process gets `signame` at a random step; every earlier export stays byte for byte,
+    and the run resumed with ckpt_path=last ends with the uninterrupted run's losses and weights."""
+    step = random.randint(1, 3)  # SIGTERM lets the step finish, so it must not be the last one
+    why = f"{signame} at step {step}"
+    ref, ref_weights = uninterrupted
+
+    root = tmp_path / "killed"
+    # an earlier, finished KD of another config (its checkpoints removed: a run of another config would resume from
+    # them with ckpt_path=last)
+    run(make_cfg(*KD, "kd.max_steps=2", "checkpoint.keep_after_stage=false", root=root))
+    kd_dir = root.joinpath(*KD_DIR)
+    earlier = tree_bytes(kd_dir / "model")
+    earlier_hash = json.loads((kd_dir / "report.json").read_text())["config_hash"]
+
+    res = train_in_subprocess(root, data_files, "+callbacks.kill._target_=tests.stages.crash.SignalAtStep",
+                              f"+callbacks.kill.step={step}", f"+callbacks.kill.signal={signame}")
+    status = {"SIGINT": 130, "SIGTERM": 143, "SIGKILL": -9}[signame]
+    assert res.returncode == status, (why, res.returncode, res.stderr[-3000:])
+    if signame != "SIGKILL":
+        hint = [line for line in res.stderr.splitlines() if line.startswith(f"{signame}: training stopped")]
+        assert len(hint) == 1 and "resume with ckpt_path=last" in hint[0], (why, res.stderr[-3000:])
+    assert tree_bytes(kd_dir / "model") == earlier, why  # the killed run exported nothing
+    assert (kd_dir / "checkpoints" / "last.ckpt").exists(), why
+
+    res = train_in_subprocess(root, data_files, "ckpt_path=last")
+    assert res.returncode == 0, (why, res.stderr[-3000:])
+    resumed = json.loads((kd_dir / "report.json").read_text())
+    assert resumed["steps"] == 5, why
+    assert resumed["loss_history"] == ref["loss_history"], why
+    got = export_tensors(kd_dir / "model")
+    assert got.keys() == ref_weights.keys() and all(torch.equal(got[k], ref_weights[k]) for k in got), why
+    assert tree_bytes(kd_dir / "previous" / earlier_hash / "model") == earlier, why  # kept, not replaced
+
+
+# ------------------------------------------------------------------------------------------------ checkpoint safety
+class RunsCodeWhenUnpickled:
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))  # unpickling calls open(marker, "w"): the file appears
+
+
+class Linear(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.layer = torch.nn.Linear(2, 1)
+
+    def training_step(self, batch, batch_idx):
+        return self.layer(batch).sum()
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(torch.ones(4, 2), batch_size=2)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_a_checkpoint_that_runs_code_when_loaded_is_refused(tmp_path):
+    from zebra.stages.errors import StageError
+    from zebra.stages.trainer import fit
+
+    marker = tmp_path / "code-ran"
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "global_step": 0, "payload": RunsCodeWhenUnpickled(marker)}, evil)
+    trainer = pl.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=str(tmp_path))
+    with pytest.raises(StageError, match=r"evil.ckpt: refused to load.*could run code"):
+        fit(trainer, Linear(), None, str(evil))
+    assert not marker.exists()
+
+
+def test_deepspeed_checkpoint_directories_load_only_from_the_runs_own(make_cfg, tmp_path):
+    from zebra.stages.errors import StageError
+    from zebra.stages.trainer import resolve_ckpt_path
+
+    own, other = tmp_path / "run" / "checkpoints", tmp_path / "elsewhere" / "step5.ckpt"
+    (own / "step5.ckpt").mkdir(parents=True)
+    other.mkdir(parents=True)
+    assert resolve_ckpt_path(make_cfg(f"ckpt_path={own / 'step5.ckpt'}"), own) == str(own / "step5.ckpt")
+    with pytest.raises(StageError, match="DeepSpeed checkpoint directory outside this run's checkpoints"):
+        resolve_ckpt_path(make_cfg(f"ckpt_path={other}"), own)

@@ -2,7 +2,10 @@
 
 `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)` works in a process that never
 imported zebra, because the export carries zebra/model's files and an `auto_map`; once zebra is
-imported, the registered Auto classes load it without trust_remote_code.
+imported, the registered Auto classes load it without trust_remote_code. The tokenizer is a transformers class
+(no auto_map in tokenizer_config.json), so AutoTokenizer needs no remote code; without trust_remote_code,
+transformers still asks interactively (15 s, then no) whether to run config.json's code, as for any repository
+with custom code, and loads the tokenizer either way. Files and folders get the modes the umask allows.
 """
 
 from __future__ import annotations

@@ -10,7 +10,9 @@ stage writes into one directory under `paths.model_dir` (per mix once the layer 
 
 `finish` writes a part's outputs and then its report.json, which records the config hash (`stage_hash`): a part is
 done (`is_done`) when its output exists and its report carries the current config's hash. `load` is how a stage
-reads an earlier one's export. A new stage is one row in `STAGES` plus its runner `zebra.stages.<name>.run`.
+reads an earlier one's export. No finished result is lost: one made with another config is moved, before anything
+is written, to `<part dir>/previous/<its config hash>/` (its outputs and report; `force=true` replaces it instead),
+a run that trained no step is refused, and a killed write leaves the last finished result in place. A new stage is one row in `STAGES` plus its runner `zebra.stages.<name>.run`.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from zebra.model import export
 from zebra.model.cache import measure_cache_bytes
 from zebra.plan.describe import count_parameters
 from zebra.stages import zero
-from zebra.stages.errors import MissingArtifactError
+from zebra.stages.errors import MissingArtifactError, StageError
 from zebra.stages.export_check import compare_export, probe_reference
 from zebra.utils import files
 
@@ -199,18 +201,70 @@ def load(cfg: DictConfig, stage: str, kind: str = "model", part: str = "", dtype
 
 
 # ------------------------------------------------------------------------------------------------ writing
+PREVIOUS = "previous"  # <part dir>/previous/<config hash>/: the finished results of other configs, kept whole
+
+
+def keep_previous(d: Path, digest: str, names: list[str]) -> Path | None:
+    """Move the finished result in `d` of a config other than `digest` (the entries `names` and its report.json)
+    to `d/previous/<its config hash>/`, so that a new run never replaces it. Outputs move before the report: a
+    crash in between leaves the report behind, and the next call moves it after them. Returns where it went."""
+    try:
+        old = json.loads((d / "report.json").read_text()).get("config_hash")
+    except (OSError, ValueError, AttributeError):
+        return None  # no finished result here (a report is written last)
+    if not old or old == digest:
+        return None
+    keep = d / PREVIOUS / str(old)
+    keep.mkdir(parents=True, exist_ok=True)
+    for name in [*dict.fromkeys(names), "report.json"]:
+        src, dst = d / name, keep / name
+        if not (src.exists() or src.is_symlink()):
+            continue
+        if dst.is_dir() and not dst.is_symlink():  # the same config's result, kept by an earlier run
+            shutil.rmtree(dst)
+        os.replace(src, dst)
+    return keep
+
+
+def begin(cfg: DictConfig, stage: str, part: str = "", names: tuple[str, ...] | list[str] = ()) -> Path:
+    """Make a part's directory ready for new outputs and return it: what a killed earlier write left is removed, a
+    finished result of another config is moved to `previous/<its config hash>/` (`force=true`: left to be
+    replaced) and the report is removed (the part is not done while its outputs change). `names`: the entries the
+    stage writes besides its STAGES output. `finish` calls it; a stage that writes its outputs itself calls it
+    before it starts writing."""
+    st = STAGES[stage]
+    d = stage_dir(cfg, stage, part)
+    d.mkdir(parents=True, exist_ok=True)
+    for name in (st.output, *names, "report.json"):
+        files.remove_stale_temporaries(d / name)
+    if cfg.force:
+        if (d / "report.json").is_file():
+            log.warning("%s: force=true, so the finished result in %s is replaced", stage, d)
+    elif (kept := keep_previous(d, stage_hash(cfg, stage), [st.output, *names])) is not None:
+        log.warning("%s: the finished result of another config is kept in %s (this run writes %s)", stage, kept, d)
+    (d / "report.json").unlink(missing_ok=True)
+    return d
+
+
 def finish(cfg: DictConfig, stage: str, trainer: pl.Trainer | None, report: dict, *, part: str = "", model=None,
            tokenizer=None, card: dict | None = None, probe: dict | None = None,
            outputs: Callable[[Path], None] | None = None, checkpoints: Path | None = None) -> dict:
-    """Finish a stage (or one part of it): its report.json is removed first, then its outputs are written (the
-    Hugging Face `model/` with its card, renamed into place whole; or the files `outputs(tmp)` writes, each
-    renamed into place), then the report, last, which marks the part done. `checkpoints` are removed afterwards
-    under `checkpoint.keep_after_stage: false`. Returns the report (with `export_check` when a model is given).
+    """Finish a stage (or one part of it). A finished result of another config in its directory is moved to
+    `previous/<its config hash>/` first (`force=true` replaces it instead); then the part's report.json is
+    removed, its outputs are written (the Hugging Face `model/` with its card, renamed into place whole; or the
+    files `outputs(tmp)` writes, each renamed into place), then the report, last, which marks the part done.
+    What a killed earlier finish left (`.model.tmp-*`, ...) is removed. A run that trained no step exports
+    nothing (StageError). `checkpoints` are removed afterwards under `checkpoint.keep_after_stage: false`.
+    Returns the report (with `export_check` when a model is given).
 
     Collective when a model is given: every rank must call it. Under ZeRO-3 the shards are gathered one decoder
     layer at a time into a CPU copy on rank 0 (zebra.stages.zero), which writes; with `export_check: true` the
     export is loaded back with `from_pretrained` and its logits on a probe batch compared with the in-memory
     model's. `card`: model_card's arguments but the model. `export: false` writes the report only."""
+    if trainer is not None and trainer.global_step == 0:  # every rank sees the same step: all raise
+        raise StageError(f"{stage}: the run trained 0 optimiser steps, so there is nothing to export (check the "
+                         f"{stage} budget: max_steps, tokens / pairs or epochs, and its data); every earlier result "
+                         "is kept as it was")
     rank = trainer.global_rank if trainer is not None else 0
     to_save = reference = None
     if model is not None and cfg.export:
@@ -220,21 +274,29 @@ def finish(cfg: DictConfig, stage: str, trainer: pl.Trainer | None, report: dict
         return report
     d = stage_dir(cfg, stage, part)
     d.mkdir(parents=True, exist_ok=True)
-    (d / "report.json").unlink(missing_ok=True)  # not done while its outputs change
-    if model is not None:
-        report["export_check"] = None
-        if to_save is None:
-            log.info("export=false: no model export written to %s", d / "model")
-        else:
-            export.save_hf_model(to_save, d / "model", tokenizer, model_card(model=to_save, **(card or {})))
-            del to_save
-            if reference is not None:  # the finished export, loaded back as a user would
-                report["export_check"] = compare_export(d / "model", *reference, model)
-    if outputs is not None:
-        with tempfile.TemporaryDirectory(dir=d, prefix=".outputs-") as tmp:
-            outputs(Path(tmp))
-            for f in Path(tmp).iterdir():
+    files.remove_stale_temporaries(d / "outputs")
+    written = None
+    try:
+        if outputs is not None:  # written aside first: the names to keep from another config are then known
+            written = Path(tempfile.mkdtemp(prefix=".outputs" + files.TMP_TAG, dir=d))
+            outputs(written)
+            files.share_as_umask_allows(written)
+        begin(cfg, stage, part, sorted(f.name for f in written.iterdir()) if written is not None else ())
+        if model is not None:
+            report["export_check"] = None
+            if to_save is None:
+                log.info("export=false: no model export written to %s", d / "model")
+            else:
+                export.save_hf_model(to_save, d / "model", tokenizer, model_card(model=to_save, **(card or {})))
+                del to_save
+                if reference is not None:  # the finished export, loaded back as a user would
+                    report["export_check"] = compare_export(d / "model", *reference, model)
+        if written is not None:
+            for f in written.iterdir():
                 os.replace(f, d / f.name)
+    finally:
+        if written is not None:
+            shutil.rmtree(written, ignore_errors=True)
     files.write_json_atomic(d / "report.json", report)
     if checkpoints is not None and not cfg.checkpoint.keep_after_stage and Path(checkpoints).exists():
         # the stage's result is its export (the smoke recipe's checkpoints would take ~6 GB)
@@ -251,7 +313,7 @@ def kv_fraction(config) -> float:
 def model_card(*, title: str, stage: str, model, base: str, teacher: str, teacher_quantisation: str, data: str,
                tokens: int, extra: dict | None = None) -> str:
     cfg = model.config
-    layers = list(getattr(cfg, "layer_types", []))
+    layers = list(getattr(cfg, "hybrid_layer_types", []))
     mla = [i for i, t in enumerate(layers) if t == "mla"]
     lines = [
         "---", "library_name: transformers", "tags: [zebra, hybrid, mla, mamba2, distillation]", "---", "",
@@ -274,7 +336,9 @@ def model_card(*, title: str, stage: str, model, base: str, teacher: str, teache
         lines.append(f"| {k} | {v} |")
     if not teacher_quantisation.startswith("none"):
         lines += ["", f"Every number for this model was measured against a quantised teacher ({teacher_quantisation})."]
-    lines += ["", "Load with `import zebra; AutoModelForCausalLM.from_pretrained(path)`.", ""]
+    lines += ["", "Load with `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)` (the export carries "
+              "its code), or without trust_remote_code after `import zebra`; the tokenizer is a plain "
+              "`AutoTokenizer.from_pretrained(path)`.", ""]
     return "\n".join(lines)
 
 

@@ -242,7 +242,9 @@ def run(cfg: DictConfig) -> dict:
     ckpt_dir = artifacts.checkpoint_dir(cfg, "kd")
     fit(trainer, module, data, resolve_ckpt_path(cfg, ckpt_dir))
     hybrid = module.student
-    kl_before, kl_after = module.kl_before, module.kl_after
+    # a run restored from a checkpoint at max_steps trains no step, and Lightning then skips on_train_end
+    kl_before = module.kl_before
+    kl_after = module.kl_after if module.kl_after is not None else module.measure_heldout()
     report = {"stage": "kd", "config_hash": artifacts.stage_hash(cfg, "kd"), "model": cfg.model.name,
               "mix": cfg.mix.name, "mla_layers": layers, "params": count_parameters(hybrid),
               "kv_fraction": artifacts.kv_fraction(hybrid.config), "teacher": str(cfg.model.kd_teacher),

@@ -97,9 +97,8 @@ def run(cfg: DictConfig) -> dict:
     new_tokens = bar.tokens
     del model, teacher
 
-    out = artifacts.stage_dir(cfg, "teacher_data")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").unlink(missing_ok=True)  # not done while the corpus changes
+    # another config's finished corpus is kept under previous/; this part is not done while its corpus changes
+    out = artifacts.begin(cfg, "teacher_data")
     corpus = datasets.DatasetDict({
         "responses": datasets.Dataset.from_list(responses) if responses else _empty("messages"),
         "free": datasets.Dataset.from_list(free) if free else _empty("text"),

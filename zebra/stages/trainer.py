@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import shutil
+import signal
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -195,17 +198,60 @@ def resolve_ckpt_path(cfg: DictConfig, ckpt_dir: Path) -> str | None:
         return None
     if not Path(ckpt).exists():
         raise StageError(f"ckpt_path {ckpt!r} does not exist")
+    # A directory is DeepSpeed's per-rank shards, which DeepSpeed unpickles whole (weights_only=False): only the
+    # run's own are trusted. A file goes through Lightning with weights_only=True (`fit`).
+    if Path(ckpt).is_dir() and not Path(ckpt).resolve().is_relative_to(Path(ckpt_dir).resolve()):
+        raise StageError(f"ckpt_path {ckpt!r} is a DeepSpeed checkpoint directory outside this run's checkpoints "
+                         f"({ckpt_dir}); DeepSpeed unpickles its files, which could run code, so only a run's own "
+                         "are loaded (move it under that directory if you trust it, or use ckpt_path=last)")
     return str(ckpt)
 
 
 def fit(trainer: pl.Trainer, module: pl.LightningModule, datamodule, ckpt_path: str | None) -> None:
+    """`trainer.fit`; a run stopped by SIGINT (Ctrl-C) or SIGTERM prints how to resume and exits with the shell's
+    status for that signal (130, 143). Lightning handles both itself and exits from inside `fit` (status 1 after
+    Ctrl-C, 0 after SIGTERM), so the message has to come from here."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        # tensors and plain containers only: a checkpoint that pickles other objects would run code as it loads
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise StageError(f"ckpt_path {ckpt_path}: refused to load, it holds pickled objects besides tensors and "
+                         "plain types, and unpickling them could run code (zebra's own checkpoints hold none; give "
+                         f"one of those, or ckpt_path=last): {str(err).splitlines()[0]}") from None
+    except SystemExit as stop:
+        if isinstance(stop, SIGTERMException):
+            exit_interrupted(trainer, signal.SIGTERM)
+        if trainer.interrupted:
+            exit_interrupted(trainer, signal.SIGINT)
+        raise
     finally:
         finish_loggers(trainer)
     if trainer.interrupted:
         raise StageError("training was interrupted; no export written (resume with ckpt_path=last)")
     restore_placement(trainer, module)
+
+
+def exit_interrupted(trainer: pl.Trainer, signum: signal.Signals) -> None:
+    """Say where the run stopped and how to resume it, then exit with status 128 + the signal's number."""
+    ckpt = trainer.checkpoint_callback
+    last = Path(ckpt.dirpath) / "last.ckpt" if ckpt is not None and ckpt.dirpath else None
+    if last is not None and last.exists():
+        resume = f"resume with ckpt_path=last ({last}, {_checkpoint_step(last)})"
+    else:
+        resume = ("no checkpoint was written yet, so ckpt_path=last starts again (set checkpoint_every_n_steps "
+                  "for checkpoints)")
+    if trainer.is_global_zero:
+        print(f"{signum.name}: training stopped at step {trainer.global_step}, no export written; {resume}",
+              file=sys.stderr, flush=True)
+    sys.exit(128 + int(signum))
+
+
+def _checkpoint_step(last: Path) -> str:
+    """`last.ckpt` links to `step<N>.ckpt` (build_trainer's file names)."""
+    name = last.resolve().stem
+    return f"step {int(name[4:])}" if name.startswith("step") and name[4:].isdigit() else name
 
 
 def restore_placement(trainer: pl.Trainer, module: nn.Module) -> None:
