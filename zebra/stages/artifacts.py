@@ -74,7 +74,7 @@ STAGES: dict[str, Stage] = {
     "kd": Stage(inputs=_kd_inputs,
                 hashed=("mix", "model.kd_teacher", "model.kd_teacher_base", "data.sft", "kd", "seed"),
                 output="model", what="the KD'd hybrid", per_mix=True),
-    "teacher_cache": Stage(inputs=lambda cfg: (),
+    "teacher_cache": Stage(inputs=lambda cfg: ("teacher_data",) if cfg.data.get("generate") is not None else (),
                            hashed=("model.kd_teacher", "model.kd_teacher_base", "model.tokenizer", "data.sft",
                                    "kd.split", "kd.seq_len", "kd.assistant_only", "kd.module.temperature",
                                    "teacher_cache"),
