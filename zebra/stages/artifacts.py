@@ -12,7 +12,8 @@ stage writes into one directory under `paths.model_dir` (per mix once the layer 
 done (`is_done`) when its output exists and its report carries the current config's hash. `load` is how a stage
 reads an earlier one's export. No finished result is lost: one made with another config is moved, before anything
 is written, to `<part dir>/previous/<its config hash>/` (its outputs and report; `force=true` replaces it instead),
-a run that trained no step is refused, and a killed write leaves the last finished result in place. A new stage is one row in `STAGES` plus its runner `zebra.stages.<name>.run`.
+a run that trained no step is refused, and a killed write leaves the last finished result in place. A new stage
+is one row in `STAGES` plus its runner `zebra.stages.<name>.run`.
 """
 
 from __future__ import annotations
