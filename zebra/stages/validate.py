@@ -76,7 +76,8 @@ def check_positive(cfg: DictConfig, key: str, optional: bool = False, zero_ok: b
 def check_budget(cfg: DictConfig, stage: str, keys: tuple[str, ...]) -> None:
     if not any(_value(cfg, _node_key(stage, k)) for k in keys):
         names = ", ".join(_node_key(stage, k) for k in keys)
-        raise ConfigError(f"{stage} has no budget: {names} are all unset (set one, e.g. {_node_key(stage, keys[0])}=100)")
+        raise ConfigError(f"{stage} has no budget: {names} are all unset "
+                          f"(set one, e.g. {_node_key(stage, keys[0])}=100)")
 
 
 def _check_budgets(cfg: DictConfig, stage: str, row: StageChecks) -> None:
