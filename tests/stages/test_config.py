@@ -29,7 +29,8 @@ def test_default_config_composes_every_group():
     assert {s: str(stage_dir(cfg, s)) for s in STAGES} == {
         "ilkd": "/tmp/zebra-root/smollm2_135m/ilkd", "smart": "/tmp/zebra-root/smollm2_135m/smart",
         "kd": "/tmp/zebra-root/smollm2_135m/6mla-smart/kd", "dpo": "/tmp/zebra-root/smollm2_135m/6mla-smart/dpo",
-        "teacher_cache": "/tmp/zebra-root/smollm2_135m/teacher_cache"}
+        "teacher_cache": "/tmp/zebra-root/smollm2_135m/teacher_cache",
+        "teacher_data": "/tmp/zebra-root/smollm2_135m/teacher_data"}
 
 
 def test_paths_root_from_environment(monkeypatch):

@@ -12,7 +12,7 @@ Convention (the usual "model FLOPs" of MFU):
   document attends to i + 1 keys, so per token and layer the score product costs 2 h d_qk c and the value
   product 2 h d_v c, with c the mean context (T + 1) / 2 for one document of T tokens (`causal_mean_context`).
   Packed rows use their documents' lengths: c = sum_d L_d (L_d + 1) / 2 / sum_d L_d.
-- The SSD (Mamba2's chunked scan, chunk size Q, heads n, head dim P, state N; zebra.model.ssd) per token:
+- The SSD (Mamba2's chunked scan, chunk size Q, heads n, head dim P, state N; zebra.model.ops.ssd) per token:
     intra-chunk scores  C_l . B_s for the s <= l of its chunk      2 n N c_Q
     intra-chunk values  sum_s score_ls dt_s x_s                    2 n P c_Q
     chunk state write   the token's dt x B^T into its chunk's state 2 n P N
