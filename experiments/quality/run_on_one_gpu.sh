@@ -17,8 +17,10 @@ ROOT=${QUALITY_ROOT:-/tmp/zebra-quality}
 mkdir -p "$OUT" "$ROOT"
 export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0} HYDRA_FULL_ERROR=1
 here=experiments/quality
-# the results of earlier calls, which this one merges into
-if [ -f "$here/quality_bench.json" ]; then cp "$here/quality_bench.json" "$OUT/quality_bench.json"; fi
+# the results of earlier calls, which this one merges into: the copy a call on this (still warm) machine left beside
+# its artifacts, else the one in this folder
+if [ -f "$ROOT/quality_bench.json" ]; then cp "$ROOT/quality_bench.json" "$OUT/quality_bench.json"
+elif [ -f "$here/quality_bench.json" ]; then cp "$here/quality_bench.json" "$OUT/quality_bench.json"; fi
 part=${1:-bench}
 [ $# -gt 0 ] && shift
 case "$part" in
@@ -34,6 +36,7 @@ timeout -s INT -k 15 "${BENCH_TIMEOUT:-540}" python3 -m benchmarks.quality "${ar
   --out "$OUT/quality_bench.json" --plot "$OUT/quality.png" "$@" > "$OUT/quality_bench.log" 2>&1
 rc=$?
 echo "quality benchmark rc=$rc wall=$(( $(date +%s) - start ))s"
+if [ -f "$OUT/quality_bench.json" ]; then cp "$OUT/quality_bench.json" "$ROOT/quality_bench.json"; fi
 if [ -f "$ROOT/curve.jsonl" ]; then cp "$ROOT/curve.jsonl" "$OUT/"; fi
 recipe_eval=$(ls -d "$ROOT"/recipe/*/*mla-smart/eval 2>/dev/null | head -n 1)
 if [ -n "$recipe_eval" ] && [ -f "$recipe_eval/report.md" ]; then cp "$recipe_eval/report.md" "$OUT/recipe_eval.md"; fi

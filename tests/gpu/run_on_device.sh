@@ -1,6 +1,7 @@
 #!/bin/bash
 # The GPU test modules on the lent machine (see ../shared/gpu/README.md): the stages through plain Lightning and
-# DeepSpeed first (they need the embedded teacher restored), then the kernel tests, each log and JUnit XML to $OUT.
+# DeepSpeed first (they need the embedded teacher restored), then the kernel tests, each log and JUnit XML to $OUT
+# (GPU_TESTS_TAR=path: also one archive of them, for a call whose $OUT holds other results too).
 #   source .gpu/bootstrap.sh && bash /tmp/zt/restore-teacher.sh && bash tests/gpu/run_on_device.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT"
@@ -8,9 +9,14 @@ export ZEBRA_CACHE=${ZEBRA_CACHE:-/tmp/zebra-cache}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/card.txt"
 run() {  # name, seconds, pytest args...
   local name=$1 limit=$2; shift 2
-  timeout "$limit" python3 -m pytest -q -m gpu -p no:cacheprovider --junitxml="$OUT/$name.xml" "$@" \
+  timeout "$limit" python3 -m pytest -q -rP -m gpu -p no:cacheprovider --junitxml="$OUT/$name.xml" "$@" \
     > "$OUT/$name.log" 2>&1
   echo "== $name: rc=$? ($(tail -n 1 "$OUT/$name.log"))"
 }
-run stages 420 tests/gpu/test_stages_gpu.py
-run kernels 150 tests/gpu/test_mamba_kernels.py tests/gpu/test_fused_kernels.py tests/gpu/test_generation_graphs.py
+# two streams side by side (the models are small: neither fills the card): the stages in order, and the rest
+( run stages "${STAGES_TIMEOUT:-540}" tests/gpu/test_stages_gpu.py ) &
+run others "${OTHERS_TIMEOUT:-400}" tests/gpu/test_mamba_kernels.py tests/gpu/test_fused_kernels.py \
+  tests/gpu/test_generation_graphs.py tests/data/test_teacher_generated.py tests/stages/test_losses.py \
+  tests/bench/test_training_bench.py
+wait
+if [ -n "${GPU_TESTS_TAR:-}" ]; then tar czf "$GPU_TESTS_TAR" -C "$OUT" .; fi
