@@ -21,7 +21,7 @@ mkdir -p .gpu/wheels
 # the tokenizer files of the default teacher's converted cache (zebra.compose.teacher converts the GGUF on first use
 # into $ZEBRA_CACHE/teachers/gguf-<digest>/, weights and tokenizer together): the tokenizer files only
 src=$("$PY" -c "from zebra.compose.teacher import cached_gguf_dir, embedded_gguf_path
-print(cached_gguf_dir(embedded_gguf_path())[0])")
+print(cached_gguf_dir(embedded_gguf_path())[0])" | tail -n 1)  # the last line: imports may log to stdout
 rm -rf .gpu/tokenizer && mkdir -p .gpu/tokenizer
 for f in tokenizer.json tokenizer_config.json tokenizer.model special_tokens_map.json chat_template.jinja; do
   if [ -f "$src/$f" ]; then cp "$src/$f" .gpu/tokenizer/; fi

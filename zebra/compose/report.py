@@ -111,6 +111,24 @@ def calibration_token_rows(tokenizer, calibration_text: str | Path | None, init:
     return rows
 
 
+def _teacher_and_rows(teacher: Teacher | str, zebra_config_kwargs: dict | None, text, seq_len: int,
+                      max_tokens: int | None, log) -> tuple[Teacher, dict, list[dict], str]:
+    """The reports' common start: the teacher (loaded when given by name), the MLA dims (the preset of that teacher
+    unless given) and the held-out rows they are scored on."""
+    if isinstance(teacher, str):
+        source = teacher
+        teacher = load_teacher(source)
+        how = "converted from GGUF" if teacher.converted else "cached"
+        log(f"teacher {source}: loaded in {teacher.load_seconds:.1f}s ({how})")
+    if zebra_config_kwargs is None:
+        zebra_config_kwargs = DEFAULT_MLA_KWARGS.get(teacher.source, {})
+    text, text_source = held_out_text(text)
+    rows = token_rows(teacher.tokenizer, text, seq_len, max_tokens)
+    if not rows:
+        raise ValueError("the held-out text is too short to score")
+    return teacher, zebra_config_kwargs, rows, text_source
+
+
 def untrained_student_report(teacher: Teacher | str = "smollm2_135m", text: str | Path | None = None,
                              zebra_config_kwargs: dict | None = None, n_mla: int = 6,
                              mla_indices: list[int] | str = "uniform", hybrid_rope: str | None = None,
@@ -131,18 +149,9 @@ def untrained_student_report(teacher: Teacher | str = "smollm2_135m", text: str 
       `init.calibration_rows` rows of `calibration_text` (default: the shipped SFT data).
     Returns (and writes as JSON to `out_path` if given) a dict of per-model metrics.
     """
-    if isinstance(teacher, str):
-        source = teacher
-        teacher = load_teacher(source)
-        how = "converted from GGUF" if teacher.converted else "cached"
-        log(f"teacher {source}: loaded in {teacher.load_seconds:.1f}s ({how})")
+    teacher, zebra_config_kwargs, rows, text_source = _teacher_and_rows(teacher, zebra_config_kwargs, text, seq_len,
+                                                                         max_tokens, log)
     base, tok = teacher.model, teacher.tokenizer
-    if zebra_config_kwargs is None:
-        zebra_config_kwargs = DEFAULT_MLA_KWARGS.get(teacher.source, {})
-    text, text_source = held_out_text(text)
-    rows = token_rows(tok, text, seq_len, max_tokens)
-    if not rows:
-        raise ValueError("the held-out text is too short to score")
     log(f"held-out text: {text_source}, {sum(r['input_ids'].numel() for r in rows)} tokens in {len(rows)} rows")
 
     init = check_init_options(init) if init is not None else default_init_options()
@@ -232,17 +241,9 @@ def init_options_report(teacher: Teacher | str = "smollm2_135m", text: str | Pat
     A part of the grid: `rope_keys` (names as above; default all), `mla_svds`, `mamba_inits` ((conv, scale)
     pairs) and `full_rank` (the full-rank rows) say which students are built and scored.
     """
-    if isinstance(teacher, str):
-        source = teacher
-        teacher = load_teacher(source)
-        log(f"teacher {source}: loaded in {teacher.load_seconds:.1f}s")
+    teacher, zebra_config_kwargs, rows, text_source = _teacher_and_rows(teacher, zebra_config_kwargs, text, seq_len,
+                                                                         max_tokens, log)
     base, tok = teacher.model, teacher.tokenizer
-    if zebra_config_kwargs is None:
-        zebra_config_kwargs = DEFAULT_MLA_KWARGS.get(teacher.source, {})
-    text, text_source = held_out_text(text)
-    rows = token_rows(tok, text, seq_len, max_tokens)
-    if not rows:
-        raise ValueError("the held-out text is too short to score")
     calibration = calibration_token_rows(tok, calibration_text, {"mla_svd": "activation_aware", "calibration_rows":
                                                                   calibration_rows, "mamba_conv": "default",
                                                                   "mamba_scale": "matched"}, seq_len)

@@ -122,26 +122,21 @@ class KDModule(StageModule):
         teacher_head = lm_head_weight(self.frozen("teacher"))
         with zero.gathered([teacher_head]):  # a teacher partitioned in its own ZeRO-3 engine (no-op otherwise)
             return chunked_kd_loss(hs, t.last_hidden_state, lm_head_weight(self.student), teacher_head,
-                                   mask=batch["loss_mask"].bool(),
-                                   labels=next_token_labels(batch) if self.ce_weight else None,
-                                   temperature=self.temperature, kl_weight=self.kl_weight, ce_weight=self.ce_weight,
-                                   reduction=self.reduction, num_sequences=batch["input_ids"].shape[0],
-                                   num_tokens=self.token_denominator(batch["loss_mask"].sum())
-                                   if self.reduction == "token" else None,
-                                   chunk_size=self.chunk_size)
+                                   **self.loss_options(batch))
 
     def kd_loss_from_cache(self, batch: dict):
         """The sparse loss over the teacher's stored top-k in the batch (zebra.stages.teacher_cache)."""
         hs = student_hidden(self.student, batch)
         return sparse_kd_loss(hs, lm_head_weight(self.student), batch[teacher_cache.IDS],
-                              batch[teacher_cache.LOGPROBS], batch[teacher_cache.TAIL],
-                              mask=batch["loss_mask"].bool(),
-                              labels=next_token_labels(batch) if self.ce_weight else None,
-                              temperature=self.temperature, kl_weight=self.kl_weight, ce_weight=self.ce_weight,
-                              reduction=self.reduction, num_sequences=batch["input_ids"].shape[0],
-                              num_tokens=self.token_denominator(batch["loss_mask"].sum())
-                              if self.reduction == "token" else None,
-                              chunk_size=self.chunk_size)
+                              batch[teacher_cache.LOGPROBS], batch[teacher_cache.TAIL], **self.loss_options(batch))
+
+    def loss_options(self, batch: dict) -> dict:
+        """What both KD losses (online and from the cache) take from the batch and the module's hyper-parameters."""
+        return dict(mask=batch["loss_mask"].bool(), labels=next_token_labels(batch) if self.ce_weight else None,
+                    temperature=self.temperature, kl_weight=self.kl_weight, ce_weight=self.ce_weight,
+                    reduction=self.reduction, num_sequences=batch["input_ids"].shape[0],
+                    num_tokens=self.token_denominator(batch["loss_mask"].sum()) if self.reduction == "token" else None,
+                    chunk_size=self.chunk_size)
 
     def training_step(self, batch, batch_idx):
         self.count_tokens(batch)

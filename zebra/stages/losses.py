@@ -34,6 +34,84 @@ def auto_chunk_size(vocab_size: int, chunk_elements: int = _DEFAULT_CHUNK_ELEMEN
     return 1 << (n.bit_length() - 1)  # a power of two: friendlier matmul shapes
 
 
+class _ChunkState:
+    """What both chunked losses keep across their token chunks: the softmax / accumulation dtype, the LM-head weight
+    the matmuls use, the running KL and CE sums and the gradients already pushed through the head."""
+
+    def __init__(self, ctx, hs: torch.Tensor, ws: torch.Tensor, need_h: bool, need_w: bool):
+        ctx.w_dtype = ws.dtype
+        self.acc = torch.float64 if hs.dtype == torch.float64 else torch.float32
+        self.grad_h = torch.zeros_like(hs) if need_h else None
+        self.grad_w = torch.zeros(ws.shape, dtype=self.acc, device=ws.device) if need_w else None
+        self.kl = torch.zeros((), dtype=self.acc, device=hs.device)
+        self.ce = torch.zeros((), dtype=self.acc, device=hs.device)
+        # Matmuls run in the activations' dtype (bf16 under bf16 training; autocast, when on, casts by itself);
+        # outside autocast a weight of another dtype (fp32 master weights) is cast once for the call.
+        self.autocast = torch.is_autocast_enabled(hs.device.type)
+        self.ws_mm = ws if self.autocast or ws.dtype == hs.dtype else ws.to(hs.dtype)
+        self.mm_dtype = torch.get_autocast_dtype(hs.device.type) if self.autocast else hs.dtype
+        self.needs_grad = need_h or need_w
+
+    def add_ce(self, logp1: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Adds the chunk's CE (student log-probs at T=1 against labels, -100 = ignored); returns (safe labels, valid)."""
+        valid = labels != -100
+        safe = labels.clamp_min(0)
+        self.ce += (-logp1.gather(-1, safe[:, None]).squeeze(-1) * valid).sum()
+        return safe, valid
+
+    def push(self, g_lp: torch.Tensor, hs_c: torch.Tensor, start: int, end: int) -> None:
+        """The chunk's logit gradient (already in the matmul dtype: the rounding autograd applies) through the head."""
+        if self.grad_h is not None:
+            self.grad_h[start:end] = (g_lp @ self.ws_mm).to(self.grad_h.dtype)
+        if self.grad_w is not None:
+            self.grad_w.add_((g_lp.t() @ hs_c).to(self.acc))
+
+    def finish(self, ctx, temperature: float, kl_weight: float, ce_weight: float, use_ce: bool):
+        loss = kl_weight * temperature ** 2 * self.kl
+        if use_ce:
+            loss = loss + ce_weight * self.ce
+        ctx.save_for_backward(self.grad_h, self.grad_w)
+        ctx.mark_non_differentiable(self.kl, self.ce)
+        return loss, self.kl, self.ce
+
+
+def _add_ce_grad(g: torch.Tensor, logp1: torch.Tensor, safe: torch.Tensor, valid: torch.Tensor,
+                 ce_weight: float) -> None:
+    """d CE / d z_s = softmax(z_s) - onehot(label), only where labelled, added to the chunk's logit gradient g."""
+    p1 = logp1.exp()
+    p1[torch.arange(p1.shape[0], device=p1.device), safe] -= 1.0
+    g.add_(p1.mul_(valid[:, None].to(p1.dtype)), alpha=ce_weight)
+
+
+def _head_grads(ctx, grad_loss: torch.Tensor):
+    """Backward of both chunked losses: the stored gradients scaled by the incoming one."""
+    grad_h, grad_w = ctx.saved_tensors
+    gh = grad_h * grad_loss.to(grad_h.dtype) if grad_h is not None else None
+    gw = (grad_w * grad_loss).to(ctx.w_dtype) if grad_w is not None else None
+    return gh, gw
+
+
+def _no_tokens(hs: torch.Tensor, ws: torch.Tensor):
+    """The loss of a batch with no counted token: zero, still connected to the student's graph."""
+    zero = (hs.sum() * 0.0) + (ws.sum() * 0.0)
+    return zero, {"kl": zero.detach(), "ce": zero.detach(), "tokens": torch.tensor(0)}
+
+
+def _reduce(loss, kl_sum, ce_sum, n_tok: int, lab, reduction: str, num_sequences, num_tokens):
+    """The summed loss divided as `reduction` says, and the per-token stats (chunked_kd_loss's contract)."""
+    if reduction == "sequence":
+        denom = float(num_sequences or 1)
+    elif reduction == "token":
+        denom = num_tokens if num_tokens is not None else float(n_tok)
+    elif reduction == "sum":
+        denom = 1.0
+    else:
+        raise ValueError(f"reduction must be 'sequence', 'token' or 'sum', got {reduction!r}")
+    n_lab = (lab != -100).sum().clamp_min(1) if lab is not None else torch.tensor(1)
+    stats = {"kl": kl_sum / n_tok, "ce": ce_sum / n_lab.to(ce_sum), "tokens": torch.tensor(n_tok)}
+    return loss / denom, stats
+
+
 class _ChunkedKD(torch.autograd.Function):
     """Sum over tokens of kl_weight * T^2 * KL(p_t^T || p_s^T) + ce_weight * CE(student at T=1, label).
 
@@ -42,70 +120,43 @@ class _ChunkedKD(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hs, ht, ws, wt, labels, temperature, kl_weight, ce_weight, chunk_size):
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
-        ctx.w_dtype = ws.dtype
-        acc = torch.float64 if hs.dtype == torch.float64 else torch.float32  # softmax / accumulation dtype
-        n = hs.shape[0]
-        grad_h = torch.zeros_like(hs) if need_h else None
-        grad_w = torch.zeros(ws.shape, dtype=acc, device=ws.device) if need_w else None
-        kl_total = torch.zeros((), dtype=acc, device=hs.device)
-        ce_total = torch.zeros((), dtype=acc, device=hs.device)
+        st = _ChunkState(ctx, hs, ws, ctx.needs_input_grad[0], ctx.needs_input_grad[2])
+        acc, n = st.acc, hs.shape[0]
         inv_t = 1.0 / temperature
         use_ce = ce_weight != 0.0 and labels is not None
-        # Matmuls run in the activations' dtype (bf16 under bf16 training; autocast, when on, casts by itself);
-        # outside autocast a weight of another dtype (fp32 master weights) is cast once for the call.
-        autocast = torch.is_autocast_enabled(hs.device.type)
-        ws_mm = ws if autocast or ws.dtype == hs.dtype else ws.to(hs.dtype)
-        if not autocast and wt.dtype != ht.dtype:
+        if not st.autocast and wt.dtype != ht.dtype:
             wt = wt.to(ht.dtype)
-        mm_dtype = torch.get_autocast_dtype(hs.device.type) if autocast else hs.dtype
         for start in range(0, n, chunk_size):
             end = min(n, start + chunk_size)
             hs_c = hs[start:end]
             # logits in the inputs' dtype (bf16 matmul under bf16 training), then fp32 for the softmaxes
-            zs = (hs_c @ ws_mm.t()).to(acc)
+            zs = (hs_c @ st.ws_mm.t()).to(acc)
             zt = (ht[start:end] @ wt.t()).to(acc)
             logp_t = torch.log_softmax(zt.mul_(inv_t), dim=-1)
             del zt
             logp_s = torch.log_softmax(zs * inv_t if inv_t != 1.0 else zs, dim=-1)
             p_t = logp_t.exp()
             # KL(p_t || p_s) = sum p_t (log p_t - log p_s); p_t = 0 rows contribute 0 (as kl_div's log_target)
-            kl_total += (p_t * (logp_t - logp_s)).sum()
+            st.kl += (p_t * (logp_t - logp_s)).sum()
             del logp_t
             if use_ce:
-                lab = labels[start:end]
-                valid = (lab != -100)
-                safe = lab.clamp_min(0)
                 logp1 = logp_s if inv_t == 1.0 else torch.log_softmax(zs, dim=-1)
-                ce_total += (-logp1.gather(-1, safe[:, None]).squeeze(-1) * valid).sum()
-            if need_h or need_w:
+                safe, valid = st.add_ce(logp1, labels[start:end])
+            if st.needs_grad:
                 # d/dz_s of T^2 * KL(p_t^T || softmax(z_s / T)) = T * (p_s^T - p_t^T)
                 g = (logp_s.exp() - p_t).mul_(kl_weight * temperature)
-                if use_ce:  # d CE / d z_s = softmax(z_s) - onehot(label), only where labelled
-                    p1 = logp1.exp()
-                    p1[torch.arange(end - start, device=p1.device), safe] -= 1.0
-                    g.add_(p1.mul_(valid[:, None].to(p1.dtype)), alpha=ce_weight)
-                    del p1
+                if use_ce:
+                    _add_ce_grad(g, logp1, safe, valid, ce_weight)
                 del p_t, logp_s, zs
-                g_lp = g.to(mm_dtype)  # the same rounding autograd applies to the logits' gradient
+                g_lp = g.to(st.mm_dtype)
                 del g
-                if need_h:
-                    grad_h[start:end] = (g_lp @ ws_mm).to(grad_h.dtype)
-                if need_w:
-                    grad_w.add_((g_lp.t() @ hs_c).to(acc))
+                st.push(g_lp, hs_c, start, end)
                 del g_lp
-        loss = kl_weight * temperature ** 2 * kl_total
-        if use_ce:
-            loss = loss + ce_weight * ce_total
-        ctx.save_for_backward(grad_h, grad_w)
-        ctx.mark_non_differentiable(kl_total, ce_total)
-        return loss, kl_total, ce_total
+        return st.finish(ctx, temperature, kl_weight, ce_weight, use_ce)
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_kl, _grad_ce):
-        grad_h, grad_w = ctx.saved_tensors
-        gh = grad_h * grad_loss.to(grad_h.dtype) if grad_h is not None else None
-        gw = (grad_w * grad_loss).to(ctx.w_dtype) if grad_w is not None else None
+        gh, gw = _head_grads(ctx, grad_loss)
         return gh, None, gw, None, None, None, None, None, None
 
 
@@ -156,22 +207,11 @@ def chunked_kd_loss(
     chunk = chunk_size or auto_chunk_size(student_weight.shape[0])
     n_tok = hs.shape[0]
     if n_tok == 0:
-        zero = (hs.sum() * 0.0) + (student_weight.sum() * 0.0)
-        return zero, {"kl": zero.detach(), "ce": zero.detach(), "tokens": torch.tensor(0)}
+        return _no_tokens(hs, student_weight)
     loss, kl_sum, ce_sum = _ChunkedKD.apply(
         hs, ht, student_weight, teacher_weight.detach(), lab, float(temperature), float(kl_weight),
         float(ce_weight), int(chunk))
-    if reduction == "sequence":
-        denom = float(num_sequences or 1)
-    elif reduction == "token":
-        denom = num_tokens if num_tokens is not None else float(n_tok)
-    elif reduction == "sum":
-        denom = 1.0
-    else:
-        raise ValueError(f"reduction must be 'sequence', 'token' or 'sum', got {reduction!r}")
-    n_lab = (lab != -100).sum().clamp_min(1) if lab is not None else torch.tensor(1)
-    stats = {"kl": kl_sum / n_tok, "ce": ce_sum / n_lab.to(ce_sum), "tokens": torch.tensor(n_tok)}
-    return loss / denom, stats
+    return _reduce(loss, kl_sum, ce_sum, n_tok, lab, reduction, num_sequences, num_tokens)
 
 
 def naive_kd_loss(student_hidden, teacher_hidden, student_weight, teacher_weight, mask=None, labels=None,
@@ -212,23 +252,14 @@ class _ChunkedSparseKD(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hs, ws, ids, logp_t, tail_t, labels, temperature, kl_weight, ce_weight, chunk_size):
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        ctx.w_dtype = ws.dtype
-        acc = torch.float64 if hs.dtype == torch.float64 else torch.float32
-        n = hs.shape[0]
-        grad_h = torch.zeros_like(hs) if need_h else None
-        grad_w = torch.zeros(ws.shape, dtype=acc, device=ws.device) if need_w else None
-        kl_total = torch.zeros((), dtype=acc, device=hs.device)
-        ce_total = torch.zeros((), dtype=acc, device=hs.device)
+        st = _ChunkState(ctx, hs, ws, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        acc, n = st.acc, hs.shape[0]
         inv_t = 1.0 / temperature
         use_ce = ce_weight != 0.0 and labels is not None
-        autocast = torch.is_autocast_enabled(hs.device.type)
-        ws_mm = ws if autocast or ws.dtype == hs.dtype else ws.to(hs.dtype)
-        mm_dtype = torch.get_autocast_dtype(hs.device.type) if autocast else hs.dtype
         for start in range(0, n, chunk_size):
             end = min(n, start + chunk_size)
             hs_c, ids_c = hs[start:end], ids[start:end]
-            zs = (hs_c @ ws_mm.t()).to(acc)
+            zs = (hs_c @ st.ws_mm.t()).to(acc)
             logq = torch.log_softmax(zs * inv_t if inv_t != 1.0 else zs, dim=-1)
             lp_t = logp_t[start:end].to(acc)
             p_t = lp_t.exp()
@@ -239,15 +270,12 @@ class _ChunkedSparseKD(torch.autograd.Function):
             p_tail = lp_tail.exp()
             has_tail = p_tail > 0
             tail_kl = torch.where(has_tail, p_tail * (lp_tail - lq_tail), torch.zeros_like(p_tail))
-            kl_total += (p_t * (lp_t - lq_top)).sum() + tail_kl.sum()
+            st.kl += (p_t * (lp_t - lq_top)).sum() + tail_kl.sum()
             del lp_t
             if use_ce:
-                lab = labels[start:end]
-                valid = (lab != -100)
-                safe = lab.clamp_min(0)
                 logp1 = logq if inv_t == 1.0 else torch.log_softmax(zs, dim=-1)
-                ce_total += (-logp1.gather(-1, safe[:, None]).squeeze(-1) * valid).sum()
-            if need_h or need_w:
+                safe, valid = st.add_ce(logp1, labels[start:end])
+            if st.needs_grad:
                 q = logq.exp()
                 # target: p_t on the top-k ids, p_tail * q / q_tail elsewhere
                 scale = torch.where(has_tail, (lp_tail - lq_tail).exp(), torch.zeros_like(p_tail))
@@ -256,29 +284,16 @@ class _ChunkedSparseKD(torch.autograd.Function):
                 g.mul_(kl_weight * temperature)
                 del q, p_t, logq, zs
                 if use_ce:
-                    p1 = logp1.exp()
-                    p1[torch.arange(end - start, device=p1.device), safe] -= 1.0
-                    g.add_(p1.mul_(valid[:, None].to(p1.dtype)), alpha=ce_weight)
-                    del p1
-                g_lp = g.to(mm_dtype)
+                    _add_ce_grad(g, logp1, safe, valid, ce_weight)
+                g_lp = g.to(st.mm_dtype)
                 del g
-                if need_h:
-                    grad_h[start:end] = (g_lp @ ws_mm).to(grad_h.dtype)
-                if need_w:
-                    grad_w.add_((g_lp.t() @ hs_c).to(acc))
+                st.push(g_lp, hs_c, start, end)
                 del g_lp
-        loss = kl_weight * temperature ** 2 * kl_total
-        if use_ce:
-            loss = loss + ce_weight * ce_total
-        ctx.save_for_backward(grad_h, grad_w)
-        ctx.mark_non_differentiable(kl_total, ce_total)
-        return loss, kl_total, ce_total
+        return st.finish(ctx, temperature, kl_weight, ce_weight, use_ce)
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_kl, _grad_ce):
-        grad_h, grad_w = ctx.saved_tensors
-        gh = grad_h * grad_loss.to(grad_h.dtype) if grad_h is not None else None
-        gw = (grad_w * grad_loss).to(ctx.w_dtype) if grad_w is not None else None
+        gh, gw = _head_grads(ctx, grad_loss)
         return gh, gw, None, None, None, None, None, None, None, None
 
 
@@ -328,21 +343,10 @@ def sparse_kd_loss(
     chunk = chunk_size or auto_chunk_size(student_weight.shape[0])
     n_tok = hs.shape[0]
     if n_tok == 0:
-        zero = (hs.sum() * 0.0) + (student_weight.sum() * 0.0)
-        return zero, {"kl": zero.detach(), "ce": zero.detach(), "tokens": torch.tensor(0)}
+        return _no_tokens(hs, student_weight)
     loss, kl_sum, ce_sum = _ChunkedSparseKD.apply(hs, student_weight, ids, lp, tail, lab, float(temperature),
                                                   float(kl_weight), float(ce_weight), int(chunk))
-    if reduction == "sequence":
-        denom = float(num_sequences or 1)
-    elif reduction == "token":
-        denom = num_tokens if num_tokens is not None else float(n_tok)
-    elif reduction == "sum":
-        denom = 1.0
-    else:
-        raise ValueError(f"reduction must be 'sequence', 'token' or 'sum', got {reduction!r}")
-    n_lab = (lab != -100).sum().clamp_min(1) if lab is not None else torch.tensor(1)
-    stats = {"kl": kl_sum / n_tok, "ce": ce_sum / n_lab.to(ce_sum), "tokens": torch.tensor(n_tok)}
-    return loss / denom, stats
+    return _reduce(loss, kl_sum, ce_sum, n_tok, lab, reduction, num_sequences, num_tokens)
 
 
 # ----------------------------------------------------------------------------------------------- DPO
