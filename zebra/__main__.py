@@ -17,8 +17,10 @@ traceback. Any other exception is a bug and keeps Hydra's report (a traceback, s
 from __future__ import annotations
 
 import os
+import re
 import sys
 import traceback
+from pathlib import Path
 
 import hydra
 from hydra.errors import CompactHydraException
@@ -80,9 +82,34 @@ def hydra_main(cfg: DictConfig):
     return run_guarded(cfg)
 
 
+_GROUP_CHOICE = re.compile(r"^\+{0,2}(?P<group>[a-z_][a-z0-9_/]*)=(?P<value>[^=]*)$")
+
+
+def unknown_group_choice(argv: list[str], conf: Path) -> str | None:
+    """The first `group=value` override of the command line that names no option of one of zebra's config groups
+    (conf/<group>/<value>.yaml), as an error line's text; None when every choice exists. Hydra would report it
+    as a failed config load (status 1) after its own start; a sweep's comma list is checked choice by choice,
+    and values Hydra computes (`range(...)`, `${...}`) are left to it."""
+    for arg in argv:
+        m = _GROUP_CHOICE.match(arg)
+        if (not m or m["group"].startswith("hydra") or not (conf / m["group"]).is_dir()  # hydra/*: plugins add options
+                or any(c in m["value"] for c in "()${}[]*")):
+            continue
+        group = conf / m["group"]
+        for value in (v.strip() for v in m["value"].split(",")):
+            if value and value != "null" and not (group / f"{value}.yaml").is_file():
+                choices = ", ".join(sorted(f.stem for f in group.glob("*.yaml")))
+                return f"{m['group']}={value} is not an option of the config group {m['group']} (choices: {choices})"
+    return None
+
+
 def main() -> None:
     """The console script: Hydra's main, with a multirun whose jobs failed on bad input exiting with
     INPUT_ERROR_STATUS (Hydra itself exits with 1 for any failed job)."""
+    bad = unknown_group_choice(sys.argv[1:], Path(config_dir()))
+    if bad:
+        print(f"error: {bad}", file=sys.stderr, flush=True)
+        sys.exit(INPUT_ERROR_STATUS)
     try:
         hydra_main()
     except SystemExit as stop:

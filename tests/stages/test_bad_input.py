@@ -136,6 +136,7 @@ ROWS = {
                           "data file not found: /nonexistent/sft.jsonl"),
     "tokenizer_is_random": (["stage=ilkd", "model.tokenizer=random:1"],
                             "model.tokenizer=random:1: 'random:1' names a random model, which has no tokenizer"),
+    "unknown_stage": (["stage=nope"], "stage=nope is not an option of the config group stage (choices: describe, dpo"),
 }
 
 
