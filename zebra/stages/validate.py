@@ -410,15 +410,21 @@ def stages_to_run(cfg: DictConfig) -> list[str]:
         check_order(cfg, order)  # unknown stages, inputs neither run before nor exported
         return order
     if name in STAGES:
-        from zebra.stages import artifacts
-
-        row = CHECKS.get(name)
-        reads = row.reads if row is not None and row.reads is not None else STAGES[name].inputs
-        for needed in reads(cfg):  # a missing export names the command that makes it
-            for part in STAGES[needed].parts:
-                artifacts.load(cfg, needed, "output", part=part)
         return [name]
     return []
+
+
+def check_inputs(cfg: DictConfig, stage: str) -> None:
+    """The exports a single stage reads exist (a pipeline makes its own): a missing one names the command that
+    makes it."""
+    from zebra.stages import artifacts
+    from zebra.stages.artifacts import STAGES
+
+    row = CHECKS.get(stage)
+    reads = row.reads if row is not None and row.reads is not None else STAGES[stage].inputs
+    for needed in reads(cfg):
+        for part in STAGES[needed].parts:
+            artifacts.load(cfg, needed, "output", part=part)
 
 
 def validate(cfg: DictConfig) -> list[str]:
@@ -435,6 +441,9 @@ def validate(cfg: DictConfig) -> list[str]:
             _check_budgets(cfg, stage, row)
             for extra in row.extra:
                 extra(cfg, stage)
+    if str(cfg.stage.name) != "pipeline":
+        for stage in stages:
+            check_inputs(cfg, stage)
     for stage in stages:
         row = CHECKS.get(stage)
         if row is not None and row.mix:
