@@ -94,3 +94,15 @@ def test_hub_task_offline_fails_with_a_clear_error(tiny_run, smol_tokenizer):
     model = AutoModelForCausalLM.from_pretrained(tiny_run / "2mla" / "kd" / "model").eval()
     with pytest.raises(TaskUnavailableError, match="hub"):
         run_lm_eval(model, smol_tokenizer, ["arc_easy"], limit=2)
+
+
+def test_no_task_needs_no_lm_eval(monkeypatch):
+    """Held-out metrics alone (tasks empty or `none`) run where lm-eval is not installed (the GPU image)."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # `import lm_eval` now raises ImportError
+    monkeypatch.setitem(sys.modules, "lm_eval.tasks", None)
+    assert resolve_tasks([]) == ([], None)
+    assert resolve_tasks("none") == ([], None)
+    with pytest.raises(ImportError):
+        harness.task_manager.__wrapped__(False)

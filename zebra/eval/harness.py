@@ -76,6 +76,8 @@ def local_task_names() -> list[str]:
 def resolve_tasks(names) -> tuple[list[str], object]:
     """(task names, the TaskManager that knows them). UnknownTaskError lists what is available."""
     tasks = expand_task_names(names)
+    if not tasks:  # held-out metrics only: lm-eval need not even be installed (the GPU machine lacks it)
+        return [], None
     local = set(local_task_names())
     if all(t in local for t in tasks):
         return tasks, task_manager(False)
