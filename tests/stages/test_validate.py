@@ -9,7 +9,7 @@ import pytest
 from zebra.compose.teacher import TeacherLoadError, UnsupportedTeacherError
 from zebra.errors import ConfigError, DataError, ZebraInputError
 from zebra.stages.errors import MissingArtifactError
-from zebra.stages.validate import check_spec, validate
+from zebra.stages.validate import check_reference, check_spec, validate
 
 
 @pytest.fixture
@@ -94,6 +94,14 @@ def test_teacher_directories(tmp_path, make_cfg, nothing_loads):
     assert check_spec(str(d), tokenizer_only=True) is None  # a tokenizer directory needs its files only
     with pytest.raises(UnsupportedTeacherError, match=f"model.kd_teacher={d}: model directory .* 'gpt2' model"):
         validate(make_cfg("stage=pipeline", f"model.kd_teacher={d}"))
+
+
+def test_a_bad_teacher_is_named_by_the_key_the_user_set(make_cfg, nothing_loads):
+    # kd reads model.kd_teacher, which is ${model.teacher} unless set: the message names the key on the command line
+    with pytest.raises(TeacherLoadError, match=r"^model\.teacher=/nonexistent/path: teacher path"):
+        check_reference(make_cfg("stage=kd", "model.teacher=/nonexistent/path"), "model.kd_teacher")
+    with pytest.raises(TeacherLoadError, match=r"^model\.kd_teacher=/nonexistent/kd: teacher path"):
+        check_reference(make_cfg("stage=kd", "model.kd_teacher=/nonexistent/kd"), "model.kd_teacher")
 
 
 def test_teacher_specs(monkeypatch):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 from typing import Callable
 
@@ -262,8 +263,19 @@ def spec_layers(spec: str) -> int | None:
         return None  # reported by the teacher check, with the key that names it
 
 
+def _set_by(cfg: DictConfig, key: str) -> str:
+    """The key a user sets to change `key`: `key` itself, or the key it interpolates whole (model.kd_teacher is
+    `${model.teacher}` unless set), so that an error names what the user wrote."""
+    parent, _, leaf = key.rpartition(".")
+    node = OmegaConf.select(cfg, parent) if parent else cfg
+    raw = OmegaConf.to_container(node, resolve=False).get(leaf) if isinstance(node, DictConfig) else None
+    match = re.fullmatch(r"\$\{([\w.]+)\}", raw) if isinstance(raw, str) else None
+    return _set_by(cfg, match.group(1)) if match else key
+
+
 def check_reference(cfg: DictConfig, key: str, tokenizer_only: bool = False) -> None:
     """The spec at `key` (model.teacher, model.tokenizer, ...), with the key and how to fix it in the message."""
+    key = _set_by(cfg, key)
     spec = _value(cfg, key)
     if spec is None or str(spec).strip() == "":
         raise ConfigError(f"{key} is not set (give {TEACHER_SPECS})")
