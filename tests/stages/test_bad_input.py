@@ -136,6 +136,8 @@ ROWS = {
                           "data file not found: /nonexistent/sft.jsonl"),
     "tokenizer_is_random": (["stage=ilkd", "model.tokenizer=random:1"],
                             "model.tokenizer=random:1: 'random:1' names a random model, which has no tokenizer"),
+    "data_without_tokens": (["stage=ilkd", "data.sft.sources=[{path: {empty_text}, text_field: text}]"],
+                            "data source {empty_text} has no tokens after formatting"),
     "unknown_stage": (["stage=nope"], "stage=nope is not an option of the config group stage (choices: describe, dpo"),
 }
 
@@ -170,7 +172,19 @@ def truncated_gguf(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def bad_input_runs(tmp_path_factory, finished_run, data_files, truncated_gguf):
+def empty_text(tmp_path_factory) -> Path:
+    """A well-formed jsonl whose every text is empty: nothing left to train on once formatted."""
+    path = tmp_path_factory.mktemp("empty-text") / "empty.jsonl"
+    path.write_text('{"text": ""}\n' * 50)
+    return path
+
+
+def placeholders(text: str, truncated_gguf: Path, empty_text: Path) -> str:
+    return text.replace("{truncated}", str(truncated_gguf)).replace("{empty_text}", str(empty_text))
+
+
+@pytest.fixture(scope="module")
+def bad_input_runs(tmp_path_factory, finished_run, data_files, truncated_gguf, empty_text):
     """Every row of ROWS started at once, each on its own copy of the finished run: name -> (result, root,
     digest before)."""
     from stage_helpers import tiny_overrides
@@ -179,7 +193,7 @@ def bad_input_runs(tmp_path_factory, finished_run, data_files, truncated_gguf):
     for name, (args, _) in ROWS.items():
         root = tmp_path_factory.mktemp(name)
         shutil.copytree(finished_run, root, dirs_exist_ok=True)
-        args = [a.replace("{truncated}", str(truncated_gguf)) for a in args]
+        args = [placeholders(a, truncated_gguf, empty_text) for a in args]
         started[name] = (start(tiny_overrides(root, data_files, args)), root, tree_digest(root))
     return {name: (finish(proc, timeout=600, check=False), root, before)
             for name, (proc, root, before) in started.items()}
@@ -190,9 +204,9 @@ def error_lines(stderr: str) -> list[str]:
 
 
 @pytest.mark.parametrize("row", list(ROWS))
-def test_bad_input_is_one_line_and_status_2(row, bad_input_runs, truncated_gguf):
+def test_bad_input_is_one_line_and_status_2(row, bad_input_runs, truncated_gguf, empty_text):
     result, root, before = bad_input_runs[row]
-    expected = ROWS[row][1].replace("{truncated}", str(truncated_gguf))
+    expected = placeholders(ROWS[row][1], truncated_gguf, empty_text)
     assert result.returncode == 2, result.stderr[-3000:]
     lines = error_lines(result.stderr)
     assert len(lines) == 1 and lines[0].startswith(f"error: {expected}"), result.stderr[-3000:]

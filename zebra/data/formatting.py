@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
+from zebra.errors import ConfigError, DataError
+
 CHAT_TEMPLATES = ("tokenizer", "reference")
 ROLES = ("system", "user", "assistant")
 
@@ -43,10 +45,10 @@ class Formatted:
 def check_chat_template(name: str, tokenizer: PreTrainedTokenizerBase) -> None:
     """Fail early, naming the problem, when `name` cannot format chats with this tokenizer."""
     if name not in CHAT_TEMPLATES:
-        raise ValueError(f"unknown chat_template {name!r}; expected one of {CHAT_TEMPLATES}")
+        raise ConfigError(f"unknown chat_template {name!r}; expected one of {CHAT_TEMPLATES}")
     tok_name = getattr(tokenizer, "name_or_path", type(tokenizer).__name__)
     if name == "tokenizer" and not getattr(tokenizer, "chat_template", None):
-        raise ValueError(
+        raise ConfigError(
             f"tokenizer {tok_name!r} has no chat template; use chat_template='reference' "
             "(Llama-3 tokenizers) or a tokenizer that ships one"
         )
@@ -55,7 +57,7 @@ def check_chat_template(name: str, tokenizer: PreTrainedTokenizerBase) -> None:
         if tokenizer.bos_token is None:
             missing.insert(0, "bos_token")
         if missing:
-            raise ValueError(
+            raise ConfigError(
                 f"chat_template='reference' is the Llama-3 template, but tokenizer {tok_name!r} lacks "
                 f"its special tokens {missing}; use chat_template='tokenizer'"
             )
@@ -82,10 +84,10 @@ def render(
 
 def _check_messages(messages: list[dict]) -> None:
     if not isinstance(messages, list) or not messages:
-        raise ValueError(f"a conversation must be a non-empty list of messages, got {messages!r:.200}")
+        raise DataError(f"a conversation must be a non-empty list of messages, got {messages!r:.200}")
     for m in messages:
         if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            raise ValueError(
+            raise DataError(
                 f"each message must be {{'role': one of {ROLES}, 'content': str}}, got {m!r:.200}"
             )
 
@@ -105,7 +107,7 @@ def _assistant_spans(text: str, messages: list[dict]) -> list[tuple[int, int]]:
             continue
         start = text.find(content, cursor)
         if start < 0:
-            raise ValueError(
+            raise DataError(
                 f"the chat template does not reproduce a {m['role']} message verbatim, so the assistant "
                 f"tokens cannot be located (message starts {content[:60]!r})"
             )
@@ -216,7 +218,7 @@ def format_completions(
         head = render(tokenizer, p, chat_template, add_generation_prompt=True)
         full = render(tokenizer, p + r, chat_template)
         if not full.startswith(head):
-            raise ValueError(
+            raise ConfigError(
                 "the chat template renders a prompt differently with and without its reply, so the reply "
                 "cannot be separated from it; use another chat_template or tokenizer"
             )

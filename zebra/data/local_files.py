@@ -13,6 +13,8 @@ import glob
 import json
 from pathlib import Path
 
+from zebra.errors import DataError
+
 BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text"}
 TEXT_SAMPLE_BY = ("line", "paragraph", "document")  # what one document of a .txt file is
 _GLOB_CHARS = set("*?[")
@@ -43,15 +45,15 @@ def resolve_files(path: str | Path) -> list[Path]:
             files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in BUILDERS
                            and not any(part.startswith(".") for part in f.relative_to(p).parts))
             if not files:
-                raise ValueError(f"data folder {p} has no data files ({', '.join(sorted(BUILDERS))})")
+                raise DataError(f"data folder {p} has no data files ({', '.join(sorted(BUILDERS))})")
         else:
             files = [p]
     bad = [f for f in files if f.suffix not in BUILDERS]
     if bad:
-        raise ValueError(f"data file {bad[0]} has an unsupported extension; use one of {sorted(BUILDERS)}")
+        raise DataError(f"data file {bad[0]} has an unsupported extension; use one of {sorted(BUILDERS)}")
     builders = {BUILDERS[f.suffix] for f in files}
     if len(builders) > 1:
-        raise ValueError(f"data path {text!r} mixes formats {sorted(builders)}; give each format its own source")
+        raise DataError(f"data path {text!r} mixes formats {sorted(builders)}; give each format its own source")
     return files
 
 
@@ -69,7 +71,7 @@ def check_not_empty(files: list[Path]) -> None:
         else:
             empty = _blank(f)
         if empty:
-            raise ValueError(f"data file {f} is empty")
+            raise DataError(f"data file {f} is empty")
 
 
 def _blank(path: Path) -> bool:

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from zebra.errors import DataError
+
 from .cache import DocStore
 
 SPLITS = ("ilkd", "kd", "heldout")
@@ -51,7 +53,8 @@ def mix_documents(
     srcs, ids = [], []
     for i, (d, total) in enumerate(zip(docs, totals)):
         if total == 0:
-            raise ValueError(f"data source #{i} has no tokens in this split ({len(d)} documents)")
+            raise DataError(f"data source #{i} has no tokens in this split ({len(d)} documents: give it more "
+                            "documents, or this split a larger share of them)")
         taken, passes, rest = [], 0, targets[i]
         while rest > 0:  # whole passes while the share exceeds them, then a prefix of a fresh shuffle
             order = d if passes == 0 else np.random.default_rng([seed, i, passes]).permutation(d)

@@ -32,6 +32,7 @@ from datasets import Features, List, Value
 from torch.utils.data import DataLoader
 
 from zebra.compose.teacher import cache_root
+from zebra.errors import ConfigError, DataError
 
 from .cache import DocStore, build_cached, is_cached, stable_hash
 from .formatting import format_completions
@@ -65,7 +66,7 @@ def split_record(prompt, chosen, rejected, where: str = "preference data"):
         if r[: len(p)] == p:
             r = r[len(p) :]
     if not p or not c or not r or c[0]["role"] != "assistant" or r[0]["role"] != "assistant":
-        raise ValueError(f"{where}: a record needs a prompt and assistant replies (got prompt {p!r:.120})")
+        raise DataError(f"{where}: a record needs a prompt and assistant replies (got prompt {p!r:.120})")
     # whitespace around a reply is formatting noise, and the reference template strips it anyway
     strip = lambda msgs: [{**m, "content": m["content"].strip()} for m in msgs]  # noqa: E731
     return p, strip(c), strip(r)
@@ -173,13 +174,13 @@ class PreferenceDataModule(pl.LightningDataModule):
     ):
         super().__init__()
         if chat_template not in ("tokenizer", "reference"):
-            raise ValueError(f"unknown chat_template {chat_template!r}; expected 'tokenizer' or 'reference'")
+            raise ConfigError(f"unknown chat_template {chat_template!r}; expected 'tokenizer' or 'reference'")
         if not 0 < max_prompt_length < max_length:
-            raise ValueError(f"need 0 < max_prompt_length < max_length (got {max_prompt_length}, {max_length})")
+            raise ConfigError(f"need 0 < max_prompt_length < max_length (got {max_prompt_length}, {max_length})")
         specs = as_spec_list(source, default=[DEFAULT_SOURCE])
         self.sources = [Source.from_spec(s, kind="preference") for s in specs]
         if not self.sources:
-            raise ValueError("no preference data source given")
+            raise ConfigError("no preference data source given")
         self._tokenizer = LazyTokenizer(tokenizer, chat_template)
         self.chat_template, self.max_length, self.max_prompt_length = chat_template, max_length, max_prompt_length
         self.batch_size, self.heldout_fraction, self.seed = batch_size, heldout_fraction, seed
@@ -250,7 +251,7 @@ class PreferenceDataModule(pl.LightningDataModule):
     def num_batches(self, world_size: int = 1) -> int:
         n, global_batch = len(self.records()), self.batch_size * world_size
         if n < global_batch:
-            raise ValueError(
+            raise DataError(
                 f"the preference data has {n} training records, fewer than one global batch of "
                 f"batch_size x world_size = {self.batch_size} x {world_size}"
             )

@@ -21,6 +21,8 @@ from __future__ import annotations
 import numpy as np
 from torch.utils.data import DataLoader, DistributedSampler
 
+from zebra.errors import ConfigError
+
 
 class GlobalOrderSampler(DistributedSampler):
     def __init__(
@@ -104,13 +106,13 @@ class ResumableDataLoader(DataLoader):
     def load_state_dict(self, state: dict) -> None:
         s = self.sampler
         if state.get("data_id") != self.data_id or state.get("num_rows") != s.num_rows or state.get("seed") != s.seed:
-            raise ValueError(
+            raise ConfigError(
                 "the checkpoint's data position belongs to different data (data id, row count or seed differ: "
                 f"checkpoint {state.get('data_id')}/{state.get('num_rows')}/{state.get('seed')}, "
                 f"now {self.data_id}/{s.num_rows}/{s.seed}); start a new run or restore the data config"
             )
         if state.get("global_batch_rows") != s.global_batch:
-            raise ValueError(
+            raise ConfigError(
                 f"cannot resume the data position: the checkpoint used a global batch of "
                 f"{state.get('global_batch_rows')} rows, this run {s.global_batch} (batch_size x world_size); "
                 "keep batch_size x world_size fixed when resuming"

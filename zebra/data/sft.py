@@ -27,6 +27,7 @@ from datasets import Features, List, Value
 from torch.utils.data import DataLoader
 
 from zebra.compose.teacher import cache_root
+from zebra.errors import DataError
 
 from .cache import DocStore, build_cached, is_cached, stable_hash
 from .formatting import format_conversations, format_texts
@@ -185,7 +186,8 @@ class TokenMixtureDataModule(pl.LightningDataModule):
         self._stores = [DocStore(p, ("input_ids", "train_mask")) for p in paths]
         for source, store in zip(self.sources, self._stores):
             if len(store) == 0 or int(store.lengths.sum()) == 0:
-                raise ValueError(f"data source {source.description} has no tokens after formatting")
+                raise DataError(f"data source {source.description} has no tokens after formatting (its records are "
+                                f"empty: check the file and its text_field / messages_field)")
         # each source is split on its own, seeded by its identity: adding a source never moves another's split
         self._splits = [
             split_documents(
