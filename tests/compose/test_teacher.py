@@ -100,6 +100,23 @@ def test_interrupted_conversion_leaves_no_cache(tmp_path, monkeypatch):
     assert not teachers.exists() or list(teachers.iterdir()) == []
 
 
+def test_conversion_leaves_the_random_state_alone(tmp_path, monkeypatch):
+    """The run that converts a GGUF (building models on the way) seeds its students like a run that finds the
+    cache: the conversion draws nothing from the caller's RNG."""
+    from transformers import LlamaForCausalLM
+
+    small = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    monkeypatch.setattr(T, "_check_gguf_architecture", lambda p: {})
+    monkeypatch.setattr("transformers.AutoConfig.from_pretrained", lambda *a, **k: small)
+    monkeypatch.setattr("transformers.AutoTokenizer.from_pretrained", lambda *a, **k: tiny_tokenizer())
+    monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", lambda *a, **k: LlamaForCausalLM(small))
+    torch.manual_seed(7)
+    state = torch.get_rng_state()
+    T.convert_gguf(T.embedded_gguf_path(), tmp_path / "converted", digest="0" * 64)
+    assert (tmp_path / "converted" / T._MARKER).is_file()
+    assert torch.equal(torch.get_rng_state(), state)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # local directories, configs
 # --------------------------------------------------------------------------------------------------------------

@@ -266,8 +266,15 @@ def convert_gguf(gguf_path: Path, cache_dir: Path, digest: str | None = None) ->
     """Dequantise a GGUF through transformers and save model + tokenizer as safetensors into `cache_dir`.
 
     Written into a temporary sibling directory and renamed into place at the end, so an interrupted conversion
-    leaves no half-written cache (at worst a `.tmp-*` directory that the next conversion ignores).
+    leaves no half-written cache (at worst a `.tmp-*` directory that the next conversion ignores). The conversion
+    builds (randomly initialised) models on the way; it runs on a forked RNG, so that the run which converts draws
+    the same student inits and data order as every later run that finds the cache.
     """
+    with torch.random.fork_rng(devices=[]):
+        _convert_gguf(gguf_path, cache_dir, digest)
+
+
+def _convert_gguf(gguf_path: Path, cache_dir: Path, digest: str | None) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
     digest = digest or gguf_digest(gguf_path)
