@@ -187,7 +187,7 @@ class TokenMixtureDataModule(pl.LightningDataModule):
         for source, store in zip(self.sources, self._stores):
             if len(store) == 0 or int(store.lengths.sum()) == 0:
                 raise DataError(f"data source {source.description} has no tokens after formatting (its records are "
-                                f"empty: check the file and its text_field / messages_field)")
+                                "empty: check the file and its text_field / messages_field)")
         # each source is split on its own, seeded by its identity: adding a source never moves another's split
         self._splits = [
             split_documents(
