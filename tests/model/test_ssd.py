@@ -173,3 +173,28 @@ def test_conv_continues_from_state_and_steps():
         o, state = conv_step(xBC[:, t], state, weight, bias)
         outs.append(o)
     assert rel(torch.stack(outs, 1), full) < 1e-12
+
+
+@pytest.mark.parametrize("with_docs", [False, True])
+def test_kernel_backend_always_gets_a_seq_idx(monkeypatch, with_docs):
+    # mamba_ssm autotunes per key, and its key records whether seq_idx is given: padded rows (DPO, prefill) must
+    # reach the kernels as packed rows do, labelled 0, 1, ... per row (tests/gpu checks the kernels' numbers)
+    import types
+
+    from zebra.model.ops import ssd
+
+    seen = {}
+
+    def fake_scan(x, dt, A, B, C, chunk_size, D=None, initial_states=None, seq_idx=None, **kw):
+        seen["seq_idx"] = seq_idx
+        return torch.zeros_like(x), torch.zeros(x.shape[0], x.shape[2], x.shape[3], B.shape[-1])
+
+    monkeypatch.setattr(ssd, "mamba_ssm_kernels", lambda: types.SimpleNamespace(chunk_scan=fake_scan))
+    b, L, h, p, n = 2, 10, 2, 4, 3
+    x, dt, A, B, C, D = (torch.randn(b, L, h, p), torch.rand(b, L, h), -torch.rand(h), torch.randn(b, L, h, n),
+                         torch.randn(b, L, h, n), torch.randn(h))
+    docs = torch.tensor([[5] * 4 + [9] * 6, [3] * 10]) if with_docs else None
+    ssd.chunk_scan(x, dt, A, B, C, D, 4, seq_idx=docs, backend="mamba_ssm")
+    expected = torch.tensor([[0] * 4 + [1] * 6, [0] * 10]) if with_docs else torch.zeros(b, L, dtype=torch.long)
+    assert seen["seq_idx"].dtype == torch.int32 and seen["seq_idx"].is_contiguous()
+    assert torch.equal(seen["seq_idx"].long(), expected)
