@@ -7,6 +7,7 @@ import math
 
 TARGET_PPL_RATIO = 1.5  # the recipe's hybrid on heldout.txt: perplexity at most 1.5x the teacher's
 TARGET_KL = 0.5  # ... and mean per-token KL(teacher || hybrid) at most 0.5 nats
+CACHE_REL_TOL = 0.03  # KD from the teacher cache: held-out KL and perplexity within 3% of online KD's
 MODEL_ORDER = ("teacher", "ilkd_mla", "ilkd_mamba", "assembled", "kd", "dpo")
 
 
@@ -67,7 +68,21 @@ def summary(results: dict) -> dict:
         "smart": _order(results, "recipe", "uniform", "SMART is not worse than uniform placement"),
         "inits": _order(results, "init_new", "init_old", "the new initialisations beat the old ones"),
     }
+    s["teacher_cache"] = cache_vs_online(results)
     return s
+
+
+def cache_vs_online(results: dict) -> dict:
+    """The kd_cache run's KD hybrid against the recipe's (online KD, same layers and token budget): the relative
+    difference of each held-out metric, and whether all are within CACHE_REL_TOL."""
+    out = {"claim": f"KD from the teacher cache is within {100 * CACHE_REL_TOL:.0f}% (relative) of online KD"}
+    for key in ("kl_text", "ppl_text", "kl_sft", "ppl_sft"):
+        online, cache = _kd_value(results, "recipe", key), _kd_value(results, "kd_cache", key)
+        if _ok(online) and _ok(cache) and online:
+            out[key] = {"online": online, "cache": cache, "relative": (cache - online) / online}
+    if "kl_text" in out and "ppl_text" in out:
+        out["holds"] = all(abs(v["relative"]) <= CACHE_REL_TOL for k, v in out.items() if isinstance(v, dict))
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ text
@@ -126,6 +141,13 @@ def verdict(results: dict) -> str:
         (better, kb), (worse, kw) = [(n, v) for n, v in k.items() if n != "difference"]
         out.append(f"  {a['claim']}: {'holds' if a['holds'] else 'does NOT hold'} (KD KL on heldout.txt "
                    f"{better} {_f(kb, 4)} vs {worse} {_f(kw, 4)}, difference {k['difference']:+.4f})")
+    c = s.get("teacher_cache") or {}
+    if "holds" in c:
+        diffs = ", ".join(f"{k} {v['online']:.4g} -> {v['cache']:.4g} ({100 * v['relative']:+.1f}%)"
+                          for k, v in c.items() if isinstance(v, dict))
+        out.append(f"  {c['claim']}: {'holds' if c['holds'] else 'does NOT hold'} (online -> cache: {diffs})")
+    elif c:
+        out.append(f"  {c['claim']}: not measured")
     curve = results.get("curve") or {}
     if curve.get("points"):
         last = curve["points"][-1]

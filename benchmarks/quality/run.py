@@ -24,8 +24,8 @@ from zebra.utils.files import write_json_atomic
 MODEL_STAGES = {  # which stages made each evaluated model (their tokens and wall times add up); teacher_data when
     # the data config samples the corpus from the teacher
     "ilkd_mla": ("teacher_data", "ilkd"), "ilkd_mamba": ("teacher_data", "ilkd"),
-    "assembled": ("teacher_data", "ilkd", "smart"), "kd": ("teacher_data", "ilkd", "smart", "kd"),
-    "dpo": ("teacher_data", "ilkd", "smart", "kd", "dpo"),
+    "assembled": ("teacher_data", "ilkd", "smart"), "kd": ("teacher_data", "ilkd", "smart", "teacher_cache", "kd"),
+    "dpo": ("teacher_data", "ilkd", "smart", "teacher_cache", "kd", "dpo"),
 }
 TRAINING_STAGES = ("ilkd", "kd", "dpo")  # SMART's calibration tokens are not trained on
 
@@ -95,6 +95,9 @@ def execute(run: Run, args, common: list[str], results: dict, log) -> dict:
               "heldout_sets": evaluation.get("heldout"), "teacher_quantisation": evaluation.get("teacher_quantisation")}
     if "smart" in reports:
         result["smart_selections"] = reports["smart"].get("selections")
+    if "teacher_cache" in reports:
+        result["teacher_cache"] = {k: reports["teacher_cache"].get(k) for k in (
+            "top_k", "bytes_per_token", "bytes", "tokens_built_here", "build_seconds", "tokens_per_second")}
     return result
 
 

@@ -46,6 +46,7 @@ INIT_VARIANTS = {
     "rope_key": (*OLD_SVD_MAMBA, *PER_KV_HEAD_ROPE_KEY),
     "mamba": (OLD_SVD_MAMBA[0], *NEW_SVD_MAMBA[1:], *SHARED_ROPE_KEY),
 }
+CACHE_TOP_K = 64  # the kd_cache run's k: 388 bytes per token, within 3% of online KD is its goal
 INIT_KEYS = ("init", "model.mla")  # what decides whether a variant is the recipe's own
 
 
@@ -75,6 +76,11 @@ RUNS: tuple[Run, ...] = (
     *(Run(f"init_{name}", f"inits {name}: " + " ".join(o.split(".")[-1] for o in ov[:4]) + ", the recipe's layers",
           (*ov, "mix=explicit", "mix.mla_layers={mla_layers}"), default=name in ("old", "new"))
       for name, ov in INIT_VARIANTS.items()),
+    # KD from the stored top-k teacher log-probs (stage=teacher_cache) instead of the teacher, at the recipe's layers
+    # (an explicit mix: its own KD directory beside the recipe's, the recipe's ILD'd students)
+    Run("kd_cache", f"KD from the teacher cache (top-{CACHE_TOP_K} log-probs), the recipe's ILD and layers",
+        ("kd.teacher_source=cache", f"teacher_cache.top_k={CACHE_TOP_K}", "mix=explicit", "mix.mla_layers={mla_layers}"),
+        stages=("ilkd", "teacher_cache", "kd"), root="recipe"),
 )
 BY_NAME = {r.name: r for r in RUNS}
 

@@ -4,9 +4,10 @@
 #   source .gpu/bootstrap.sh && bash /tmp/zt/restore-teacher.sh && bash experiments/quality/run_on_one_gpu.sh
 # Parts (the first argument):
 #   bench   (default) the runs that have no result yet in experiments/quality/quality_bench.json: the recipe first,
-#           then no_ild, uniform, init_old, init_new; the JSON is written after every run, so a call cut off by its
+#           then no_ild, uniform, init_old, init_new, kd_cache; the JSON is written after every run, so a call cut off by its
 #           time limit keeps the finished ones, and the same command on the next call goes on from there
 #   recipe  the recipe alone (+experiment=smollm2_gpu: ilkd -> smart -> kd -> dpo, then its evaluation)
+#   only R  the runs named in R (comma-separated, e.g. recipe,kd_cache), run again even where they have a result
 #   curve   KD for longer (48M tokens) with held-out perplexity every 100 steps, resumed from its checkpoint by
 #           the next call while the machine stays warm (the artifacts live in /tmp/zebra-quality)
 # Extra arguments go to the benchmark (e.g. --set data=teacher_generated). JSON, plot, log and curve land in $OUT;
@@ -27,7 +28,9 @@ case "$part" in
   bench) args=(--missing) ;;
   recipe) args=(--only recipe) ;;
   curve) args=(--only curve) ;;
-  *) echo "usage: run_on_one_gpu.sh [bench|recipe|curve] [benchmark arguments]" >&2; exit 2 ;;
+  only) [ $# -gt 0 ] || { echo "usage: run_on_one_gpu.sh only RUN[,RUN...]" >&2; exit 2; }
+        args=(--only "$1"); shift ;;
+  *) echo "usage: run_on_one_gpu.sh [bench|recipe|curve|only RUNS] [benchmark arguments]" >&2; exit 2 ;;
 esac
 start=$(date +%s)
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader

@@ -57,6 +57,12 @@ def test_every_row_with_finite_numbers(smoke):
     assert runs["uniform"]["mla_layers"] == [0, 2]  # floor(i * L / n) for the tiny preset's 4 layers, n = 2
     for name in ("init_old", "init_new"):  # run, or skipped with the reason (the option missing, or the recipe's)
         assert "models" in runs[name] or runs[name]["skipped"], name
+    # KD from the teacher cache: the recipe's ILD and layers, the same KD budget, no teacher in the KD step
+    cache = runs["kd_cache"]
+    assert set(cache["models"]) == {"teacher", "assembled", "kd"}
+    assert cache["mla_layers"] == runs["recipe"]["mla_layers"]
+    assert cache["models"]["kd"]["tokens_by_stage"] == recipe["kd"]["tokens_by_stage"]
+    assert cache["teacher_cache"]["top_k"] == 64 and cache["teacher_cache"]["bytes_per_token"] == 64 * 6 + 4
 
 
 @pytest.mark.slow
@@ -68,6 +74,8 @@ def test_summary_table_plot_and_curve(smoke):
     dpo_ppl = js["runs"]["recipe"]["models"]["dpo"]["ppl_text"]
     assert s["recipe_dpo"]["ppl_ratio"] == pytest.approx(dpo_ppl / teacher_ppl)
     assert "holds" in s["ablations"]["ild"] and "holds" in s["ablations"]["smart"]
+    assert "holds" in s["teacher_cache"] and s["teacher_cache"]["kl_text"]["online"] == pytest.approx(
+        js["runs"]["recipe"]["models"]["kd"]["kl_text"])
     table = rp.table(js)
     for run in js["runs"]:
         assert f"| {run} |" in table
@@ -135,3 +143,17 @@ def test_a_variant_equal_to_the_recipe_is_compared_as_the_recipe():
     results["runs"]["init_old"] = {"models": {"kd": {"kl_text": 0.7, "kl_sft": 0.8}}}
     inits = rp.summary(results)["ablations"]["inits"]
     assert inits["holds"] and inits["kl_text"] == {"init_new": 0.3, "init_old": 0.7, "difference": pytest.approx(0.4)}
+
+
+def test_cache_against_online_within_three_percent():
+    results = _results(ppl=40.0, kl=0.5, no_ild_kl=0.9, uniform_kl=0.4)
+    results["runs"]["kd_cache"] = {"models": {"kd": {"ppl_text": 41.0, "kl_text": 0.51, "ppl_sft": 40.0,
+                                                     "kl_sft": 0.5}}}
+    c = rp.summary(results)["teacher_cache"]
+    assert c["holds"] and c["ppl_text"]["relative"] == pytest.approx(0.025) and c["kl_text"]["relative"] == \
+        pytest.approx(0.02)
+    results["runs"]["kd_cache"]["models"]["kd"]["kl_sft"] = 0.52  # one metric 4% off: does not hold
+    c = rp.summary(results)["teacher_cache"]
+    assert not c["holds"] and "does NOT hold" in rp.verdict(results)
+    del results["runs"]["kd_cache"]
+    assert "holds" not in rp.summary(results)["teacher_cache"]
