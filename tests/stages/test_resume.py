@@ -69,6 +69,45 @@ def test_checkpoints_removed_after_the_stage_when_asked(make_cfg, tmp_path):
     assert (dropped / "tiny" / "ilkd" / "report.json").is_file()
 
 
+def test_a_checkpoint_of_another_config_is_refused_before_any_model_loads(make_cfg, tmp_path, monkeypatch):
+    """ckpt_path=last never resumes a checkpoint that another config wrote (here: another learning rate): the error
+    names the key and both values, before the teacher loads; another budget (more tokens) does resume."""
+    import zebra.stages.ilkd as ilkd
+    from zebra.stages.errors import StageError
+
+    root = tmp_path / "r"
+    with pytest.raises(KilledForTest):
+        run(make_cfg(*STEPS, "+callbacks.kill._target_=tests.stages.crash.StopAtStep", "+callbacks.kill.step=3",
+                     root=root))
+    ckpts = root / "tiny" / "ilkd" / "checkpoints-mla"
+    before = tree_bytes(ckpts)
+    real_load = ilkd.load_teacher_model
+
+    def no_teacher(*a, **k):
+        raise AssertionError("the teacher loaded before the checkpoint was checked")
+
+    monkeypatch.setattr(ilkd, "load_teacher_model", no_teacher)
+    with pytest.raises(StageError, match=r"another config \(ilkd\.optimizer\.lr: 0\.001 -> 0\.0005; "):
+        run(make_cfg(*STEPS, "ckpt_path=last", "ilkd.optimizer.lr=5e-4", root=root))
+    assert tree_bytes(ckpts) == before  # nothing written or removed
+    monkeypatch.setattr(ilkd, "load_teacher_model", real_load)
+    resumed = run(make_cfg(*STEPS, "ckpt_path=last", "ilkd.tokens=512", root=root))
+    assert resumed["steps"] == 8 and len(resumed["loss_history"]) == 8
+
+
+def test_resume_identity_leaves_out_the_budget_and_chains_the_inputs(make_cfg):
+    from zebra.stages.artifacts import resume_differences, resume_identity, stage_hash
+
+    base = resume_identity(make_cfg("kd.tokens=1000"), "kd")
+    assert resume_identity(make_cfg("kd.tokens=5000", "kd.max_steps=9", "kd.checkpoint_every_n_steps=3"), "kd") == base
+    assert "kd.optimizer.lr" in base and not any(k.startswith("kd.tokens") for k in base)
+    assert base["ilkd stage (config hash)"] == stage_hash(make_cfg(), "ilkd")
+    other = resume_identity(make_cfg("kd.module.temperature=2.0", "ilkd.optimizer.lr=1e-2"), "kd")
+    diffs = resume_differences(base, other)
+    assert len(diffs) == 2 and diffs[0].startswith("ilkd stage (config hash): ")
+    assert diffs[1] == "kd.module.temperature: 1.0 -> 2.0"
+
+
 # ------------------------------------------------------------------------------------------------ kills
 KD = ["stage=kd", "kd.student_init=random", "kd.max_steps=5", "kd.checkpoint_every_n_steps=1", "num_threads=1"]
 REPO = Path(__file__).resolve().parents[2]

@@ -147,6 +147,45 @@ def stage_hash(cfg: DictConfig, stage: str) -> str:
     return config_hash(stage, upstream, {key: _hashed_value(cfg, key, st.unhashed) for key in st.hashed})
 
 
+# Keys of a stage's own node that set how long it trains, not what it trains: a run resumed with another budget
+# (more tokens, a later max_steps) goes on from its checkpoint.
+BUDGET_KEYS = ("tokens", "pairs", "max_steps", "epochs", "checkpoint_every_n_steps")
+
+
+def resume_identity(cfg: DictConfig, stage: str) -> dict:
+    """What a checkpoint of `stage` must share with the run that resumes from it, as dotted keys: the stage's hashed
+    config without its budget keys, and the hashes of the stages it reads."""
+    st = STAGES[stage]
+    skip = st.unhashed + tuple(f"{stage}.{k}" for k in BUDGET_KEYS)
+    values = _flatten({key: _hashed_value(cfg, key, skip) for key in st.hashed})
+    values.update({f"{name} stage (config hash)": stage_hash(cfg, name) for name in st.inputs(cfg)})
+    return values
+
+
+def resume_differences(saved: dict, now: dict) -> list[str]:
+    """`key: checkpoint's value -> this run's` for every key where two resume identities differ, the shallowest keys
+    first (a user's `kd.optimizer.lr` before the `kd.module.optimizer.lr` that interpolates it)."""
+    keys = sorted(set(saved) | set(now), key=lambda k: (k.count("."), k))
+    return [f"{k}: {saved.get(k, '(unset)')!r} -> {now.get(k, '(unset)')!r}" for k in keys
+            if saved.get(k, "(unset)") != now.get(k, "(unset)")]
+
+
+def resume_refusal(what: str, diffs: list[str]) -> str:
+    shown = "; ".join(diffs[:6]) + (f"; and {len(diffs) - 6} more" if len(diffs) > 6 else "")
+    return (f"{what} was written by a run with another config ({shown}): resume with that config, or train this one "
+            "from the start with ckpt_path=null (its checkpoints then replace those)")
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def _exported(cfg: DictConfig, stage: str, part: str) -> bool:
     out = output_path(cfg, stage, part)
     return (out / "config.json").is_file() if STAGES[stage].output == "model" else out.exists()

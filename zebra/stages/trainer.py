@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from zebra.stages import zero
-from zebra.stages.artifacts import checkpoint_dir, stage_dir
+from zebra.stages.artifacts import checkpoint_dir, resume_differences, resume_refusal, stage_dir
 from zebra.stages.errors import StageError
 from zebra.stages.progress import progress_callbacks
 
@@ -183,9 +183,11 @@ def build_trainer(cfg: DictConfig, stage: str, sc: DictConfig, max_steps: int, w
     return trainer
 
 
-def resolve_ckpt_path(cfg: DictConfig, ckpt_dir: Path) -> str | None:
+def resolve_ckpt_path(cfg: DictConfig, ckpt_dir: Path, identity: dict | None = None) -> str | None:
     """`ckpt_path=last` resumes from `<ckpt_dir>/last.ckpt` when it exists (a fresh start otherwise, so a
-    requeued job that never reached a checkpoint just starts); any other value is a path."""
+    requeued job that never reached a checkpoint just starts); any other value is a path. A checkpoint file whose
+    recorded resume identity (zebra.stages.artifacts.resume_identity) differs from `identity` is refused here,
+    before any model loads; a DeepSpeed directory is checked when it loads (StageModule.on_load_checkpoint)."""
     ckpt = cfg.ckpt_path
     if ckpt in (None, "", "none", "null"):
         return None
@@ -193,6 +195,7 @@ def resolve_ckpt_path(cfg: DictConfig, ckpt_dir: Path) -> str | None:
     if ckpt == "last":
         last = Path(ckpt_dir) / "last.ckpt"
         if last.exists():
+            check_resume_identity(last, identity)
             return str(last)
         log.info("ckpt_path=last but %s does not exist: starting fresh", last)
         return None
@@ -204,7 +207,22 @@ def resolve_ckpt_path(cfg: DictConfig, ckpt_dir: Path) -> str | None:
         raise StageError(f"ckpt_path {ckpt!r} is a DeepSpeed checkpoint directory outside this run's checkpoints "
                          f"({ckpt_dir}); DeepSpeed unpickles its files, which could run code, so only a run's own "
                          "are loaded (move it under that directory if you trust it, or use ckpt_path=last)")
+    check_resume_identity(Path(ckpt), identity)
     return str(ckpt)
+
+
+def check_resume_identity(path: Path, identity: dict | None) -> None:
+    """Refuse a checkpoint file written by a run with another config (its tensors are memory-mapped, not read)."""
+    if identity is None or path.is_dir():
+        return
+    try:
+        saved = (torch.load(path, map_location="cpu", mmap=True, weights_only=True).get("zebra") or {}).get(
+            "resume_identity")
+    except Exception:  # not readable this way: fit's own load says what is wrong with it
+        return
+    diffs = resume_differences(saved, identity) if saved is not None else []
+    if diffs:
+        raise StageError(resume_refusal(f"checkpoint {path}", diffs))
 
 
 def fit(trainer: pl.Trainer, module: pl.LightningModule, datamodule, ckpt_path: str | None) -> None:
