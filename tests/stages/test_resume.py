@@ -95,6 +95,23 @@ def test_a_checkpoint_of_another_config_is_refused_before_any_model_loads(make_c
     assert resumed["steps"] == 8 and len(resumed["loss_history"]) == 8
 
 
+def test_the_guard_records_the_identity_and_refuses_another_when_a_checkpoint_loads(make_cfg):
+    # the check at load time: what DeepSpeed's checkpoint directories (not peeked before the models load) go through
+    from zebra.stages.artifacts import resume_identity
+    from zebra.stages.errors import StageError
+    from zebra.stages.trainer import ResumeGuard
+
+    guard = ResumeGuard(resume_identity(make_cfg(), "kd"))
+    checkpoint = {}
+    guard.on_save_checkpoint(None, None, checkpoint)
+    assert checkpoint[ResumeGuard.KEY] == guard.identity
+    guard.on_load_checkpoint(None, None, checkpoint)  # its own: resumes
+    guard.on_load_checkpoint(None, None, {})  # one that records nothing: resumes
+    other = ResumeGuard(resume_identity(make_cfg("kd.optimizer.lr=1e-3"), "kd"))
+    with pytest.raises(StageError, match=r"the checkpoint was written by a run with another config \(kd\.optimizer\.lr: "):
+        other.on_load_checkpoint(None, None, checkpoint)
+
+
 def test_resume_identity_leaves_out_the_budget_and_chains_the_inputs(make_cfg):
     from zebra.stages.artifacts import resume_differences, resume_identity, stage_hash
 
@@ -266,6 +283,6 @@ def test_deepspeed_checkpoint_directories_load_only_from_the_runs_own(make_cfg, 
     own, other = tmp_path / "run" / "checkpoints", tmp_path / "elsewhere" / "step5.ckpt"
     (own / "step5.ckpt").mkdir(parents=True)
     other.mkdir(parents=True)
-    assert resolve_ckpt_path(make_cfg(f"ckpt_path={own / 'step5.ckpt'}"), own) == str(own / "step5.ckpt")
+    assert resolve_ckpt_path(make_cfg(f"ckpt_path={own / 'step5.ckpt'}"), own, "kd") == str(own / "step5.ckpt")
     with pytest.raises(StageError, match="DeepSpeed checkpoint directory outside this run's checkpoints"):
-        resolve_ckpt_path(make_cfg(f"ckpt_path={other}"), own)
+        resolve_ckpt_path(make_cfg(f"ckpt_path={other}"), own, "kd")

@@ -170,10 +170,14 @@ def resume_differences(saved: dict, now: dict) -> list[str]:
             if saved.get(k, "(unset)") != now.get(k, "(unset)")]
 
 
-def resume_refusal(what: str, diffs: list[str]) -> str:
-    shown = "; ".join(diffs[:6]) + (f"; and {len(diffs) - 6} more" if len(diffs) > 6 else "")
-    return (f"{what} was written by a run with another config ({shown}): resume with that config, or train this one "
-            "from the start with ckpt_path=null (its checkpoints then replace those)")
+def check_resume(saved: dict | None, now: dict, what: str) -> None:
+    """Refuse to resume from `what` when its recorded identity `saved` differs from this run's `now` (a checkpoint
+    that records none, written before checkpoints recorded it, resumes)."""
+    diffs = resume_differences(saved, now) if saved is not None else []
+    if diffs:
+        shown = "; ".join(diffs[:6]) + (f"; and {len(diffs) - 6} more" if len(diffs) > 6 else "")
+        raise StageError(f"{what} was written by a run with another config ({shown}): resume with that config, or "
+                         "train this one from the start with ckpt_path=null (its checkpoints then replace those)")
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:

@@ -103,8 +103,8 @@ def run(cfg: DictConfig) -> dict:
     world = world_size(cfg)
     steps, dm = plan_pair_stage(cfg, sc, tokenizer, world)
     trainer = build_trainer(cfg, "dpo", sc, steps, world)
-    ckpt_dir, identity = artifacts.checkpoint_dir(cfg, "dpo"), artifacts.resume_identity(cfg, "dpo")
-    ckpt = resolve_ckpt_path(cfg, ckpt_dir, identity)  # another config's checkpoint: refused before any model loads
+    ckpt_dir = artifacts.checkpoint_dir(cfg, "dpo")
+    ckpt = resolve_ckpt_path(cfg, ckpt_dir, "dpo")  # another config's checkpoint: refused before any model loads
     # the frozen reference is placed like the other stages' teachers (replicated, or in its own ZeRO-3 engine);
     # checked before any model loads
     placement = teacher_placement(cfg, trainer)
@@ -116,7 +116,6 @@ def run(cfg: DictConfig) -> dict:
     reference = artifacts.load(cfg, "kd", dtype=teacher_dtype(cfg))
     module = instantiate(sc.module)(policy=spec, reference=reference, frozen_placement=placement,
                                     check_weights_moved=cfg.check_weights_moved)
-    module.resume_identity = identity
     fit(trainer, module, dm, ckpt)
     policy = module.policy
     pairs = steps * int(sc.batch_size) * int(sc.accumulate_grad_batches) * world

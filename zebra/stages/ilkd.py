@@ -218,8 +218,7 @@ def run(cfg: DictConfig) -> dict:
     # one checkpoint directory per set of students trained together (the pipeline may train them one by one)
     ckpt_dir = artifacts.checkpoint_dir(cfg, "ilkd", kinds)
     trainer = build_trainer(cfg, "ilkd", sc, steps, world, ckpt_dir)
-    identity = artifacts.resume_identity(cfg, "ilkd")
-    ckpt = resolve_ckpt_path(cfg, ckpt_dir, identity)  # another config's checkpoint: refused before any model loads
+    ckpt = resolve_ckpt_path(cfg, ckpt_dir, "ilkd")  # another config's checkpoint: refused before any model loads
     placement = teacher_placement(cfg, trainer)  # checked before any model loads
 
     teacher = load_teacher_model(cfg.model.teacher, cfg.model.base, dtype=teacher_dtype(cfg))
@@ -249,7 +248,6 @@ def run(cfg: DictConfig) -> dict:
 
     module = instantiate(sc.module)(students=students, teacher=teacher.model, frozen_placement=placement,
                                     check_weights_moved=cfg.check_weights_moved)
-    module.resume_identity = identity
     fit(trainer, module, datamodule, ckpt)
     summary = stage_summary(trainer, module, time.perf_counter() - start)
     digest = artifacts.stage_hash(cfg, "ilkd")

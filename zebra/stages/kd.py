@@ -211,8 +211,8 @@ def run(cfg: DictConfig) -> dict:
     # the cache must match this run's data, tokenizer, shapes, temperature and k before the Trainer is built
     cache = teacher_cache.open_for_kd(cfg, dm, tokenizer, config.vocab_size) if source == "cache" else None
     trainer = build_trainer(cfg, "kd", sc, steps, world)
-    ckpt_dir, identity = artifacts.checkpoint_dir(cfg, "kd"), artifacts.resume_identity(cfg, "kd")
-    ckpt = resolve_ckpt_path(cfg, ckpt_dir, identity)  # another config's checkpoint: refused before any model loads
+    ckpt_dir = artifacts.checkpoint_dir(cfg, "kd")
+    ckpt = resolve_ckpt_path(cfg, ckpt_dir, "kd")  # another config's checkpoint: refused before any model loads
     if cache is not None:
         teacher, placement, quantisation, data = None, "none (cached top-k)", \
             cache.manifest["teacher_quantisation"], teacher_cache.CachedTeacherData(dm, cache)
@@ -236,7 +236,6 @@ def run(cfg: DictConfig) -> dict:
     module = instantiate(sc.module)(student=spec, teacher=teacher.model if teacher is not None else None,
                                     heldout=heldout,
                                     frozen_placement=placement, check_weights_moved=cfg.check_weights_moved)
-    module.resume_identity = identity
     fit(trainer, module, data, ckpt)
     hybrid = module.student
     # a run restored from a checkpoint at max_steps trains no step, and Lightning then skips on_train_end

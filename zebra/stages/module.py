@@ -16,7 +16,6 @@ from torch import nn
 
 from zebra.plan.describe import count_parameters
 from zebra.stages import zero
-from zebra.stages.artifacts import resume_differences, resume_refusal
 from zebra.stages.errors import NonFiniteLossError, StageError
 from zebra.stages.optim import param_groups, prepare_trained
 from zebra.stages.teacher import freeze
@@ -262,21 +261,11 @@ class StageModule(pl.LightningModule):
         step from the layer definitions (zebra.plan.flops)."""
         return 6.0 * count_parameters(self, trainable_only=True)
 
-    # what a checkpoint must share with the run that resumes from it (zebra.stages.artifacts.resume_identity; set by
-    # the stage runner, None: not checked)
-    resume_identity: dict | None = None
-
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["zebra"] = {"tokens_seen": self.tokens_seen, "loss_history": list(self.loss_history),
-                               "resume_identity": self.resume_identity}
+        checkpoint["zebra"] = {"tokens_seen": self.tokens_seen, "loss_history": list(self.loss_history)}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         extra = checkpoint.get("zebra", {})
-        saved = extra.get("resume_identity")
-        if saved is not None and self.resume_identity is not None:  # also DeepSpeed's, which the runner cannot peek
-            diffs = resume_differences(saved, self.resume_identity)
-            if diffs:
-                raise StageError(resume_refusal("the checkpoint", diffs))
         self.tokens_seen = int(extra.get("tokens_seen", 0))
         self.loss_history = list(extra.get("loss_history", []))
 

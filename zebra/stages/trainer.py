@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from zebra.stages import zero
-from zebra.stages.artifacts import checkpoint_dir, resume_differences, resume_refusal, stage_dir
+from zebra.stages.artifacts import check_resume, checkpoint_dir, resume_identity, stage_dir
 from zebra.stages.errors import StageError
 from zebra.stages.progress import progress_callbacks
 
@@ -119,6 +119,23 @@ class CheckpointDiskSpace(pl.Callback):
 
 
 # ------------------------------------------------------------------------------------------------ trainer
+class ResumeGuard(pl.Callback):
+    """Records in every checkpoint the config it was trained under (zebra.stages.artifacts.resume_identity), and
+    refuses one of another config when it loads: DeepSpeed's checkpoint directories too, which resolve_ckpt_path
+    cannot peek before the models are built."""
+
+    KEY = "zebra_resume_identity"
+
+    def __init__(self, identity: dict):
+        self.identity = identity
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        checkpoint[self.KEY] = self.identity
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        check_resume(checkpoint.get(self.KEY), self.identity, "the checkpoint")
+
+
 def build_loggers(cfg: DictConfig, stage: str, stage_dir: Path) -> list:
     """`cfg.logger`'s loggers, writing under the stage's directory unless they name their own."""
     loggers = []
@@ -154,7 +171,7 @@ def build_trainer(cfg: DictConfig, stage: str, sc: DictConfig, max_steps: int, w
     ckpt = cfg.checkpoint
     every = int(sc.checkpoint_every_n_steps or ckpt.every_n_steps or 0)
     keep, weights_only = int(ckpt.keep), bool(ckpt.weights_only)
-    callbacks = []
+    callbacks = [ResumeGuard(resume_identity(cfg, stage))]
     if every > 0:
         # newest `keep` step checkpoints (monitoring the step), and last.ckpt as a link to the newest: no copy
         callbacks.append(ModelCheckpoint(dirpath=str(ckpt_dir), filename="step{step:06d}",
@@ -183,11 +200,12 @@ def build_trainer(cfg: DictConfig, stage: str, sc: DictConfig, max_steps: int, w
     return trainer
 
 
-def resolve_ckpt_path(cfg: DictConfig, ckpt_dir: Path, identity: dict | None = None) -> str | None:
+def resolve_ckpt_path(cfg: DictConfig, ckpt_dir: Path, stage: str) -> str | None:
     """`ckpt_path=last` resumes from `<ckpt_dir>/last.ckpt` when it exists (a fresh start otherwise, so a
-    requeued job that never reached a checkpoint just starts); any other value is a path. A checkpoint file whose
-    recorded resume identity (zebra.stages.artifacts.resume_identity) differs from `identity` is refused here,
-    before any model loads; a DeepSpeed directory is checked when it loads (StageModule.on_load_checkpoint)."""
+    requeued job that never reached a checkpoint just starts); any other value is a path. A checkpoint file of
+    another config than this run's `stage` (ResumeGuard) is refused here, before any model loads; a DeepSpeed
+    directory when it loads."""
+    identity = resume_identity(cfg, stage)
     ckpt = cfg.ckpt_path
     if ckpt in (None, "", "none", "null"):
         return None
@@ -211,18 +229,15 @@ def resolve_ckpt_path(cfg: DictConfig, ckpt_dir: Path, identity: dict | None = N
     return str(ckpt)
 
 
-def check_resume_identity(path: Path, identity: dict | None) -> None:
-    """Refuse a checkpoint file written by a run with another config (its tensors are memory-mapped, not read)."""
-    if identity is None or path.is_dir():
+def check_resume_identity(path: Path, identity: dict) -> None:
+    """ResumeGuard's check on a checkpoint file, before any model loads (its tensors are memory-mapped, not read)."""
+    if path.is_dir():
         return
     try:
-        saved = (torch.load(path, map_location="cpu", mmap=True, weights_only=True).get("zebra") or {}).get(
-            "resume_identity")
+        saved = torch.load(path, map_location="cpu", mmap=True, weights_only=True).get(ResumeGuard.KEY)
     except Exception:  # not readable this way: fit's own load says what is wrong with it
         return
-    diffs = resume_differences(saved, identity) if saved is not None else []
-    if diffs:
-        raise StageError(resume_refusal(f"checkpoint {path}", diffs))
+    check_resume(saved, identity, f"checkpoint {path}")
 
 
 def fit(trainer: pl.Trainer, module: pl.LightningModule, datamodule, ckpt_path: str | None) -> None:
