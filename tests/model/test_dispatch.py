@@ -1,5 +1,7 @@
 """Kernel choice: ZebraConfig fields select the kernels, the environment overrides them, bad values name the field."""
 
+import os
+
 import pytest
 import torch
 
@@ -13,6 +15,21 @@ from zebra.model.ops.dispatch import fused_inference, mamba_backend
 def no_overrides(monkeypatch):
     monkeypatch.delenv("ZEBRA_MAMBA_KERNELS", raising=False)
     monkeypatch.delenv("ZEBRA_FUSED_KERNELS", raising=False)
+
+
+@pytest.mark.parametrize("user_value", [None, "0"])
+def test_mamba_ssm_autotune_results_are_kept_on_disk_unless_the_user_says(monkeypatch, user_value):
+    # set before mamba_ssm is imported (its autotuners read it when built), whether or not the import succeeds
+    if user_value is None:
+        monkeypatch.delenv("TRITON_CACHE_AUTOTUNING", raising=False)
+    else:
+        monkeypatch.setenv("TRITON_CACHE_AUTOTUNING", user_value)
+    dispatch.mamba_ssm_kernels.cache_clear()
+    try:
+        dispatch.mamba_ssm_kernels()
+        assert os.environ["TRITON_CACHE_AUTOTUNING"] == (user_value or "1")
+    finally:
+        dispatch.mamba_ssm_kernels.cache_clear()
 
 
 def test_defaults_select_todays_kernels():

@@ -41,6 +41,10 @@ DECODE_KERNELS = ("matmul", "sdpa", "triton")
 @functools.lru_cache(maxsize=None)
 def mamba_ssm_kernels():
     """mamba_ssm's Triton SSD scan, state update and gated RMSNorm, or None (never required on CPU)."""
+    # Triton reads this when mamba_ssm's autotuners are built (at import): their choices are then kept on disk
+    # beside the compiled kernels, so the next process on this machine (the next stage, a resumed run) skips the
+    # minutes of autotuning a fresh machine pays. A value the user set (0 to re-tune) is kept.
+    os.environ.setdefault("TRITON_CACHE_AUTOTUNING", "1")
     try:
         from mamba_ssm.ops.triton.selective_state_update import selective_state_update
         from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
