@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The quality benchmark on one GPU (benchmarks/quality; README.md beside this file). On the device, after the two
-# teacher staging calls of ../shared/gpu/stage-teacher.sh, in one call that carries .gpu:
+# teacher staging calls of ../shared/gpu/stage-teacher.sh, in one call that carries .gpu (made by
+# experiments/prepare_gpu_dir.sh, which adds gguf and the launcher to the shared wheels):
 #   source .gpu/bootstrap.sh && bash /tmp/zt/restore-teacher.sh && bash experiments/quality/run_on_one_gpu.sh
 # Parts (the first argument):
 #   bench   (default) the runs that have no result yet in experiments/quality/quality_bench.json: the recipe first,

@@ -2,7 +2,8 @@
 # The GPU test modules on the lent machine (see ../shared/gpu/README.md): the stages through plain Lightning and
 # DeepSpeed first (they need the embedded teacher restored), then the kernel tests, one at a time, each log and
 # JUnit XML to $OUT
-# (GPU_TESTS_TAR=path: also one archive of them, for a call whose $OUT holds other results too).
+# (GPU_TESTS_TAR=path: also one archive of them, for a call whose $OUT holds other results too). The carried .gpu is
+# made by experiments/prepare_gpu_dir.sh.
 #   source .gpu/bootstrap.sh && bash /tmp/zt/restore-teacher.sh && bash tests/gpu/run_on_device.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT"
