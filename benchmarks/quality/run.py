@@ -95,6 +95,9 @@ def execute(run: Run, args, common: list[str], results: dict, log) -> dict:
               "heldout_sets": evaluation.get("heldout"), "teacher_quantisation": evaluation.get("teacher_quantisation")}
     if "smart" in reports:
         result["smart_selections"] = reports["smart"].get("selections")
+        # the per-layer sensitivities behind them: whether a placement lost to uniform by its scores or by noise
+        result["smart_scores"] = reports["smart"].get("scores")
+        result["smart_calibration_tokens"] = reports["smart"].get("calibration_tokens")
     if "teacher_cache" in reports:
         result["teacher_cache"] = {k: reports["teacher_cache"].get(k) for k in (
             "top_k", "bytes_per_token", "bytes", "tokens_built_here", "build_seconds", "tokens_per_second")}

@@ -44,6 +44,10 @@ def test_every_row_with_finite_numbers(smoke):
             assert 0 <= m["kv_fraction"] <= 1
     recipe = runs["recipe"]["models"]
     assert recipe["teacher"]["kl_text"] == 0 and recipe["teacher"]["kv_fraction"] == 1
+    # SMART's per-layer scores beside its choice: the chosen layers' endpoints are the argmax of their windows
+    scores, chosen = runs["recipe"]["smart_scores"], runs["recipe"]["mla_layers"]
+    assert len(scores) == 4 and all(_finite(x) for x in scores) and runs["recipe"]["smart_calibration_tokens"] > 0
+    assert scores[chosen[0]] == max(scores[:2]) and scores[chosen[-1]] == max(scores[2:])
     assert recipe["ilkd_mamba"]["kv_fraction"] == 0 and recipe["ilkd_mla"]["kv_fraction"] > recipe["kd"]["kv_fraction"]
     # tokens add up along the stages that made each model
     ild, kd = recipe["ilkd_mla"]["tokens_trained"], recipe["kd"]["tokens_by_stage"]["kd"]
