@@ -89,7 +89,8 @@ def test_trainer_is_built_with_the_budget(tmp_path):
     from zebra.stages.trainer import build_trainer
 
     cfg = compose_cfg(["model=tiny", "logger=none", f"paths.root={tmp_path}", "kd.accumulate_grad_batches=2"])
-    trainer = build_trainer(cfg, "kd", cfg.kd, max_steps=5, world=1)
+    trainer, resume_from = build_trainer(cfg, "kd", cfg.kd, max_steps=5, world=1)
+    assert resume_from is None  # ckpt_path unset: a fresh start
     assert trainer.max_steps == 5 and trainer.accumulate_grad_batches == 2 and trainer.gradient_clip_val == 1.0
     with pytest.raises(StageError, match="planned for 2 processes"):
         build_trainer(cfg, "kd", cfg.kd, max_steps=5, world=2)

@@ -277,12 +277,27 @@ def test_a_checkpoint_that_runs_code_when_loaded_is_refused(tmp_path):
 
 
 def test_deepspeed_checkpoint_directories_load_only_from_the_runs_own(make_cfg, tmp_path):
+    from zebra.stages.artifacts import resume_identity
     from zebra.stages.errors import StageError
     from zebra.stages.trainer import resolve_ckpt_path
 
     own, other = tmp_path / "run" / "checkpoints", tmp_path / "elsewhere" / "step5.ckpt"
     (own / "step5.ckpt").mkdir(parents=True)
     other.mkdir(parents=True)
-    assert resolve_ckpt_path(make_cfg(f"ckpt_path={own / 'step5.ckpt'}"), own, "kd") == str(own / "step5.ckpt")
+    cfg = make_cfg(f"ckpt_path={own / 'step5.ckpt'}")
+    assert resolve_ckpt_path(cfg, own, resume_identity(cfg, "kd")) == str(own / "step5.ckpt")
+    cfg = make_cfg(f"ckpt_path={other}")
     with pytest.raises(StageError, match="DeepSpeed checkpoint directory outside this run's checkpoints"):
-        resolve_ckpt_path(make_cfg(f"ckpt_path={other}"), own, "kd")
+        resolve_ckpt_path(cfg, own, resume_identity(cfg, "kd"))
+
+
+@pytest.mark.parametrize("value", ["null", "None", "none", "''"])
+def test_every_spelling_of_no_checkpoint_starts_fresh(make_cfg, tmp_path, value):
+    # the same spellings the Slurm requeue path (zebra.launch.with_resume) reads as "none given"
+    from zebra.launch import NO_CHECKPOINT, with_resume
+    from zebra.stages.artifacts import resume_identity
+    from zebra.stages.trainer import resolve_ckpt_path
+
+    cfg = make_cfg(f"ckpt_path={value}")
+    assert resolve_ckpt_path(cfg, tmp_path, resume_identity(cfg, "kd")) is None
+    assert value.strip("'") in NO_CHECKPOINT and with_resume([f"ckpt_path={value}"]) == ["ckpt_path=last"]

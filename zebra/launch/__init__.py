@@ -22,8 +22,9 @@ from pathlib import Path
 warnings.filterwarnings("ignore", message=r"(?s).*'hydra/launcher/submitit_(slurm|local)' is validated against "
                         r"ConfigStore schema", category=UserWarning)
 
-# Values of `ckpt_path` that mean "no checkpoint given" (zebra.stages.trainer.resolve_ckpt_path).
-_NO_CKPT = ("", "null", "none", "None", "~")
+# Values of `ckpt_path` that mean "no checkpoint given", as a command-line override spells them (the stages'
+# zebra.stages.trainer.resolve_ckpt_path reads the same, besides None).
+NO_CHECKPOINT = ("", "null", "none", "None", "~")
 
 
 def restart_count() -> int:
@@ -44,7 +45,8 @@ def with_resume(overrides: list[str]) -> list[str]:
     for o in overrides:
         key, _, value = o.partition("=")
         if key.lstrip("+~") == "ckpt_path":
-            if value.strip() not in _NO_CKPT and value.strip() != "last":
+            value = value.strip().strip("'\"")  # ckpt_path='' on the command line: Hydra's empty string
+            if value not in NO_CHECKPOINT and value != "last":
                 has_path = True
                 out.append(o)
             continue

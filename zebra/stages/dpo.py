@@ -22,7 +22,7 @@ from zebra.stages.budget import plan_pair_stage, world_size
 from zebra.stages.losses import dpo_sigmoid_loss, lm_head_weight, sequence_logps
 from zebra.stages.module import StageModule, StudentSpec, stage_summary
 from zebra.stages.teacher import teacher_dtype, teacher_placement
-from zebra.stages.trainer import build_trainer, fit, resolve_ckpt_path
+from zebra.stages.trainer import build_trainer, fit
 from zebra.stages.zero import zero_stage
 
 log = logging.getLogger("zebra.stages.dpo")
@@ -102,9 +102,8 @@ def run(cfg: DictConfig) -> dict:
     tokenizer = artifacts.load(cfg, "kd", "tokenizer")
     world = world_size(cfg)
     steps, dm = plan_pair_stage(cfg, sc, tokenizer, world)
-    trainer = build_trainer(cfg, "dpo", sc, steps, world)
     ckpt_dir = artifacts.checkpoint_dir(cfg, "dpo")
-    ckpt = resolve_ckpt_path(cfg, ckpt_dir, "dpo")  # another config's checkpoint: refused before any model loads
+    trainer, ckpt = build_trainer(cfg, "dpo", sc, steps, world, ckpt_dir)  # another config's checkpoint: refused
     # the frozen reference is placed like the other stages' teachers (replicated, or in its own ZeRO-3 engine);
     # checked before any model loads
     placement = teacher_placement(cfg, trainer)

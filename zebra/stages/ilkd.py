@@ -26,7 +26,7 @@ from zebra.stages.errors import StageError, TokenizerMismatchError
 from zebra.stages.module import StageModule, StudentSpec, stage_summary
 from zebra.stages.teacher import (load_model_tokenizer, load_teacher_model, teacher_dtype, teacher_forward,
                                   teacher_placement)
-from zebra.stages.trainer import build_trainer, fit, resolve_ckpt_path
+from zebra.stages.trainer import build_trainer, fit
 from zebra.stages.zero import zero_stage
 
 log = logging.getLogger("zebra.stages.ilkd")
@@ -217,8 +217,7 @@ def run(cfg: DictConfig) -> dict:
     steps, datamodule = plan_token_stage(cfg, sc, tokenizer, world)
     # one checkpoint directory per set of students trained together (the pipeline may train them one by one)
     ckpt_dir = artifacts.checkpoint_dir(cfg, "ilkd", kinds)
-    trainer = build_trainer(cfg, "ilkd", sc, steps, world, ckpt_dir)
-    ckpt = resolve_ckpt_path(cfg, ckpt_dir, "ilkd")  # another config's checkpoint: refused before any model loads
+    trainer, ckpt = build_trainer(cfg, "ilkd", sc, steps, world, ckpt_dir)  # another config's checkpoint: refused
     placement = teacher_placement(cfg, trainer)  # checked before any model loads
 
     teacher = load_teacher_model(cfg.model.teacher, cfg.model.base, dtype=teacher_dtype(cfg))

@@ -28,7 +28,7 @@ from zebra.stages.losses import chunked_kd_loss, lm_head_weight, sparse_kd_loss
 from zebra.stages.module import StageModule, StudentSpec, stage_summary
 from zebra.stages.teacher import (TeacherOutputs, check_tokenizers_match, load_model_tokenizer, load_teacher_model,
                                   teacher_device, teacher_dtype, teacher_forward, teacher_placement)
-from zebra.stages.trainer import build_trainer, fit, resolve_ckpt_path
+from zebra.stages.trainer import build_trainer, fit
 from zebra.stages.zero import zero_stage
 
 log = logging.getLogger("zebra.stages.kd")
@@ -210,9 +210,8 @@ def run(cfg: DictConfig) -> dict:
     steps, dm = plan_token_stage(cfg, sc, tokenizer, world, assistant_only=sc.assistant_only)
     # the cache must match this run's data, tokenizer, shapes, temperature and k before the Trainer is built
     cache = teacher_cache.open_for_kd(cfg, dm, tokenizer, config.vocab_size) if source == "cache" else None
-    trainer = build_trainer(cfg, "kd", sc, steps, world)
     ckpt_dir = artifacts.checkpoint_dir(cfg, "kd")
-    ckpt = resolve_ckpt_path(cfg, ckpt_dir, "kd")  # another config's checkpoint: refused before any model loads
+    trainer, ckpt = build_trainer(cfg, "kd", sc, steps, world, ckpt_dir)  # another config's checkpoint: refused
     if cache is not None:
         teacher, placement, quantisation, data = None, "none (cached top-k)", \
             cache.manifest["teacher_quantisation"], teacher_cache.CachedTeacherData(dm, cache)

@@ -20,6 +20,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import nn
 
+from zebra.launch import NO_CHECKPOINT
 from zebra.stages import zero
 from zebra.stages.artifacts import check_resume, checkpoint_dir, resume_identity, stage_dir
 from zebra.stages.errors import StageError
@@ -159,11 +160,13 @@ def build_strategy(scfg):
 
 
 def build_trainer(cfg: DictConfig, stage: str, sc: DictConfig, max_steps: int, world: int,
-                  ckpt_dir: Path | None = None) -> pl.Trainer:
-    """The Lightning Trainer of one stage (`sc`: its config node): `cfg.trainer` (instantiated) with the stage's
-    step budget and gradient accumulation, checkpoints under `ckpt_dir` (default `<stage dir>/checkpoints`;
-    retention + last), throughput/MFU and disk-space callbacks, `cfg.callbacks`, the loggers. `world`: the processes
-    the budget was planned for (zebra.stages.budget.world_size), which the Trainer must agree with."""
+                  ckpt_dir: Path | None = None) -> tuple[pl.Trainer, str | None]:
+    """The Lightning Trainer of one stage (`sc`: its config node) and the checkpoint it resumes from (`cfg.ckpt_path`
+    resolved by resolve_ckpt_path: None for a fresh start; one of another config is refused here, before any model
+    loads). The Trainer: `cfg.trainer` (instantiated) with the stage's step budget and gradient accumulation,
+    checkpoints under `ckpt_dir` (default `<stage dir>/checkpoints`; retention + last) that record the run's config
+    (ResumeGuard), throughput/MFU and disk-space callbacks, `cfg.callbacks`, the loggers. `world`: the processes the
+    budget was planned for (zebra.stages.budget.world_size), which the Trainer must agree with."""
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 
     out_dir = stage_dir(cfg, stage)
@@ -171,7 +174,9 @@ def build_trainer(cfg: DictConfig, stage: str, sc: DictConfig, max_steps: int, w
     ckpt = cfg.checkpoint
     every = int(sc.checkpoint_every_n_steps or ckpt.every_n_steps or 0)
     keep, weights_only = int(ckpt.keep), bool(ckpt.weights_only)
-    callbacks = [ResumeGuard(resume_identity(cfg, stage))]
+    identity = resume_identity(cfg, stage)
+    resume_from = resolve_ckpt_path(cfg, ckpt_dir, identity)
+    callbacks = [ResumeGuard(identity)]
     if every > 0:
         # newest `keep` step checkpoints (monitoring the step), and last.ckpt as a link to the newest: no copy
         callbacks.append(ModelCheckpoint(dirpath=str(ckpt_dir), filename="step{step:06d}",
@@ -197,17 +202,16 @@ def build_trainer(cfg: DictConfig, stage: str, sc: DictConfig, max_steps: int, w
     if trainer.world_size != world:
         raise StageError(f"the {stage} budget was planned for {world} processes (trainer.devices x trainer.num_nodes) "
                          f"but the Trainer runs {trainer.world_size}; set trainer.devices to the processes per node")
-    return trainer
+    return trainer, resume_from
 
 
-def resolve_ckpt_path(cfg: DictConfig, ckpt_dir: Path, stage: str) -> str | None:
+def resolve_ckpt_path(cfg: DictConfig, ckpt_dir: Path, identity: dict) -> str | None:
     """`ckpt_path=last` resumes from `<ckpt_dir>/last.ckpt` when it exists (a fresh start otherwise, so a
-    requeued job that never reached a checkpoint just starts); any other value is a path. A checkpoint file of
-    another config than this run's `stage` (ResumeGuard) is refused here, before any model loads; a DeepSpeed
-    directory when it loads."""
-    identity = resume_identity(cfg, stage)
+    requeued job that never reached a checkpoint just starts); any other value is a path. A checkpoint file whose
+    recorded config differs from `identity` (the run's zebra.stages.artifacts.resume_identity) is refused here,
+    before any model loads; a DeepSpeed directory when it loads (ResumeGuard)."""
     ckpt = cfg.ckpt_path
-    if ckpt in (None, "", "none", "null"):
+    if ckpt is None or str(ckpt).strip() in NO_CHECKPOINT:
         return None
     # a file, or under DeepSpeed a directory of per-rank shards (last.ckpt links to either)
     if ckpt == "last":
