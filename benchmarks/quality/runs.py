@@ -81,6 +81,10 @@ RUNS: tuple[Run, ...] = (
     Run("kd_cache", f"KD from the teacher cache (top-{CACHE_TOP_K} log-probs), the recipe's ILD and layers",
         ("kd.teacher_source=cache", f"teacher_cache.top_k={CACHE_TOP_K}", "mix=explicit", "mix.mla_layers={mla_layers}"),
         stages=("ilkd", "teacher_cache", "kd"), root="recipe"),
+    # the same with a larger k (run only when named): how much of the gap to online KD the unshaped tail makes
+    *(Run(f"kd_cache_k{k}", f"KD from the teacher cache (top-{k} log-probs), the recipe's ILD and layers",
+          ("kd.teacher_source=cache", f"teacher_cache.top_k={k}", "mix=explicit", "mix.mla_layers={mla_layers}"),
+          stages=("ilkd", "teacher_cache", "kd"), root="recipe", default=False) for k in (256, 1024)),
 )
 BY_NAME = {r.name: r for r in RUNS}
 

@@ -100,6 +100,11 @@ def test_overrides_take_the_recipes_layers():
     filled = fill(run.overrides, {"mla_layers": [0, 6, 12]})
     assert "mix.mla_layers=[0,6,12]" in filled and "ilkd.max_steps=1" in filled
     assert "mix.n_mla=3" in fill(BY_NAME["uniform"].overrides, {"mla_layers": [0, 6, 12]})
+    # the larger-k cache runs: only when named, the recipe's layers and their own k
+    for k in (256, 1024):
+        run = BY_NAME[f"kd_cache_k{k}"]
+        filled = fill(run.overrides, {"mla_layers": [0, 6, 12]})
+        assert not run.default and f"teacher_cache.top_k={k}" in filled and "mix.mla_layers=[0,6,12]" in filled
 
 
 def test_the_no_ild_scheduler_changes_no_weight():
