@@ -77,14 +77,13 @@ RUNS: tuple[Run, ...] = (
           (*ov, "mix=explicit", "mix.mla_layers={mla_layers}"), default=name in ("old", "new"))
       for name, ov in INIT_VARIANTS.items()),
     # KD from the stored top-k teacher log-probs (stage=teacher_cache) instead of the teacher, at the recipe's layers
-    # (an explicit mix: its own KD directory beside the recipe's, the recipe's ILD'd students)
-    Run("kd_cache", f"KD from the teacher cache (top-{CACHE_TOP_K} log-probs), the recipe's ILD and layers",
-        ("kd.teacher_source=cache", f"teacher_cache.top_k={CACHE_TOP_K}", "mix=explicit", "mix.mla_layers={mla_layers}"),
-        stages=("ilkd", "teacher_cache", "kd"), root="recipe"),
-    # the same with a larger k (run only when named): how much of the gap to online KD the unshaped tail makes
-    *(Run(f"kd_cache_k{k}", f"KD from the teacher cache (top-{k} log-probs), the recipe's ILD and layers",
+    # (an explicit mix: its own KD directory beside the recipe's, the recipe's ILD'd students). kd_cache is k =
+    # CACHE_TOP_K; kd_cache_k256 / _k1024 (run only when named) tell how much of its gap to online KD the tail makes.
+    *(Run("kd_cache" if k == CACHE_TOP_K else f"kd_cache_k{k}",
+          f"KD from the teacher cache (top-{k} log-probs), the recipe's ILD and layers",
           ("kd.teacher_source=cache", f"teacher_cache.top_k={k}", "mix=explicit", "mix.mla_layers={mla_layers}"),
-          stages=("ilkd", "teacher_cache", "kd"), root="recipe", default=False) for k in (256, 1024)),
+          stages=("ilkd", "teacher_cache", "kd"), root="recipe", default=k == CACHE_TOP_K)
+      for k in (CACHE_TOP_K, 256, 1024)),
 )
 BY_NAME = {r.name: r for r in RUNS}
 

@@ -27,7 +27,7 @@ def tail_mass(model, ids: torch.Tensor, seq_len: int = 512) -> dict:
         for s in range(0, ids.shape[1], seq_len):
             logp = torch.log_softmax(model(ids[:, s:s + seq_len]).logits.float(), -1)[0]
             p = logp.exp()
-            top = p.sort(-1, descending=True).values
+            top = p.topk(max(TOP_K), dim=-1).values  # sorted, largest first
             for k in TOP_K:
                 tails[k].append(1.0 - top[:, :k].sum(-1))
             entropy.append(-(p * logp).sum(-1))
