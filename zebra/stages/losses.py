@@ -248,14 +248,22 @@ class _ChunkedSparseKD(torch.autograd.Function):
     the sum of the rest. The KL of the two coarsened distributions is exact where the tail is empty (k = vocab).
     Its gradient w.r.t. the student's tempered logits is q - target, where the target is p_t on the top-k ids
     and spreads the teacher's tail mass over the other ids in proportion to the student's own tail.
+
+    With tail samples (`sample_ids` [N, s]: ids drawn from the teacher's distribution outside its top-k, and
+    `sample_logp`: the teacher's log-probs at them) the samples replace the bucket. The target puts p_tail / s on
+    each drawn id (an id drawn twice gets it twice), so it sums to 1 and the gradient q - target also trains the
+    shape of the student's tail; the KL is the unbiased estimate
+    sum_top p_t (log p_t - log q) + p_tail * mean_i (log p_t(x_i) - log q(x_i)).
     """
 
     @staticmethod
-    def forward(ctx, hs, ws, ids, logp_t, tail_t, labels, temperature, kl_weight, ce_weight, chunk_size):
+    def forward(ctx, hs, ws, ids, logp_t, tail_t, sample_ids, sample_logp, labels, temperature, kl_weight,
+                ce_weight, chunk_size):
         st = _ChunkState(ctx, hs, ws, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         acc, n = st.acc, hs.shape[0]
         inv_t = 1.0 / temperature
         use_ce = ce_weight != 0.0 and labels is not None
+        sampled = sample_ids is not None
         for start in range(0, n, chunk_size):
             end = min(n, start + chunk_size)
             hs_c, ids_c = hs[start:end], ids[start:end]
@@ -264,12 +272,20 @@ class _ChunkedSparseKD(torch.autograd.Function):
             lp_t = logp_t[start:end].to(acc)
             p_t = lp_t.exp()
             lq_top = logq.gather(-1, ids_c)
-            # log of the student's mass outside the teacher's top-k (-inf where they cover the vocabulary)
-            lq_tail = logq.scatter(-1, ids_c, float("-inf")).logsumexp(-1)
-            lp_tail = tail_t[start:end].to(acc)
-            p_tail = lp_tail.exp()
-            has_tail = p_tail > 0
-            tail_kl = torch.where(has_tail, p_tail * (lp_tail - lq_tail), torch.zeros_like(p_tail))
+            if sampled:
+                sid_c = sample_ids[start:end]
+                lp_tail = tail_t[start:end].to(acc)
+                p_tail = lp_tail.exp()
+                has_tail = p_tail > 0
+                tail_kl = p_tail * (sample_logp[start:end].to(acc) - logq.gather(-1, sid_c)).mean(-1)
+            else:
+                # log of the student's mass outside the teacher's top-k (-inf where they cover the vocabulary)
+                lq_tail = logq.scatter(-1, ids_c, float("-inf")).logsumexp(-1)
+                lp_tail = tail_t[start:end].to(acc)
+                p_tail = lp_tail.exp()
+                has_tail = p_tail > 0
+                tail_kl = p_tail * (lp_tail - lq_tail)
+            tail_kl = torch.where(has_tail, tail_kl, torch.zeros_like(p_tail))
             st.kl += (p_t * (lp_t - lq_top)).sum() + tail_kl.sum()
             del lp_t
             if use_ce:
@@ -277,10 +293,17 @@ class _ChunkedSparseKD(torch.autograd.Function):
                 safe, valid = st.add_ce(logp1, labels[start:end])
             if st.needs_grad:
                 q = logq.exp()
-                # target: p_t on the top-k ids, p_tail * q / q_tail elsewhere
-                scale = torch.where(has_tail, (lp_tail - lq_tail).exp(), torch.zeros_like(p_tail))
-                g = q * (1.0 - scale[:, None])
-                g.scatter_(-1, ids_c, lq_top.exp() - p_t)
+                if sampled:
+                    # target: p_t on the top-k ids, p_tail / s per draw on the drawn ids, 0 elsewhere
+                    g = q
+                    g.scatter_(-1, ids_c, lq_top.exp() - p_t)
+                    share = torch.where(has_tail, p_tail, torch.zeros_like(p_tail)) / -sid_c.shape[-1]
+                    g.scatter_add_(-1, sid_c, share[:, None].expand(sid_c.shape))
+                else:
+                    # target: p_t on the top-k ids, p_tail * q / q_tail elsewhere
+                    scale = torch.where(has_tail, (lp_tail - lq_tail).exp(), torch.zeros_like(p_tail))
+                    g = q * (1.0 - scale[:, None])
+                    g.scatter_(-1, ids_c, lq_top.exp() - p_t)
                 g.mul_(kl_weight * temperature)
                 del q, p_t, logq, zs
                 if use_ce:
@@ -294,7 +317,7 @@ class _ChunkedSparseKD(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_kl, _grad_ce):
         gh, gw = _head_grads(ctx, grad_loss)
-        return gh, gw, None, None, None, None, None, None, None, None
+        return gh, gw, None, None, None, None, None, None, None, None, None, None
 
 
 def sparse_kd_loss(
@@ -312,14 +335,18 @@ def sparse_kd_loss(
     num_sequences: int | None = None,
     num_tokens: float | torch.Tensor | None = None,
     chunk_size: int | None = None,
+    tail_ids: torch.Tensor | None = None,
+    tail_logprobs: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Forward KL from stored teacher top-k log-probs to the student, in token chunks (chunked_kd_loss's contract).
 
     student_hidden [N, H] or [B, T, H], student_weight [V, H]; topk_ids [..., k] (int), topk_logprobs [..., k]
     (the teacher's log-probs at temperature T on those ids, any float dtype) and tail_logprob [...] (log of the
     teacher's mass outside them; -inf when k = V), with the student's leading shape. The KL is over the k ids and
-    one bucket for the rest of the vocabulary (see _ChunkedSparseKD); mask, labels, the weights and the
-    reductions are chunked_kd_loss's. Returns (loss, {"kl", "ce", "tokens"}) as chunked_kd_loss does.
+    one bucket for the rest of the vocabulary, or, given tail_ids [..., s] (ids drawn from the teacher's
+    distribution outside its top-k) and tail_logprobs [..., s] (the teacher's log-probs at them), over the k ids and
+    those draws (see _ChunkedSparseKD); mask, labels, the weights and the reductions are chunked_kd_loss's.
+    Returns (loss, {"kl", "ce", "tokens"}) as chunked_kd_loss does.
     """
     if student_hidden.dim() == 3 and num_sequences is None:
         num_sequences = student_hidden.shape[0]
@@ -331,6 +358,15 @@ def sparse_kd_loss(
     if not (ids.shape[0] == lp.shape[0] == tail.shape[0] == hs.shape[0]) or lp.shape[-1] != k:
         raise ValueError(f"the student has {hs.shape[0]} tokens but the teacher's top-k ids / log-probs / tail hold "
                          f"{ids.shape[0]} / {lp.shape[0]} x {lp.shape[-1]} / {tail.shape[0]} (k = {k})")
+    if (tail_ids is None) != (tail_logprobs is None):
+        raise ValueError("tail_ids and tail_logprobs go together: give both or neither")
+    sid = slp = None
+    if tail_ids is not None:
+        s = tail_ids.shape[-1]
+        sid, slp = tail_ids.reshape(-1, s).long(), tail_logprobs.reshape(-1, s).detach()
+        if s < 1 or sid.shape[0] != hs.shape[0] or slp.shape != sid.shape:
+            raise ValueError(f"the student has {hs.shape[0]} tokens but the teacher's tail ids / log-probs hold "
+                             f"{sid.shape[0]} x {s} / {slp.shape[0]} x {slp.shape[-1]} (need s >= 1 per token)")
     if k > student_weight.shape[0]:
         raise ValueError(f"top-k of {k} ids exceeds the student's vocabulary of {student_weight.shape[0]}")
     if temperature <= 0:
@@ -340,12 +376,14 @@ def sparse_kd_loss(
         idx = mask.reshape(-1).nonzero().squeeze(-1)
         hs, ids, lp, tail = (x.index_select(0, idx) for x in (hs, ids, lp, tail))
         lab = lab.index_select(0, idx) if lab is not None else None
+        if sid is not None:
+            sid, slp = sid.index_select(0, idx), slp.index_select(0, idx)
     chunk = chunk_size or auto_chunk_size(student_weight.shape[0])
     n_tok = hs.shape[0]
     if n_tok == 0:
         return _no_tokens(hs, student_weight)
-    loss, kl_sum, ce_sum = _ChunkedSparseKD.apply(hs, student_weight, ids, lp, tail, lab, float(temperature),
-                                                  float(kl_weight), float(ce_weight), int(chunk))
+    loss, kl_sum, ce_sum = _ChunkedSparseKD.apply(hs, student_weight, ids, lp, tail, sid, slp, lab,
+                                                  float(temperature), float(kl_weight), float(ce_weight), int(chunk))
     return _reduce(loss, kl_sum, ce_sum, n_tok, lab, reduction, num_sequences, num_tokens)
 
 

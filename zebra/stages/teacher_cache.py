@@ -115,23 +115,52 @@ def differences(cache: dict, run: dict) -> list[str]:
 # ------------------------------------------------------------------------------------------------ teacher top-k
 @torch.no_grad()
 def teacher_topk(hidden: torch.Tensor, head_weight: torch.Tensor, top_k: int, temperature: float = 1.0,
-                 chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(ids int32 [N, k], log-probs [N, k], log of the mass outside them [N]; fp32, fp64 for fp64 input) of the
-    teacher's next-token distribution at temperature T, from its final hidden states [N, H] and LM head [V, H].
-    Logits are formed as chunked_kd_loss forms the teacher's (the hidden states' dtype, then fp32), one token
-    chunk at a time."""
+                 chunk_size: int | None = None, tail_uniforms: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids int32 [N, k], log-probs [N, k], log of the mass outside them [N], tail ids int32 [N, s], their
+    log-probs [N, s]; fp32, fp64 for fp64 input) of the teacher's next-token distribution at temperature T, from its
+    final hidden states [N, H] and LM head [V, H]. `tail_uniforms` [N, s] (in [0, 1); none: s = 0) draw the tail
+    ids by inverse CDF from the distribution restricted to the ids outside the top-k, renormalised. Logits are
+    formed as chunked_kd_loss forms the teacher's (the hidden states' dtype, then fp32), one token chunk at a time."""
     w = head_weight if head_weight.dtype == hidden.dtype else head_weight.to(hidden.dtype)
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     chunk = chunk_size or auto_chunk_size(w.shape[0])
+    n, s = hidden.shape[0], 0 if tail_uniforms is None else tail_uniforms.shape[-1]
+    if tail_uniforms is not None and tail_uniforms.shape != (n, s):
+        raise ValueError(f"tail_uniforms must be [{n}, s] for {n} tokens, got {list(tail_uniforms.shape)}")
     ids, logps, tails = [], [], []
-    for start in range(0, hidden.shape[0], chunk):
+    tail_ids = torch.empty(n, s, dtype=torch.int32, device=hidden.device)
+    tail_logps = torch.empty(n, s, dtype=acc, device=hidden.device)
+    for start in range(0, n, chunk):
         z = (hidden[start:start + chunk] @ w.t()).to(acc)
         logp = torch.log_softmax(z.mul_(1.0 / temperature), dim=-1)
+        del z
         top, idx = logp.topk(top_k, dim=-1, sorted=True)
-        tails.append(logp.scatter_(-1, idx, float("-inf")).logsumexp(-1))
+        tail = logp.scatter_(-1, idx, float("-inf")).logsumexp(-1)
+        if s:
+            drawn = draw_outside_top(logp, tail, tail_uniforms[start:start + chunk].to(acc))
+            tail_ids[start:start + chunk] = drawn
+            tail_logps[start:start + chunk] = logp.gather(-1, drawn)
+        tails.append(tail)
         ids.append(idx.to(torch.int32))
         logps.append(top)
-    return torch.cat(ids), torch.cat(logps), torch.cat(tails)
+    return torch.cat(ids), torch.cat(logps), torch.cat(tails), tail_ids, tail_logps
+
+
+def draw_outside_top(logp: torch.Tensor, tail: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Ids [c, s] drawn by inverse CDF, one per uniform in [0, 1), from softmax(logp) restricted to the ids where
+    logp > -inf (logp [c, V]: log-probs with -inf on the top-k ids; tail [c]: logsumexp of the rest). An id of
+    zero mass is never drawn: the first id whose cumulative mass exceeds a value below the total adds mass."""
+    cdf = (logp - tail[:, None]).exp_().cumsum_(-1)
+    total = cdf[:, -1:]
+    below_total = torch.minimum(uniforms * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, below_total, right=True)
+
+
+def tail_generator(seed: int, first_row: int, device) -> torch.Generator:
+    """The tail draws' generator of the shard that starts at `first_row` (its own stream, whichever rank builds it
+    and whenever)."""
+    return torch.Generator(device=device).manual_seed(int(seed) * 1_000_003 + int(first_row))
 
 
 def build_shard(teacher, rows, start: int, stop: int, cc: DictConfig, temperature: float, device) -> dict:
@@ -144,8 +173,8 @@ def build_shard(teacher, rows, start: int, stop: int, cc: DictConfig, temperatur
         batch = {key: v.to(device) for key, v in batch.items()}
         h = teacher_forward(teacher, batch["input_ids"], batch["position_ids"], batch["attention_mask"])
         b, t = h.last_hidden_state.shape[:2]
-        ids, logp, tail = teacher_topk(h.last_hidden_state.reshape(b * t, -1), head, k, temperature,
-                                       cc.chunk_size)
+        ids, logp, tail, _, _ = teacher_topk(h.last_hidden_state.reshape(b * t, -1), head, k, temperature,
+                                             cc.chunk_size)
         out["ids"].append(ids.reshape(b, t, k).cpu())
         out["logprobs"].append(logp.reshape(b, t, k).to(dtype).cpu())
         out["tail"].append(tail.reshape(b, t).float().cpu())
