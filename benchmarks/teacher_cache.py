@@ -62,7 +62,8 @@ def rows_of(batch: dict) -> list[dict]:
 
 def build_cache(teacher, rows: list[dict], k: int, directory: Path, device, batch_size: int) -> dict:
     """The cache of `rows` for top-k, in one shard (as the stage writes it), with a manifest TeacherCache reads."""
-    cc = OmegaConf.create({"top_k": k, "logprob_dtype": "bf16", "batch_size": batch_size, "chunk_size": None})
+    cc = OmegaConf.create({"top_k": k, "logprob_dtype": "bf16", "tail_samples": 0, "seed": 0,
+                           "batch_size": batch_size, "chunk_size": None})
     directory.mkdir(parents=True, exist_ok=True)
     Device(device).sync()
     t0 = time.perf_counter()
@@ -71,7 +72,8 @@ def build_cache(teacher, rows: list[dict], k: int, directory: Path, device, batc
     compute = time.perf_counter() - t0
     tc.write_shard(directory / tc.shard_name(0), tensors, f"bench-k{k}", 0, len(rows))
     seconds = time.perf_counter() - t0
-    (directory / "manifest.json").write_text(json.dumps({"rows_per_shard": len(rows), "num_rows": len(rows)}))
+    manifest = {"rows_per_shard": len(rows), "num_rows": len(rows), "tail_samples": 0}
+    (directory / "manifest.json").write_text(json.dumps(manifest))
     tokens = len(rows) * rows[0]["input_ids"].shape[0]
     size = (directory / tc.shard_name(0)).stat().st_size
     return {"rows": len(rows), "tokens": tokens, "seconds": seconds, "compute_seconds": compute,

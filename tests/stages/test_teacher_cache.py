@@ -1,6 +1,7 @@
-"""Stage `teacher_cache` on the tiny preset: the cached rows hold the teacher's top-k of those rows, a resumed or
-two-rank build writes the same bytes as one uninterrupted build, a build that cannot fit the disk refuses before
-the teacher loads, and KD from a cache with k = vocab follows online KD's losses step for step."""
+"""Stage `teacher_cache` on the tiny preset: the cached rows hold the teacher's top-k of those rows (and, with
+tail_samples, draws from its distribution outside them), a resumed or two-rank build writes the same bytes as one
+uninterrupted build, a build that cannot fit the disk or whose settings are wrong refuses before anything loads,
+and KD from a cache with k = vocab follows online KD's losses step for step."""
 
 from __future__ import annotations
 
@@ -38,6 +39,13 @@ def shard_bytes(d: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(d.iterdir()) if p.is_file()}
 
 
+def safetensors_of(d: Path, name: str) -> torch.Tensor:
+    """One tensor of all shards of a cache directory, in row order."""
+    from safetensors.torch import load_file
+
+    return torch.cat([load_file(str(p))[name] for p in sorted(d.glob("shard-*.safetensors"))])
+
+
 def test_cached_rows_hold_the_teachers_top_k(tmp_path, small_data):
     cfg = cache_cfg(tmp_path / "a", small_data, "stage=teacher_cache", "kd.module.temperature=2.0")
     report = run(cfg)
@@ -62,19 +70,78 @@ def test_cached_rows_hold_the_teachers_top_k(tmp_path, small_data):
         assert torch.equal(got[teacher_cache.IDS].long(), ids)
         torch.testing.assert_close(got[teacher_cache.LOGPROBS].float(), top, rtol=1e-2, atol=1e-2)  # bf16 storage
         torch.testing.assert_close(got[teacher_cache.TAIL], torch.log1p(-top.exp().sum(-1)), rtol=1e-4, atol=1e-5)
+    assert set(got) == {teacher_cache.IDS, teacher_cache.LOGPROBS, teacher_cache.TAIL}  # no tail draws by default
+    assert manifest["tail_samples"] == 0
     with pytest.raises(IndexError, match="outside"):
         cache.row(n)
 
 
+def test_tail_samples_are_draws_from_the_teachers_tail(tmp_path, small_data):
+    """tail_samples = s: s ids per token drawn from the teacher's distribution outside its top-k (renormalised),
+    never a top-k id, stored with the teacher's log-probs at them, at that distribution's frequencies. The cold
+    temperature sharpens the tiny random teacher (at T = 1 it is near uniform over 49k ids) so that a few thousand
+    draws per token show the frequencies: ~200 tail ids carry most of the mass, the largest up to 3.5% of it."""
+    s, temperature = 2048, 0.05
+    cfg = cache_cfg(tmp_path, small_data, "stage=teacher_cache", f"kd.module.temperature={temperature}",
+                    f"teacher_cache.tail_samples={s}")
+    report = run(cfg)
+    d = teacher_cache.cache_dir(cfg)
+    manifest = json.loads((d / "manifest.json").read_text())
+    bpt = (8 + s) * (4 + 2) + 4
+    assert manifest["tail_samples"] == s and manifest["seed"] == 0
+    assert manifest["bytes_per_token"] == report["bytes_per_token"] == bpt
+    assert teacher_cache.bytes_per_token(8, "bf16", s) == bpt
+    n, shards = manifest["num_rows"], sorted(d.glob("shard-*.safetensors"))
+    # the format's bytes exactly, plus one small safetensors header per shard
+    assert 0 <= sum(p.stat().st_size for p in shards) - n * SEQ * bpt < 1024 * len(shards)
+    cache = teacher_cache.TeacherCache(d)
+    _, rows = teacher_cache.kd_rows(cfg, teacher_cache.load_model_tokenizer(cfg.model.tokenizer))
+    teacher = load_teacher_model(str(cfg.model.kd_teacher), cfg.model.base).model
+    for r in (0, n - 1):
+        item = rows[r]
+        h = teacher_forward(teacher, item["input_ids"][None], item["position_ids"][None],
+                            item["attention_mask"][None]).last_hidden_state[0]
+        logp = torch.log_softmax((h @ teacher.lm_head.weight.t()) / temperature, -1)
+        got = cache.row(r)
+        top, draws = got[teacher_cache.IDS].long(), got[teacher_cache.TAIL_IDS]
+        assert draws.dtype == torch.int32 and draws.shape == (SEQ, s)
+        assert got[teacher_cache.TAIL_LOGPROBS].dtype == torch.bfloat16
+        assert not (draws[:, :, None].long() == top[:, None, :]).any()
+        torch.testing.assert_close(got[teacher_cache.TAIL_LOGPROBS].float(), logp.gather(-1, draws.long()),
+                                   rtol=1e-2, atol=1e-2)  # bf16 storage
+        rest = logp.scatter(-1, top, float("-inf"))
+        conditional = (rest - rest.logsumexp(-1, keepdim=True)).exp()
+        freq = torch.zeros(SEQ, VOCAB).scatter_add_(-1, draws.long(), torch.ones(SEQ, s)) / s
+        assert float(conditional.max()) > 0.025  # draws that ignored the teacher would miss the bound below
+        # binomial standard deviation at most sqrt(0.035 / s) = 0.0041 at the largest conditional probabilities
+        assert float((freq - conditional).abs().max()) < 0.015
+
+
+def test_tail_sample_settings_are_refused_before_anything_loads(tmp_path, small_data, monkeypatch):
+    def nothing(*_a, **_k):
+        raise AssertionError("nothing may load before the settings are checked")
+
+    monkeypatch.setattr(teacher_cache, "load_model_tokenizer", nothing)
+    monkeypatch.setattr("zebra.stages.kd.load_kd_teacher", nothing)
+    with pytest.raises(StageError, match=r"teacher_cache.tail_samples must be >= 0 .*got -1"):
+        run(cache_cfg(tmp_path, small_data, "stage=teacher_cache", "teacher_cache.tail_samples=-1"))
+    with pytest.raises(StageError, match=r"teacher_cache.tail_samples=4 draws ids outside the top-k, but "
+                                         rf"teacher_cache.top_k={VOCAB} is the whole vocabulary"):
+        run(cache_cfg(tmp_path, small_data, "stage=teacher_cache", f"teacher_cache.top_k={VOCAB}",
+                      "teacher_cache.tail_samples=4"))
+
+
 @pytest.mark.slow
-def test_resumed_and_two_rank_builds_write_the_same_bytes(tmp_path, small_data, monkeypatch):
-    whole = cache_cfg(tmp_path / "whole", small_data)
+@pytest.mark.parametrize("tail_samples", [0, 4])
+def test_resumed_and_two_rank_builds_write_the_same_bytes(tmp_path, small_data, monkeypatch, tail_samples):
+    tail = f"teacher_cache.tail_samples={tail_samples}"
+    whole = cache_cfg(tmp_path / "whole", small_data, tail)
     teacher_cache.build(whole, rank=0, world=1)
     reference = shard_bytes(teacher_cache.cache_dir(whole))
     assert len(reference) >= 4  # manifest + at least three shards
 
     # killed after two shards: those are kept, the rest is built by the next run
-    killed = cache_cfg(tmp_path / "killed", small_data)
+    killed = cache_cfg(tmp_path / "killed", small_data, tail)
     real_write, written = teacher_cache.write_shard, []
 
     def write_then_die(path, *args):
@@ -94,13 +161,20 @@ def test_resumed_and_two_rank_builds_write_the_same_bytes(tmp_path, small_data, 
     assert shard_bytes(d) == reference
 
     # two ranks, each its own shards; rank 0 writes the manifest once every shard exists
-    two = cache_cfg(tmp_path / "two", small_data)
+    two = cache_cfg(tmp_path / "two", small_data, tail)
     with pytest.raises(StageError, match="shards missing"):
         teacher_cache.build(two, rank=0, world=2)
     teacher_cache.build(two, rank=1, world=2)
     assert not (teacher_cache.cache_dir(two) / "manifest.json").exists()
     assert teacher_cache.build(two, rank=0, world=2)["shards_built_here"] == 0
     assert shard_bytes(teacher_cache.cache_dir(two)) == reference
+    if tail_samples:
+        # the draws do not depend on how many rows one teacher forward takes (one draw per row, in row order)
+        other = cache_cfg(tmp_path / "batch3", small_data, tail, "teacher_cache.batch_size=3")
+        teacher_cache.build(other, rank=0, world=1)
+        draws = safetensors_of(teacher_cache.cache_dir(whole), "tail_ids")
+        assert draws.shape[-1] == tail_samples
+        assert torch.equal(safetensors_of(teacher_cache.cache_dir(other), "tail_ids"), draws)
 
 
 def test_build_refuses_when_the_disk_is_too_small(tmp_path, small_data, monkeypatch):
@@ -154,3 +228,4 @@ def test_kd_from_a_full_vocab_cache_follows_online_kd(tmp_path, small_data):
     torch.testing.assert_close(torch.tensor(cached["loss_history"], dtype=torch.float64),
                                torch.tensor(online["loss_history"], dtype=torch.float64), rtol=1e-5, atol=1e-6)
     assert cached["loss_history"][0] != cached["loss_history"][-1]  # the student trained
+

@@ -4,21 +4,29 @@ KD with `kd.teacher_source=cache` then streams them instead of running the teach
 the loss is the sparse forward KL over the stored top-k ids plus one bucket for the rest of the vocabulary
 (zebra.stages.losses.sparse_kd_loss). Per token the cache holds
 
-    ids       [k] int32        the teacher's top-k token ids at that position (most likely first)
-    logprobs  [k] bf16|fp16|fp32  their log-probs at temperature T (kd.module.temperature)
-    tail      []  fp32         log of the probability mass outside the k ids (-inf when k = vocab)
+    ids            [k] int32        the teacher's top-k token ids at that position (most likely first)
+    logprobs       [k] bf16|fp16|fp32  their log-probs at temperature T (kd.module.temperature)
+    tail           []  fp32         log of the probability mass outside the k ids (-inf when k = vocab)
+    tail_ids       [s] int32        with teacher_cache.tail_samples = s > 0: s ids drawn with replacement from the
+                                    teacher's distribution at T restricted to the ids outside the top-k
+    tail_logprobs  [s] (as logprobs) the teacher's log-probs at T of those ids
 
-so `k * (4 + 2) + 4` bytes per token in bf16. Rows are the KD split's packed rows (the DataModule's, in its own
-row numbering), so any order, batch size or number of ranks KD uses reads the same values; every row of the split
-is stored, as the KD sampler may reach any of them. Layout, under the stage's directory:
+so `k * (4 + 2) + 4 + s * (4 + 2)` bytes per token in bf16. With tail samples the loss replaces the bucket by the
+draws, an unbiased estimate of the dense KL whose gradient also shapes the student's tail. The draws of a shard
+come from its own generator (on the build device), seeded by teacher_cache.seed and the shard's first row, one
+draw of [T, s] uniforms per row in row order: a resumed or multi-rank build writes the same bytes, and the batch
+and chunk sizes do not change them. Rows are the KD split's packed rows (the DataModule's, in its own row
+numbering), so any order, batch size or number of ranks KD uses reads the same values; every row of the split is
+stored, as the KD sampler may reach any of them. Layout, under the stage's directory:
 
     <model_dir>/teacher_cache/<hash>/{shard-00000.safetensors, ..., manifest.json}
     <model_dir>/teacher_cache/{manifest.json, report.json}      the latest finished build
 
-`<hash>` is the stage hash (teacher, tokenizer, data, split, seq_len, temperature, top_k, dtype, shard size),
-so caches for several k live side by side. Shard i holds rows [i * R, (i + 1) * R); rank r of W builds the
-shards i = r (mod W). Each shard is written to a temporary name and renamed, so a killed build keeps its finished
-shards and the next run builds only the others; manifest.json, written last by rank 0, marks the cache complete.
+`<hash>` is the stage hash (teacher, tokenizer, data, split, seq_len, temperature, top_k, dtype, tail samples,
+seed, shard size), so caches for several k live side by side. Shard i holds rows [i * R, (i + 1) * R); rank r of W
+builds the shards i = r (mod W). Each shard is written to a temporary name and renamed, so a killed build keeps
+its finished shards and the next run builds only the others; manifest.json, written last by rank 0, marks the
+cache complete.
 """
 
 from __future__ import annotations
@@ -49,18 +57,20 @@ log = logging.getLogger("zebra.stages.teacher_cache")
 LOGPROB_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # the batch keys a cached row adds beside the token-mixture ones; KD's loss reads them instead of a teacher
 IDS, LOGPROBS, TAIL = "teacher_topk_ids", "teacher_topk_logprobs", "teacher_tail_logprob"
+TAIL_IDS, TAIL_LOGPROBS = "teacher_tail_ids", "teacher_tail_logprobs"  # only in a cache with tail samples
 _TENSORS = {IDS: "ids", LOGPROBS: "logprobs", TAIL: "tail"}
+_SAMPLE_TENSORS = {TAIL_IDS: "tail_ids", TAIL_LOGPROBS: "tail_logprobs"}
 # the fields a KD run must share with the cache it reads (named in the mismatch error)
 IDENTITY = ("teacher", "teacher_base", "tokenizer", "data_id", "split", "seq_len", "num_rows", "vocab_size",
-            "temperature", "top_k", "logprob_dtype")
+            "temperature", "top_k", "logprob_dtype", "tail_samples", "seed")
 
 
 class TeacherCacheMismatchError(StageError):
     """The teacher cache was built for other data, tokenizer, shapes, k or temperature than this run."""
 
 
-def bytes_per_token(top_k: int, logprob_dtype: str) -> int:
-    return int(top_k) * (4 + LOGPROB_DTYPES[logprob_dtype].itemsize) + 4
+def bytes_per_token(top_k: int, logprob_dtype: str, tail_samples: int = 0) -> int:
+    return (int(top_k) + int(tail_samples)) * (4 + LOGPROB_DTYPES[logprob_dtype].itemsize) + 4
 
 
 def shard_name(i: int) -> str:
@@ -92,7 +102,7 @@ def identity(cfg: DictConfig, dm, tokenizer, vocab_size: int) -> dict:
             "tokenizer": tokenizer_fingerprint(tokenizer), "data_id": dm.data_id(), "split": str(cfg.kd.split),
             "seq_len": int(cfg.kd.seq_len), "num_rows": len(dm.rows()), "vocab_size": int(vocab_size),
             "temperature": float(cfg.kd.module.temperature), "top_k": int(cc.top_k),
-            "logprob_dtype": str(cc.logprob_dtype)}
+            "logprob_dtype": str(cc.logprob_dtype), "tail_samples": int(cc.tail_samples), "seed": int(cc.seed)}
 
 
 def check_settings(cfg: DictConfig, vocab_size: int) -> None:
@@ -103,6 +113,12 @@ def check_settings(cfg: DictConfig, vocab_size: int) -> None:
     if not 1 <= int(cc.top_k) <= vocab_size:
         raise StageError(f"teacher_cache.top_k must be between 1 and the vocabulary size {vocab_size}, "
                          f"got {cc.top_k}")
+    if int(cc.tail_samples) < 0:
+        raise StageError(f"teacher_cache.tail_samples must be >= 0 (0: no tail samples), got {cc.tail_samples}")
+    if int(cc.tail_samples) > 0 and int(cc.top_k) == vocab_size:
+        raise StageError(f"teacher_cache.tail_samples={cc.tail_samples} draws ids outside the top-k, but "
+                         f"teacher_cache.top_k={cc.top_k} is the whole vocabulary (no tail): set tail_samples=0 "
+                         "or a smaller top_k")
     if int(cc.rows_per_shard) < 1 or int(cc.batch_size) < 1:
         raise StageError(f"teacher_cache.rows_per_shard and batch_size must be >= 1 "
                          f"(got {cc.rows_per_shard}, {cc.batch_size})")
@@ -164,20 +180,28 @@ def tail_generator(seed: int, first_row: int, device) -> torch.Generator:
 
 
 def build_shard(teacher, rows, start: int, stop: int, cc: DictConfig, temperature: float, device) -> dict:
-    """The cached tensors of rows [start, stop): ids [R, T, k], logprobs [R, T, k], tail [R, T]."""
-    k, dtype = int(cc.top_k), LOGPROB_DTYPES[str(cc.logprob_dtype)]
+    """The cached tensors of rows [start, stop): ids [R, T, k], logprobs [R, T, k], tail [R, T], and with
+    s = tail_samples > 0 tail_ids [R, T, s], tail_logprobs [R, T, s]."""
+    k, s, dtype = int(cc.top_k), int(cc.tail_samples), LOGPROB_DTYPES[str(cc.logprob_dtype)]
     head = lm_head_weight(teacher)
-    out = {"ids": [], "logprobs": [], "tail": []}
-    for s in range(start, stop, int(cc.batch_size)):
-        batch = collate_rows([rows[r] for r in range(s, min(stop, s + int(cc.batch_size)))])
+    gen = tail_generator(int(cc.seed), start, device) if s else None
+    out = {name: [] for name in ("ids", "logprobs", "tail", *(_SAMPLE_TENSORS.values() if s else ()))}
+    for first in range(start, stop, int(cc.batch_size)):
+        batch_rows = range(first, min(stop, first + int(cc.batch_size)))
+        batch = collate_rows([rows[r] for r in batch_rows])
         batch = {key: v.to(device) for key, v in batch.items()}
         h = teacher_forward(teacher, batch["input_ids"], batch["position_ids"], batch["attention_mask"])
         b, t = h.last_hidden_state.shape[:2]
-        ids, logp, tail, _, _ = teacher_topk(h.last_hidden_state.reshape(b * t, -1), head, k, temperature,
-                                             cc.chunk_size)
+        # one [T, s] draw per row, in row order: the same uniforms whatever the batch size
+        u = torch.cat([torch.rand(t, s, generator=gen, device=device) for _ in batch_rows]) if s else None
+        ids, logp, tail, tail_ids, tail_logp = teacher_topk(h.last_hidden_state.reshape(b * t, -1), head, k,
+                                                            temperature, cc.chunk_size, u)
         out["ids"].append(ids.reshape(b, t, k).cpu())
         out["logprobs"].append(logp.reshape(b, t, k).to(dtype).cpu())
         out["tail"].append(tail.reshape(b, t).float().cpu())
+        if s:
+            out["tail_ids"].append(tail_ids.reshape(b, t, s).cpu())
+            out["tail_logprobs"].append(tail_logp.reshape(b, t, s).to(dtype).cpu())
     return {name: torch.cat(parts).contiguous() for name, parts in out.items()}
 
 
@@ -242,8 +266,8 @@ def check_disk(directory: Path, need: int, what: str) -> None:
     free = shutil.disk_usage(directory).free
     if need > free:
         raise StageError(f"the teacher cache needs {need / 2**30:.2f} GiB more ({what}) but {directory} has "
-                         f"{free / 2**30:.2f} GiB free: free disk space, lower teacher_cache.top_k, store "
-                         "teacher_cache.logprob_dtype=bf16, or move paths.root")
+                         f"{free / 2**30:.2f} GiB free: free disk space, lower teacher_cache.top_k or tail_samples, "
+                         "store teacher_cache.logprob_dtype=bf16, or move paths.root")
 
 
 # ------------------------------------------------------------------------------------------------ build
@@ -268,14 +292,14 @@ def build(cfg: DictConfig, rank: int | None = None, world: int | None = None) ->
     ranges = shard_ranges(len(rows), int(cc.rows_per_shard))
     mine = [i for i in range(len(ranges)) if i % world == rank]
     todo = [i for i in mine if not shard_is_complete(out / shard_name(i), key, *ranges[i])]
-    seq_len, bpt = int(cfg.kd.seq_len), bytes_per_token(cc.top_k, cc.logprob_dtype)
+    seq_len, bpt = int(cfg.kd.seq_len), bytes_per_token(cc.top_k, cc.logprob_dtype, cc.tail_samples)
     total_bytes = len(rows) * seq_len * bpt
     # every rank writes to the same directory (one file system): what all ranks still have to write must fit
     left = [i for i in range(len(ranges)) if not shard_is_complete(out / shard_name(i), key, *ranges[i])]
     left_rows = sum(ranges[i][1] - ranges[i][0] for i in left)
-    log.info("teacher cache %s: %d rows x %d tokens x %d bytes/token (k=%d, %s) = %.3f GiB; %d of %d shards to "
-             "build (%d on this rank)", out, len(rows), seq_len, bpt, int(cc.top_k), cc.logprob_dtype,
-             total_bytes / 2**30, len(left), len(ranges), len(todo))
+    log.info("teacher cache %s: %d rows x %d tokens x %d bytes/token (k=%d, %d tail samples, %s) = %.3f GiB; %d of "
+             "%d shards to build (%d on this rank)", out, len(rows), seq_len, bpt, int(cc.top_k),
+             int(cc.tail_samples), cc.logprob_dtype, total_bytes / 2**30, len(left), len(ranges), len(todo))
     check_disk(out, left_rows * seq_len * bpt, f"{left_rows} rows x {seq_len} tokens x {bpt} bytes/token")
     built_tokens, build_seconds = 0, 0.0
     if todo:
@@ -340,6 +364,7 @@ class TeacherCache:
         with open(self.dir / "manifest.json") as f:
             self.manifest = json.load(f)
         self.rows_per_shard = int(self.manifest["rows_per_shard"])
+        self.tensors = {**_TENSORS, **(_SAMPLE_TENSORS if int(self.manifest["tail_samples"]) else {})}
         self._open: dict[int, object] = {}
 
     def __getstate__(self):  # DataLoader workers reopen the shards themselves
@@ -356,11 +381,11 @@ class TeacherCache:
         if not 0 <= r < int(self.manifest["num_rows"]):
             raise IndexError(f"row {r} is outside the teacher cache's {self.manifest['num_rows']} rows")
         f, j = self._shard(r // self.rows_per_shard), r % self.rows_per_shard
-        return {key: f.get_slice(name)[j:j + 1][0] for key, name in _TENSORS.items()}
+        return {key: f.get_slice(name)[j:j + 1][0] for key, name in self.tensors.items()}
 
 
 def open_for_kd(cfg: DictConfig, dm, tokenizer, vocab_size: int) -> TeacherCache:
-    """The cache this KD run reads, checked against its data, tokenizer, shapes, temperature and k."""
+    """The cache this KD run reads, checked against its data, tokenizer, shapes, temperature, k and tail samples."""
     run_ident = identity(cfg, dm, tokenizer, vocab_size)
     d = cache_dir(cfg)
     if (d / "manifest.json").is_file():
