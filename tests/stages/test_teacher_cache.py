@@ -1,7 +1,7 @@
 """Stage `teacher_cache` on the tiny preset: the cached rows hold the teacher's top-k of those rows (and, with
 tail_samples, draws from its distribution outside them), a resumed or two-rank build writes the same bytes as one
-uninterrupted build, a build that cannot fit the disk or whose settings are wrong refuses before anything loads,
-and KD from a cache with k = vocab follows online KD's losses step for step."""
+uninterrupted build, a build that cannot fit the disk or whose settings are wrong refuses before anything loads, KD
+from a cache with k = vocab follows online KD's losses step for step, and KD trains from a cache's tail draws."""
 
 from __future__ import annotations
 
@@ -229,3 +229,26 @@ def test_kd_from_a_full_vocab_cache_follows_online_kd(tmp_path, small_data):
                                torch.tensor(online["loss_history"], dtype=torch.float64), rtol=1e-5, atol=1e-6)
     assert cached["loss_history"][0] != cached["loss_history"][-1]  # the student trained
 
+
+def test_kd_from_a_cache_with_tail_samples(tmp_path, small_data):
+    tail = "teacher_cache.tail_samples=4"
+    built = run(cache_cfg(tmp_path, small_data, "stage=teacher_cache", tail))
+    assert built["tail_samples"] == 4 and built["bytes_per_token"] == (8 + 4) * 6 + 4
+    cached = run(cache_cfg(tmp_path, small_data, "stage=kd", "kd.teacher_source=cache", tail, "export=false"))
+    assert cached["teacher_source"] == "cache" and cached["teacher_cache"] == built["cache_dir"]
+    assert cached["steps"] == STEPS
+    losses = torch.tensor(cached["loss_history"], dtype=torch.float64)
+    assert torch.isfinite(losses).all() and losses[0] != losses[-1]  # the student trained
+    # the draws reach the loss: from the same rows' cache without them, the first step's loss differs
+    root = tmp_path / "bucket"
+    run(cache_cfg(root, small_data, "stage=teacher_cache"))
+    bucket = run(cache_cfg(root, small_data, "stage=kd", "kd.teacher_source=cache", "export=false"))
+    assert bucket["loss_history"][0] != pytest.approx(cached["loss_history"][0], rel=1e-3)
+    # a KD run whose tail_samples differ from its cache's: no cache for its settings, and which setting differs
+    with pytest.raises(MissingArtifactError, match=r"other settings.*tail_samples: cache 4 vs this run 2"):
+        run(cache_cfg(tmp_path, small_data, "stage=kd", "kd.teacher_source=cache", "teacher_cache.tail_samples=2"))
+    cfg = cache_cfg(tmp_path, small_data, "stage=kd", "kd.teacher_source=cache", tail)
+    manifest = teacher_cache.cache_dir(cfg) / "manifest.json"
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "tail_samples": 2}))
+    with pytest.raises(teacher_cache.TeacherCacheMismatchError, match=r"tail_samples: cache 2 vs this run 4"):
+        run(cfg)

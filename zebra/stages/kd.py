@@ -125,10 +125,13 @@ class KDModule(StageModule):
                                    **self.loss_options(batch))
 
     def kd_loss_from_cache(self, batch: dict):
-        """The sparse loss over the teacher's stored top-k in the batch (zebra.stages.teacher_cache)."""
+        """The sparse loss over the teacher's stored top-k in the batch, and over its tail samples where the cache
+        has them (zebra.stages.teacher_cache)."""
         hs = student_hidden(self.student, batch)
         return sparse_kd_loss(hs, lm_head_weight(self.student), batch[teacher_cache.IDS],
-                              batch[teacher_cache.LOGPROBS], batch[teacher_cache.TAIL], **self.loss_options(batch))
+                              batch[teacher_cache.LOGPROBS], batch[teacher_cache.TAIL],
+                              tail_ids=batch.get(teacher_cache.TAIL_IDS),
+                              tail_logprobs=batch.get(teacher_cache.TAIL_LOGPROBS), **self.loss_options(batch))
 
     def loss_options(self, batch: dict) -> dict:
         """What both KD losses (online and from the cache) take from the batch and the module's hyper-parameters."""
