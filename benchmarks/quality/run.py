@@ -100,7 +100,8 @@ def execute(run: Run, args, common: list[str], results: dict, log) -> dict:
         result["smart_calibration_tokens"] = reports["smart"].get("calibration_tokens")
     if "teacher_cache" in reports:
         result["teacher_cache"] = {k: reports["teacher_cache"].get(k) for k in (
-            "top_k", "bytes_per_token", "bytes", "tokens_built_here", "build_seconds", "tokens_per_second")}
+            "top_k", "tail_samples", "bytes_per_token", "bytes", "tokens_built_here", "build_seconds",
+            "tokens_per_second")}
     return result
 
 

@@ -47,6 +47,7 @@ INIT_VARIANTS = {
     "mamba": (OLD_SVD_MAMBA[0], *NEW_SVD_MAMBA[1:], *SHARED_ROPE_KEY),
 }
 CACHE_TOP_K = 64  # the kd_cache run's k: 388 bytes per token, within 3% of online KD is its goal
+CACHE_TAIL_SAMPLES = 16  # the kd_cache_tail run's draws from the teacher's tail beside its top-64: 484 bytes per token
 INIT_KEYS = ("init", "model.mla")  # what decides whether a variant is the recipe's own
 
 
@@ -78,12 +79,15 @@ RUNS: tuple[Run, ...] = (
       for name, ov in INIT_VARIANTS.items()),
     # KD from the stored top-k teacher log-probs (stage=teacher_cache) instead of the teacher, at the recipe's layers
     # (an explicit mix: its own KD directory beside the recipe's, the recipe's ILD'd students). kd_cache is k =
-    # CACHE_TOP_K; kd_cache_k256 / _k1024 (run only when named) tell how much of its gap to online KD the tail makes.
-    *(Run("kd_cache" if k == CACHE_TOP_K else f"kd_cache_k{k}",
-          f"KD from the teacher cache (top-{k} log-probs), the recipe's ILD and layers",
-          ("kd.teacher_source=cache", f"teacher_cache.top_k={k}", "mix=explicit", "mix.mla_layers={mla_layers}"),
-          stages=("ilkd", "teacher_cache", "kd"), root="recipe", default=k == CACHE_TOP_K)
-      for k in (CACHE_TOP_K, 256, 1024)),
+    # CACHE_TOP_K; kd_cache_k256 / _k1024 (run only when named) tell how much of its gap to online KD the tail makes,
+    # kd_cache_tail (only when named) whether CACHE_TAIL_SAMPLES draws from the teacher's tail per token close it.
+    *(Run(name, f"KD from the teacher cache (top-{k} log-probs{f' + {s} tail draws' if s else ''}), the recipe's ILD "
+                "and layers",
+          ("kd.teacher_source=cache", f"teacher_cache.top_k={k}", f"teacher_cache.tail_samples={s}", "mix=explicit",
+           "mix.mla_layers={mla_layers}"),
+          stages=("ilkd", "teacher_cache", "kd"), root="recipe", default=name == "kd_cache")
+      for name, k, s in (("kd_cache", CACHE_TOP_K, 0), ("kd_cache_k256", 256, 0), ("kd_cache_k1024", 1024, 0),
+                         ("kd_cache_tail", CACHE_TOP_K, CACHE_TAIL_SAMPLES))),
 )
 BY_NAME = {r.name: r for r in RUNS}
 

@@ -100,11 +100,13 @@ def test_overrides_take_the_recipes_layers():
     filled = fill(run.overrides, {"mla_layers": [0, 6, 12]})
     assert "mix.mla_layers=[0,6,12]" in filled and "ilkd.max_steps=1" in filled
     assert "mix.n_mla=3" in fill(BY_NAME["uniform"].overrides, {"mla_layers": [0, 6, 12]})
-    # the larger-k cache runs: only when named, the recipe's layers and their own k
-    for k in (256, 1024):
-        run = BY_NAME[f"kd_cache_k{k}"]
+    # the larger-k cache runs and the tail draws: only when named, the recipe's layers and their own k and draws
+    for name, k, s in (("kd_cache_k256", 256, 0), ("kd_cache_k1024", 1024, 0), ("kd_cache_tail", 64, 16)):
+        run = BY_NAME[name]
         filled = fill(run.overrides, {"mla_layers": [0, 6, 12]})
         assert not run.default and f"teacher_cache.top_k={k}" in filled and "mix.mla_layers=[0,6,12]" in filled
+        assert f"teacher_cache.tail_samples={s}" in filled and run.stages == ("ilkd", "teacher_cache", "kd")
+    assert BY_NAME["kd_cache"].default and "teacher_cache.tail_samples=0" in BY_NAME["kd_cache"].overrides
 
 
 def test_the_no_ild_scheduler_changes_no_weight():
