@@ -72,8 +72,7 @@ def build_cache(teacher, rows: list[dict], k: int, directory: Path, device, batc
     compute = time.perf_counter() - t0
     tc.write_shard(directory / tc.shard_name(0), tensors, f"bench-k{k}", 0, len(rows))
     seconds = time.perf_counter() - t0
-    manifest = {"rows_per_shard": len(rows), "num_rows": len(rows), "tail_samples": 0}
-    (directory / "manifest.json").write_text(json.dumps(manifest))
+    (directory / "manifest.json").write_text(json.dumps({"rows_per_shard": len(rows), "num_rows": len(rows)}))
     tokens = len(rows) * rows[0]["input_ids"].shape[0]
     size = (directory / tc.shard_name(0)).stat().st_size
     return {"rows": len(rows), "tokens": tokens, "seconds": seconds, "compute_seconds": compute,

@@ -272,18 +272,15 @@ class _ChunkedSparseKD(torch.autograd.Function):
             lp_t = logp_t[start:end].to(acc)
             p_t = lp_t.exp()
             lq_top = logq.gather(-1, ids_c)
+            lp_tail = tail_t[start:end].to(acc)
+            p_tail = lp_tail.exp()
+            has_tail = p_tail > 0
             if sampled:
                 sid_c = sample_ids[start:end]
-                lp_tail = tail_t[start:end].to(acc)
-                p_tail = lp_tail.exp()
-                has_tail = p_tail > 0
                 tail_kl = p_tail * (sample_logp[start:end].to(acc) - logq.gather(-1, sid_c)).mean(-1)
             else:
                 # log of the student's mass outside the teacher's top-k (-inf where they cover the vocabulary)
                 lq_tail = logq.scatter(-1, ids_c, float("-inf")).logsumexp(-1)
-                lp_tail = tail_t[start:end].to(acc)
-                p_tail = lp_tail.exp()
-                has_tail = p_tail > 0
                 tail_kl = p_tail * (lp_tail - lq_tail)
             tail_kl = torch.where(has_tail, tail_kl, torch.zeros_like(p_tail))
             st.kl += (p_t * (lp_t - lq_top)).sum() + tail_kl.sum()

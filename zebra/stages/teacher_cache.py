@@ -364,7 +364,8 @@ class TeacherCache:
         with open(self.dir / "manifest.json") as f:
             self.manifest = json.load(f)
         self.rows_per_shard = int(self.manifest["rows_per_shard"])
-        self.tensors = {**_TENSORS, **(_SAMPLE_TENSORS if int(self.manifest["tail_samples"]) else {})}
+        # a manifest without the key (written before tail samples existed) has none
+        self.tensors = {**_TENSORS, **(_SAMPLE_TENSORS if int(self.manifest.get("tail_samples", 0)) else {})}
         self._open: dict[int, object] = {}
 
     def __getstate__(self):  # DataLoader workers reopen the shards themselves
